@@ -1,0 +1,83 @@
+"""A pipeline stage of a Llama/Qwen2 decoder: layers `[start, end)` plus the ends it owns.
+
+The first stage owns the token embedding, the last the final norm and LM head; the whole model
+is the one-stage case. A stage maps token ids (first) or hidden states (others) to hidden
+states (non-last) or logits of the rows the metadata asks for (last).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from engine.attention import AttentionMetadata
+from engine.config import ModelConfig
+from engine.kv_cache import PagedKVCache
+from engine.layers import DecoderLayer, RMSNorm
+from engine.rotary import RotaryEmbedding
+
+
+@dataclass(frozen=True)
+class LayerRange:
+    start: int
+    end: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start < self.end:
+            raise ValueError(f"invalid layer range [{self.start}, {self.end})")
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __contains__(self, layer: object) -> bool:
+        return isinstance(layer, int) and self.start <= layer < self.end
+
+
+def split_layers(num_layers: int, num_stages: int) -> list[LayerRange]:
+    """Balanced contiguous split; earlier stages take the remainder."""
+    if not 1 <= num_stages <= num_layers:
+        raise ValueError(f"cannot split {num_layers} layers into {num_stages} stages")
+    base, extra = divmod(num_layers, num_stages)
+    ranges, start = [], 0
+    for i in range(num_stages):
+        end = start + base + (1 if i < extra else 0)
+        ranges.append(LayerRange(start, end))
+        start = end
+    return ranges
+
+
+class DecoderStage(nn.Module):
+    def __init__(self, config: ModelConfig, layer_range: LayerRange | None = None) -> None:
+        super().__init__()
+        layer_range = layer_range or LayerRange(0, config.num_hidden_layers)
+        if layer_range.end > config.num_hidden_layers:
+            raise ValueError(
+                f"layer range [{layer_range.start}, {layer_range.end}) exceeds the model's "
+                f"{config.num_hidden_layers} layers"
+            )
+        self.config = config
+        self.layer_range = layer_range
+        self.is_first = layer_range.start == 0
+        self.is_last = layer_range.end == config.num_hidden_layers
+        if self.is_first:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(len(layer_range)))
+        if self.is_last:
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
+
+    @torch.inference_mode()
+    def forward(
+        self, inputs: torch.Tensor, meta: AttentionMetadata, kv_cache: PagedKVCache
+    ) -> torch.Tensor:
+        h = self.embed_tokens(inputs) if self.is_first else inputs
+        cos, sin = self.rotary.cos_sin(meta.positions, h.dtype)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, kv_cache.flat_kv(i), meta)
+        if not self.is_last:
+            return h
+        h = self.norm(h[meta.logits_indices])
+        return self.lm_head(h).float()

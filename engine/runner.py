@@ -1,0 +1,56 @@
+"""Runs one stage's forward over its paged KV cache: the piece a PP stage actor and the
+whole-model engine share."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from engine.attention import AttentionMetadata, SeqChunk
+from engine.kv_cache import KVCacheSpec, PagedKVCache
+from engine.model import DecoderStage
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # bf16 matmuls are the fast path on GPUs; on CPUs float32 is both faster and exact.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {dtype!r} (auto, float32, bfloat16, float16)") from None
+
+
+def page_bytes(spec: KVCacheSpec, num_layers: int) -> int:
+    """Bytes one page costs across K and V of `num_layers` layers."""
+    elem = torch.empty((), dtype=spec.dtype).element_size()
+    return 2 * spec.page_size * spec.num_kv_heads * spec.head_dim * elem * num_layers
+
+
+class StageRunner:
+    def __init__(self, stage: DecoderStage, kv_cache: PagedKVCache) -> None:
+        if kv_cache.num_layers != len(stage.layers):
+            raise ValueError(
+                f"KV cache holds {kv_cache.num_layers} layers, the stage {len(stage.layers)}"
+            )
+        self.stage = stage
+        self.kv_cache = kv_cache
+        self.device = next(stage.parameters()).device
+
+    @property
+    def page_size(self) -> int:
+        return self.kv_cache.spec.page_size
+
+    def forward(self, chunks: Sequence[SeqChunk], inputs: torch.Tensor) -> torch.Tensor:
+        """Token ids [T] (first stage) or hidden states [T, H] in; hidden states or logits out."""
+        meta = AttentionMetadata.build(chunks, self.page_size, self.device)
+        if inputs.shape[0] != meta.num_tokens:
+            raise ValueError(f"{inputs.shape[0]} input rows for a step of {meta.num_tokens} tokens")
+        return self.stage(inputs.to(self.device, non_blocking=True), meta, self.kv_cache)

@@ -1,0 +1,74 @@
+"""The state of one request inside an engine: its tokens, pages, progress and output text."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.page_allocator import PageTable
+from engine.sampling import SamplingParams
+from engine.tokenizer import IncrementalDecoder
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # queued or part-way through its (chunked) prefill
+    RUNNING = "running"  # decoding
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token or a stop string
+    LENGTH = "length"  # max_tokens or the context limit
+    ABORT = "abort"
+
+
+@dataclass
+class Sequence:
+    rid: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    page_table: PageTable
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    # Tokens whose K/V are in the cache; the next forward starts at this position.
+    num_computed_tokens: int = 0
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: FinishReason | None = None
+    generator: torch.Generator | None = None
+    decoder: IncrementalDecoder | None = None
+    text: str = ""
+    _emitted_chars: int = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def last_token_id(self) -> int:
+        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        prompt = len(self.prompt_token_ids)
+        if end <= prompt:
+            return self.prompt_token_ids[start:end]
+        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def take_text_delta(self) -> str:
+        """Text not yet handed out, holding back a tail that could still become a stop string."""
+        hold = 0
+        if not self.is_finished and self.params.stop:
+            hold = max(len(s) for s in self.params.stop) - 1
+        end = max(self._emitted_chars, len(self.text) - hold)
+        delta = self.text[self._emitted_chars : end]
+        self._emitted_chars = end
+        return delta
