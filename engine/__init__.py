@@ -2,7 +2,12 @@
 
 from engine.attention import AttentionMetadata, SeqChunk
 from engine.config import ModelConfig
-from engine.errors import ModelLoadError, OutOfPagesError, PageAccountingError, UnsupportedModelError
+from engine.errors import (
+    ModelLoadError,
+    OutOfPagesError,
+    PageAccountingError,
+    UnsupportedModelError,
+)
 from engine.kv_cache import KVCacheSpec, KVLayerRegion, PagedKVCache
 from engine.llm import LLM, Completion, EngineConfig, RequestOutput
 from engine.loader import load_stage

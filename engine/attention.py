@@ -43,8 +43,13 @@ class AttentionMetadata:
 
     @classmethod
     def build(
-        cls, chunks: Sequence[SeqChunk], page_size: int, device: torch.device | str = "cpu"
+        cls,
+        chunks: Sequence[SeqChunk],
+        page_size: int,
+        device: torch.device | str = "cpu",
+        all_logits: bool = False,
     ) -> AttentionMetadata:
+        """`all_logits` asks for every token's logits (reference checks, prompt logprobs)."""
         if not chunks:
             raise ValueError("a step needs at least one request")
         is_decode = all(c.num_new == 1 and c.start > 0 for c in chunks)
@@ -59,6 +64,8 @@ class AttentionMetadata:
         slot_mapping = table[row, positions // page_size] * page_size + positions % page_size
         ends = torch.tensor(query_lens).cumsum(0) - 1
         logits_indices = ends[torch.tensor([c.wants_logits for c in chunks], dtype=torch.bool)]
+        if all_logits:
+            logits_indices = torch.arange(int(positions.shape[0]))
 
         prefix_slots: list[torch.Tensor | None] = []
         decode_slots = decode_mask = None

@@ -63,7 +63,9 @@ class RopeConfig:
             "truncate": bool,
         }
         kwargs = {k: conv(params[k]) for k, conv in optional.items() if params.get(k) is not None}
-        return cls(theta=theta, rope_type=rope_type, factor=float(params.get("factor", 1.0)), **kwargs)
+        return cls(
+            theta=theta, rope_type=rope_type, factor=float(params.get("factor", 1.0)), **kwargs
+        )
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,9 @@ class ModelConfig:
             raise ModelLoadError(f"model directory {str(path)!r} does not exist")
         cfg = path / "config.json"
         if not cfg.is_file():
-            raise ModelLoadError(f"{str(path)!r} has no config.json; is it a Hugging Face model directory?")
+            raise ModelLoadError(
+                f"{str(path)!r} has no config.json; is it a Hugging Face model directory?"
+            )
         try:
             raw = json.loads(cfg.read_text())
         except json.JSONDecodeError as exc:

@@ -49,7 +49,9 @@ class PagedKVCache:
         self.spec = spec
         self.first_layer = first_layer
         shape = (2, spec.num_pages, spec.page_size, spec.num_kv_heads, spec.head_dim)
-        self.layers = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(num_layers)]
+        self.layers = [
+            torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(num_layers)
+        ]
 
     @property
     def num_layers(self) -> int:

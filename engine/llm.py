@@ -34,7 +34,9 @@ class EngineConfig(BaseModel):
     dtype: str = "auto"
     device: str = "auto"
     page_size: PositiveInt = 16
-    num_pages: PositiveInt | None = Field(None, description="KV pages; derived from kv_cache_gib if unset")
+    num_pages: PositiveInt | None = Field(
+        None, description="KV pages; derived from kv_cache_gib if unset"
+    )
     kv_cache_gib: float = Field(0.5, gt=0)
     max_num_seqs: PositiveInt = 64
     max_num_batched_tokens: PositiveInt = 2048
@@ -76,7 +78,9 @@ class LLM:
             config.max_model_len or self.model_config.max_position_embeddings,
             self.model_config.max_position_embeddings,
         )
-        stage = load_stage(config.model, dtype=self.dtype, device=self.device, config=self.model_config)
+        stage = load_stage(
+            config.model, dtype=self.dtype, device=self.device, config=self.model_config
+        )
         spec = KVCacheSpec(
             num_pages=config.num_pages or 1,
             page_size=config.page_size,
@@ -87,15 +91,21 @@ class LLM:
         num_layers = self.model_config.num_hidden_layers
         if config.num_pages is None:
             num_pages = max(1, int(config.kv_cache_gib * 2**30) // page_bytes(spec, num_layers))
-            spec = KVCacheSpec(num_pages, spec.page_size, spec.num_kv_heads, spec.head_dim, spec.dtype)
+            spec = KVCacheSpec(
+                num_pages, spec.page_size, spec.num_kv_heads, spec.head_dim, spec.dtype
+            )
         self.kv_cache = PagedKVCache(spec, 0, num_layers, device=self.device)
         self.allocator = PageAllocator(spec.num_pages)
         self.runner = StageRunner(stage, self.kv_cache)
-        self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.allocator, config.max_num_seqs, config.max_num_batched_tokens
+        )
         self._seqs: dict[str, Sequence] = {}
         self._next_rid = 0
 
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, rid: str | None = None) -> str:
+    def add_request(
+        self, prompt_token_ids: list[int], params: SamplingParams, rid: str | None = None
+    ) -> str:
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
         if len(prompt_token_ids) >= self.max_model_len:
@@ -139,8 +149,13 @@ class LLM:
         sampled = [s for s, c in zip(step.seqs, step.chunks, strict=True) if c.wants_logits]
         if not sampled:
             return []
-        tokens, logprobs = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
-        return [self._append(seq, tok, lp) for seq, tok, lp in zip(sampled, tokens, logprobs, strict=True)]
+        tokens, logprobs = sample(
+            logits, [s.params for s in sampled], [s.generator for s in sampled]
+        )
+        return [
+            self._append(seq, tok, lp)
+            for seq, tok, lp in zip(sampled, tokens, logprobs, strict=True)
+        ]
 
     def _append(self, seq: Sequence, token: int, logprob: float) -> RequestOutput:
         seq.output_token_ids.append(token)
@@ -174,7 +189,10 @@ class LLM:
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         if token in self._stop_ids(seq):
             return FinishReason.STOP
-        if len(seq.output_token_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+        if (
+            len(seq.output_token_ids) >= seq.params.max_tokens
+            or seq.num_tokens >= self.max_model_len
+        ):
             return FinishReason.LENGTH
         return None
 

@@ -36,7 +36,9 @@ def checkpoint_index(model_dir: Path) -> dict[str, Path]:
             raise ModelLoadError(f"{index_file} is not a valid safetensors index: {exc}") from exc
         missing = sorted({f for f in weight_map.values() if not (model_dir / f).is_file()})
         if missing:
-            raise ModelLoadError(f"{model_dir} lacks shard(s) named in its index: {', '.join(missing)}")
+            raise ModelLoadError(
+                f"{model_dir} lacks shard(s) named in its index: {', '.join(missing)}"
+            )
         return {name: model_dir / f for name, f in weight_map.items()}
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
@@ -89,7 +91,9 @@ def load_stage(
         if param.startswith("rotary."):
             continue
         names = _hf_name(param, stage.layer_range)
-        if param == "lm_head.weight" and (config.tie_word_embeddings or "lm_head.weight" not in index):
+        if param == "lm_head.weight" and (
+            config.tie_word_embeddings or "lm_head.weight" not in index
+        ):
             names = ["model.embed_tokens.weight"]
         wanted[param] = names
     missing = sorted({n for names in wanted.values() for n in names if n not in index})
@@ -110,7 +114,11 @@ def load_stage(
     state = stage.state_dict()
     with torch.no_grad():
         for param, names in wanted.items():
-            value = torch.cat([tensors[n] for n in names], dim=0) if len(names) > 1 else tensors[names[0]]
+            value = (
+                torch.cat([tensors[n] for n in names], dim=0)
+                if len(names) > 1
+                else tensors[names[0]]
+            )
             target = state[param]
             if tuple(value.shape) != tuple(target.shape):
                 raise ModelLoadError(
@@ -122,6 +130,9 @@ def load_stage(
     stage.rotary.inv_freq = stage.rotary.inv_freq.float()
     log.info(
         "loaded stage",
-        extra={"layers": f"[{stage.layer_range.start},{stage.layer_range.end})", "model": str(model_dir)},
+        extra={
+            "layers": f"[{stage.layer_range.start},{stage.layer_range.end})",
+            "model": str(model_dir),
+        },
     )
     return stage.eval()

@@ -47,7 +47,9 @@ class PageAllocator:
         pages = list(pages)
         bad = [p for p in pages if p not in self._in_use]
         if bad or len(set(pages)) != len(pages):
-            raise PageAccountingError(f"freeing pages not in use (double free?): {sorted(bad or pages)}")
+            raise PageAccountingError(
+                f"freeing pages not in use (double free?): {sorted(bad or pages)}"
+            )
         self._in_use.difference_update(pages)
         self._free.extend(pages)
 

@@ -17,7 +17,9 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def inverse_frequencies(rope: RopeConfig, head_dim: int, max_positions: int) -> tuple[torch.Tensor, float]:
+def inverse_frequencies(
+    rope: RopeConfig, head_dim: int, max_positions: int
+) -> tuple[torch.Tensor, float]:
     """Return (inv_freq [head_dim/2], attention scaling applied to cos and sin)."""
     dim = head_dim
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
@@ -91,7 +93,9 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.scaling = scaling
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [tokens, 1, head_dim] for broadcasting over heads."""
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)

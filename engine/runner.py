@@ -23,9 +23,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         # bf16 matmuls are the fast path on GPUs; on CPUs float32 is both faster and exact.
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+            dtype
+        ]
     except KeyError:
-        raise ValueError(f"unsupported dtype {dtype!r} (auto, float32, bfloat16, float16)") from None
+        raise ValueError(
+            f"unsupported dtype {dtype!r} (auto, float32, bfloat16, float16)"
+        ) from None
 
 
 def page_bytes(spec: KVCacheSpec, num_layers: int) -> int:
@@ -48,9 +52,11 @@ class StageRunner:
     def page_size(self) -> int:
         return self.kv_cache.spec.page_size
 
-    def forward(self, chunks: Sequence[SeqChunk], inputs: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, chunks: Sequence[SeqChunk], inputs: torch.Tensor, all_logits: bool = False
+    ) -> torch.Tensor:
         """Token ids [T] (first stage) or hidden states [T, H] in; hidden states or logits out."""
-        meta = AttentionMetadata.build(chunks, self.page_size, self.device)
+        meta = AttentionMetadata.build(chunks, self.page_size, self.device, all_logits)
         if inputs.shape[0] != meta.num_tokens:
             raise ValueError(f"{inputs.shape[0]} input rows for a step of {meta.num_tokens} tokens")
         return self.stage(inputs.to(self.device, non_blocking=True), meta, self.kv_cache)

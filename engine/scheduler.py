@@ -77,11 +77,15 @@ class Scheduler:
                 break
             target = seq.num_tokens  # prompt, plus outputs when recomputing after preemption
             n = min(target - seq.num_computed_tokens, budget)
-            if not self.allocator.can_allocate(seq.page_table.pages_to_grow(seq.num_computed_tokens + n)):
+            if not self.allocator.can_allocate(
+                seq.page_table.pages_to_grow(seq.num_computed_tokens + n)
+            ):
                 break
             seq.page_table.grow_to(seq.num_computed_tokens + n, self.allocator)
             done = seq.num_computed_tokens + n == target
-            chunks.append(SeqChunk(seq.num_computed_tokens, n, seq.page_table.pages, wants_logits=done))
+            chunks.append(
+                SeqChunk(seq.num_computed_tokens, n, seq.page_table.pages, wants_logits=done)
+            )
             seqs.append(seq)
             budget -= n
         if not seqs:

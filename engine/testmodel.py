@@ -67,14 +67,18 @@ def train_tokenizer(family: Family, vocab_size: int = 640) -> Tokenizer:
     if special["bos"]:
         bos = special["bos"]
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+            single=f"{bos} $A",
+            pair=f"{bos} $A {bos} $B",
+            special_tokens=[(bos, tok.token_to_id(bos))],
         )
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     return tok
 
 
-def model_config(family: Family, vocab_size: int, tok: Tokenizer, **overrides: Any) -> dict[str, Any]:
+def model_config(
+    family: Family, vocab_size: int, tok: Tokenizer, **overrides: Any
+) -> dict[str, Any]:
     special = _SPECIAL[family]
     eos_id = tok.token_to_id(special["eos"])
     cfg: dict[str, Any] = {
@@ -119,7 +123,11 @@ def model_config(family: Family, vocab_size: int, tok: Tokenizer, **overrides: A
 def random_weights(cfg: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    heads, kv_heads, head_dim = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    heads, kv_heads, head_dim = (
+        cfg["num_attention_heads"],
+        cfg["num_key_value_heads"],
+        cfg["head_dim"],
+    )
     qwen = cfg["model_type"] == "qwen2"
 
     def normal(*shape: int, std: float) -> torch.Tensor:
@@ -130,7 +138,9 @@ def random_weights(cfg: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
         return 1.0 + normal(hidden, std=0.1)
 
     std = hidden**-0.5
-    w = {"model.embed_tokens.weight": normal(cfg["vocab_size"], hidden, std=1.0)}
+    # Tied embeddings double as the LM head: keep them small enough for moderate logits.
+    embed_std = 0.25 if cfg["tie_word_embeddings"] else 1.0
+    w = {"model.embed_tokens.weight": normal(cfg["vocab_size"], hidden, std=embed_std)}
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         # Larger q/k weights give sharp attention, so masking or position bugs show in the logits.

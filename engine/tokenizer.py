@@ -50,10 +50,14 @@ class Tokenizer:
         self.bos_token = bos_token
         self.eos_token = eos_token
         eos = {backend.token_to_id(eos_token)} if eos_token else set()
-        self.eos_token_ids = tuple(sorted(i for i in eos | set(extra_eos_token_ids) if i is not None))
+        self.eos_token_ids = tuple(
+            sorted(i for i in eos | set(extra_eos_token_ids) if i is not None)
+        )
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, extra_eos_token_ids: tuple[int, ...] = ()) -> Tokenizer:
+    def from_dir(
+        cls, model_dir: str | Path, extra_eos_token_ids: tuple[int, ...] = ()
+    ) -> Tokenizer:
         path = Path(model_dir)
         tok_file = path / "tokenizer.json"
         if not tok_file.is_file():
@@ -109,7 +113,9 @@ class Tokenizer:
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(
             trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
         )
-        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
+        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(
+            x, ensure_ascii=False, indent=indent
+        )
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         assert self.chat_template is not None

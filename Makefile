@@ -1,0 +1,50 @@
+# pdserve: every target sets up what it needs on first use (.venv, Debian's libibverbs1).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.pdserve-installed
+# The CPU build of torch on CPU machines; set TORCH_SPEC='torch' (a CUDA build) on GPU nodes.
+TORCH_SPEC ?= torch==2.13.0
+# mooncake-cpu here; mooncake-cuda on GPU nodes.
+MOONCAKE_EXTRA ?= mooncake-cpu
+MODEL ?= models/generated
+PYTEST_ARGS ?=
+
+.PHONY: serve test bench lint install sysdeps clean
+
+install: $(STAMP)
+
+# The Mooncake wheel links against libibverbs.so.1 even for tcp transfers.
+sysdeps:
+	@if ! /sbin/ldconfig -p 2>/dev/null | grep -q 'libibverbs\.so\.1'; then \
+	  echo "pdserve: installing Debian's libibverbs1 (the Mooncake transfer engine needs it)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  ( $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq libibverbs1 ) >/dev/null \
+	    || { echo "pdserve: could not install libibverbs1. Install it yourself (apt-get install libibverbs1) and run make again." >&2; exit 1; }; \
+	fi
+
+$(STAMP): pyproject.toml | sysdeps
+	@test -x $(PY) || { echo "pdserve: creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	@echo "pdserve: installing Python packages into $(VENV) (first run only)"
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[test,$(MOONCAKE_EXTRA)]'
+	@touch $(STAMP)
+
+$(MODEL)/config.json: | $(STAMP)
+	$(VENV)/bin/pdserve make-model $(MODEL)
+
+serve: $(STAMP) sysdeps $(MODEL)/config.json
+	$(VENV)/bin/pdserve generate --model $(MODEL) --prompt "The capital of France is" --max-tokens 32
+
+lint: $(STAMP) sysdeps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP) sysdeps
+	$(PY) -m benchmarks.engine_bench
+
+clean:
+	rm -rf $(VENV) models benchmarks/results .pytest_cache .ruff_cache

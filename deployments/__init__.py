@@ -1,0 +1,1 @@
+"""Ray Serve deployments of pdserve and its command line."""
