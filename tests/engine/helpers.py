@@ -19,7 +19,9 @@ def full_logits(
     h = token_ids
     for stage in stages:
         cfg = stage.config
-        spec = KVCacheSpec(num_pages, page_size, cfg.num_key_value_heads, cfg.head_dim, torch.float32)
+        spec = KVCacheSpec(
+            num_pages, page_size, cfg.num_key_value_heads, cfg.head_dim, torch.float32
+        )
         runner = StageRunner(stage, PagedKVCache(spec, stage.layer_range.start, len(stage.layers)))
         h = runner.forward([SeqChunk(0, n, pages)], h, all_logits=True)
     return h

@@ -25,7 +25,9 @@ def one_at_a_time(model_dir, batch: list[list[int]], params: SamplingParams) -> 
 
 
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
-SEEDED = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=1234, max_tokens=20, ignore_eos=True)
+SEEDED = SamplingParams(
+    temperature=0.8, top_k=50, top_p=0.9, seed=1234, max_tokens=20, ignore_eos=True
+)
 
 
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
@@ -43,7 +45,9 @@ def test_chunked_prefill_with_small_token_budget_equals_one_at_a_time(llama_dir)
     expected = one_at_a_time(llama_dir, batch, GREEDY)
     # 7-token budget: every prompt is split into chunks that append to pages it already holds,
     # and chunks of different requests share a step.
-    llm = LLM(EngineConfig(model=str(llama_dir), num_pages=128, max_num_batched_tokens=7, page_size=4))
+    llm = LLM(
+        EngineConfig(model=str(llama_dir), num_pages=128, max_num_batched_tokens=7, page_size=4)
+    )
     assert [c.token_ids for c in llm.generate(batch, GREEDY)] == expected
     assert llm.allocator.num_in_use == 0
 

@@ -1,0 +1,139 @@
+"""Engine throughput against `transformers` on the same generated checkpoint, side by side.
+
+Prefill tokens/s (one long prompt) and decode tokens/s at batch 1 and 32, each measured for
+both engines in alternating rounds of the same run; ratios are ours / theirs. Decode time is
+the time of a generation of N tokens minus that of a generation of 1 token (the prefill), for
+both engines alike. Targets (CPU): prefill >= 1.0x, batched decode >= 2x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.report import write_report
+from engine import LLM, EngineConfig, SamplingParams
+from engine.testmodel import make_test_model
+
+
+def _ours(llm: LLM, prompts: list[list[int]], max_tokens: int) -> float:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    out = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    assert all(len(c.token_ids) == max_tokens for c in out)
+    return elapsed
+
+
+def _theirs(model, prompts: list[list[int]], max_tokens: int) -> float:
+    ids = torch.tensor(prompts)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] == ids.shape[1] + max_tokens
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", type=Path, help="HF model dir (default: a generated one)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prefill-tokens", type=int, default=1024)
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model or make_test_model(Path(tmp) / "model", family="llama", seed=0)
+        llm = LLM(
+            EngineConfig(
+                model=str(model_dir),
+                dtype="float32",
+                device="cpu",
+                num_pages=2048,
+                max_num_batched_tokens=4096,
+            )
+        )
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        vocab = llm.model_config.vocab_size
+        gen = torch.Generator().manual_seed(0)
+
+        def prompts(batch: int, length: int) -> list[list[int]]:
+            return torch.randint(5, vocab, (batch, length), generator=gen).tolist()
+
+        # Warm both up once (first-call allocations, lazy init).
+        _ours(llm, prompts(2, 16), 4)
+        _theirs(hf, prompts(2, 16), 4)
+
+        cases = [
+            ("prefill", 1, args.prefill_tokens, 1),
+            ("decode", 1, 32, args.decode_tokens),
+            ("decode", 32, 32, args.decode_tokens),
+        ]
+        rows = []
+        for phase, batch, prompt_len, new_tokens in cases:
+            samples: dict[str, list[float]] = {"ours": [], "transformers": []}
+            for _ in range(args.rounds):
+                batch_prompts = prompts(batch, prompt_len)
+                for name, run, engine in (("ours", _ours, llm), ("transformers", _theirs, hf)):
+                    if phase == "prefill":
+                        tokens = batch * prompt_len
+                        seconds = run(engine, batch_prompts, 1)
+                    else:
+                        tokens = batch * (new_tokens - 1)
+                        seconds = run(engine, batch_prompts, new_tokens) - run(
+                            engine, batch_prompts, 1
+                        )
+                    samples[name].append(tokens / seconds)
+            ours, theirs = (
+                statistics.median(samples["ours"]),
+                statistics.median(samples["transformers"]),
+            )
+            rows.append(
+                {
+                    "phase": phase,
+                    "batch": batch,
+                    "prompt_tokens": prompt_len,
+                    "new_tokens": new_tokens,
+                    "ours_tok_s": ours,
+                    "transformers_tok_s": theirs,
+                    "ratio": ours / theirs,
+                    "target": 1.0 if phase == "prefill" else (2.0 if batch > 1 else None),
+                }
+            )
+        write_report(
+            "engine",
+            rows,
+            [
+                "phase",
+                "batch",
+                "prompt_tokens",
+                "new_tokens",
+                "ours_tok_s",
+                "transformers_tok_s",
+                "ratio",
+                "target",
+            ],
+            extra={
+                "model": str(args.model or "generated llama (4 layers, hidden 256)"),
+                "rounds": args.rounds,
+            },
+        )
+
+
+if __name__ == "__main__":
+    main()
