@@ -126,6 +126,8 @@ class LLM:
             page_table=PageTable(self.config.page_size),
             generator=params.make_generator(self.device),
             decoder=self.tokenizer.decode_stream(),
+            stop_token_ids=frozenset(params.stop_token_ids)
+            | (frozenset() if params.ignore_eos else frozenset(self.tokenizer.eos_token_ids)),
         )
         self.scheduler.add(seq)
         self._seqs[rid] = seq
@@ -161,7 +163,7 @@ class LLM:
         seq.output_token_ids.append(token)
         seq.output_logprobs.append(logprob)
         reason = self._stop_reason(seq, token)
-        if token not in self._stop_ids(seq) and seq.decoder is not None:
+        if token not in seq.stop_token_ids and seq.decoder is not None:
             before = len(seq.text)
             seq.text += seq.decoder.step(token)
             if seq.params.stop:
@@ -180,14 +182,8 @@ class LLM:
             num_output_tokens=len(seq.output_token_ids),
         )
 
-    def _stop_ids(self, seq: Sequence) -> set[int]:
-        ids = set(seq.params.stop_token_ids)
-        if not seq.params.ignore_eos:
-            ids.update(self.tokenizer.eos_token_ids)
-        return ids
-
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
-        if token in self._stop_ids(seq):
+        if token in seq.stop_token_ids:
             return FinishReason.STOP
         if (
             len(seq.output_token_ids) >= seq.params.max_tokens

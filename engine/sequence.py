@@ -38,6 +38,8 @@ class Sequence:
     finish_reason: FinishReason | None = None
     generator: torch.Generator | None = None
     decoder: IncrementalDecoder | None = None
+    # EOS (unless ignored) and the request's own stop tokens, fixed when the request arrives.
+    stop_token_ids: frozenset[int] = frozenset()
     text: str = ""
     _emitted_chars: int = 0
 
