@@ -1,0 +1,164 @@
+"""A decode replica's transport in a child process, driven over a pipe by the tests.
+
+The tests are the prefill side; this process owns a real `TransferEndpoint`, a real paged KV
+cache filled with a known byte pattern, and the `KVReceiver`s, so every transfer crosses a
+process boundary over Mooncake's tcp transport on loopback.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+FILL = 0x5A  # every byte of the decode cache before any transfer
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    num_layers: int = 4
+    num_pages: int = 64
+    page_size: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 8
+    dtype: str = "float32"
+
+    def spec(self) -> Any:
+        from engine.kv_cache import KVCacheSpec
+
+        return KVCacheSpec(
+            num_pages=self.num_pages,
+            page_size=self.page_size,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            dtype=getattr(torch, self.dtype),
+        )
+
+    def layout(self) -> Any:
+        from transport.receiver_info import KVLayout
+
+        return KVLayout.from_spec(self.spec(), self.num_layers)
+
+
+def _serve(conn: Any, shape: CacheShape, config_json: str) -> None:
+    from engine.kv_cache import PagedKVCache
+    from transport import KVReceiver, TransferEndpoint, TransportConfig
+
+    endpoint = TransferEndpoint(TransportConfig.model_validate_json(config_json))
+    cache = PagedKVCache(shape.spec(), first_layer=0, num_layers=shape.num_layers)
+    for layer in cache.layers:
+        layer.view(torch.uint8).fill_(FILL)
+    endpoint.register_cache(cache)
+    receivers: dict[str, KVReceiver] = {}
+    conn.send(endpoint.session_id)
+    while True:
+        cmd, *args = conn.recv()
+        if cmd == "stop":
+            endpoint.close()
+            conn.send(None)
+            return
+        if cmd == "reset":
+            for r in receivers.values():
+                r.abort("test reset")
+            receivers.clear()
+            for layer in cache.layers:
+                layer.view(torch.uint8).fill_(FILL)
+            conn.send(None)
+        elif cmd == "receive":
+            rid, room, pages, num_stages = args
+            receivers[rid] = KVReceiver(
+                endpoint,
+                rid=rid,
+                room=room,
+                regions=cache.regions(),
+                layout=shape.layout(),
+                page_indices=pages,
+                num_stages=num_stages,
+            )
+            conn.send(receivers[rid].publish().model_dump_json())
+        elif cmd == "result":
+            rid, stage, ok, reason = args
+            receivers[rid].on_stage_result(stage, ok, reason)
+            conn.send(None)
+        elif cmd == "poll":
+            r = receivers[args[0]]
+            conn.send((int(r.poll()), r.failure_reason, r.first_token))
+        elif cmd == "abort":
+            receivers.pop(args[0]).abort()
+            conn.send(None)
+        elif cmd == "layers":
+            conn.send([layer.view(torch.uint8).clone() for layer in cache.layers])
+        elif cmd == "slots_held":
+            conn.send(endpoint.metadata.num_held)
+
+
+class DecodePeer:
+    """Handle on the child process; every method is one round trip."""
+
+    def __init__(self, shape: CacheShape | None = None, config: Any = None) -> None:
+        from transport import TransportConfig
+
+        self.shape = shape or CacheShape()
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        config = config or TransportConfig()
+        self.process = ctx.Process(
+            target=_serve, args=(child, self.shape, config.model_dump_json()), daemon=True
+        )
+        self.process.start()
+        if not self._conn.poll(60):
+            raise TimeoutError("decode peer did not start")
+        self.session_id: str = self._conn.recv()
+
+    def _call(self, *msg: Any) -> Any:
+        self._conn.send(msg)
+        if not self._conn.poll(60):
+            raise TimeoutError(f"decode peer did not answer {msg[0]}")
+        return self._conn.recv()
+
+    def receive(self, rid: str, room: int, pages: list[int], num_stages: int) -> Any:
+        from transport import ReceiverInfo
+
+        return ReceiverInfo.model_validate_json(self._call("receive", rid, room, pages, num_stages))
+
+    def reset(self) -> None:
+        """Forget every receiver and refill the cache with the pattern."""
+        self._call("reset")
+
+    def result(self, rid: str, stage: int, ok: bool, reason: str | None = None) -> None:
+        self._call("result", rid, stage, ok, reason)
+
+    def poll(self, rid: str) -> tuple[int, str | None, Any]:
+        return self._call("poll", rid)
+
+    def abort(self, rid: str) -> None:
+        self._call("abort", rid)
+
+    def layers(self) -> list[torch.Tensor]:
+        return self._call("layers")
+
+    def slots_held(self) -> int:
+        return self._call("slots_held")
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.join(10)
+
+    def pause(self) -> None:
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.process.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            try:
+                self._call("stop")
+            finally:
+                self.process.join(10)
+        if self.process.is_alive():
+            self.kill()

@@ -1,0 +1,42 @@
+"""Transport settings, one pydantic model passed down whole from the role's config."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, model_validator
+
+
+class TransportConfig(BaseModel):
+    """How a process talks Mooncake and how long it waits for its peers."""
+
+    hostname: str = Field(
+        "127.0.0.1", description="address peers reach this process on (the node IP on clusters)"
+    )
+    protocol: Literal["tcp", "rdma", "nvlink"] = "tcp"
+    device_names: str = Field(
+        "", description="comma-separated RDMA devices (e.g. 'mlx5_0,mlx5_1'); empty = all"
+    )
+    bootstrap_timeout_s: PositiveFloat = Field(
+        30.0, description="a sender that never receives receiver info fails after this"
+    )
+    transfer_timeout_s: PositiveFloat = Field(
+        30.0, description="a started KV write that has not finished fails after this"
+    )
+    receive_timeout_s: PositiveFloat = Field(
+        300.0,
+        description="a decode-side receiver that never hears from every stage fails after this",
+    )
+    liveness_interval_s: PositiveFloat = Field(
+        1.0, description="how often peers with transfers pending are probed"
+    )
+    send_threads: PositiveInt = Field(4, description="threads that run KV writes")
+    metadata_slots: PositiveInt = Field(
+        1024, description="first-token metadata slots; bounds requests in flight per process"
+    )
+
+    @model_validator(mode="after")
+    def _rdma_needs_a_real_host(self) -> TransportConfig:
+        if self.protocol == "rdma" and self.hostname in ("127.0.0.1", "localhost"):
+            raise ValueError(f"protocol {self.protocol!r} needs the node's own IP as hostname")
+        return self

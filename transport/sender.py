@@ -1,0 +1,205 @@
+"""`KVSender`: one prefill stage's side of one request's KV transfer.
+
+Life: `Bootstrapping` until valid receiver info arrives, `WaitingForInput` until the stage has
+computed the request's KV and calls `send`, `Transferring` while the write runs on the
+endpoint's pool, then `Success` or `Failed` with a reason. `poll()` is where time passes: it
+applies the bootstrap and transfer timeouts and the peer's liveness. `abort()` works from any
+state and is idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from engine.kv_cache import KVLayerRegion
+from transport.endpoint import TransferEndpoint
+from transport.metadata import SLOT_NBYTES, FirstToken
+from transport.poll import KVPoll, PollState
+from transport.receiver_info import (
+    InvalidReceiverInfo,
+    KVLayout,
+    ReceiverInfo,
+    validate_receiver_info,
+)
+from transport.segments import kv_segments
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TransferStats:
+    """What one finished write moved, for metrics."""
+
+    nbytes: int = 0
+    segments: int = 0
+    seconds: float = 0.0
+
+
+class KVSender:
+    """Writes this stage's layers of one request into the decode replica's pages."""
+
+    def __init__(
+        self,
+        endpoint: TransferEndpoint,
+        *,
+        rid: str,
+        room: int,
+        regions: list[KVLayerRegion],
+        layout: KVLayout,
+        is_last_stage: bool,
+        pp_rank: int = 0,
+    ) -> None:
+        self.endpoint = endpoint
+        self.rid = rid
+        self.room = room
+        self.regions = regions
+        self.layout = layout
+        self.is_last_stage = is_last_stage
+        self.pp_rank = pp_rank
+        self.stats = TransferStats()
+        self._state = PollState(KVPoll.Bootstrapping)
+        self._info: ReceiverInfo | None = None
+        self._watching: str | None = None
+        self._watch_lock = threading.Lock()
+        self._in_flight = False
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def failure_reason(self) -> str | None:
+        return self._state.reason
+
+    @property
+    def in_flight(self) -> bool:
+        """A write is still running and reads this stage's pages: do not reuse them yet."""
+        return self._in_flight
+
+    @property
+    def receiver_info(self) -> ReceiverInfo | None:
+        return self._info
+
+    def poll(self) -> KVPoll:
+        """The current state, after applying timeouts and the peer's liveness."""
+        state = self._state.state
+        if state in (KVPoll.Success, KVPoll.Failed):
+            return state
+        waited = time.monotonic() - self._state.since
+        config = self.endpoint.config
+        if state is KVPoll.Bootstrapping and waited > config.bootstrap_timeout_s:
+            self._fail(f"bootstrap timeout: no receiver info after {waited:.1f}s")
+        elif state is KVPoll.Transferring and waited > config.transfer_timeout_s:
+            self._fail(f"transfer timeout: KV write unfinished after {waited:.1f}s")
+        elif self._watching is not None:
+            reason = self.endpoint.liveness.dead_reason(self._watching)
+            if reason is not None:
+                self._fail(reason)
+        return self._state.state
+
+    # -- verbs -------------------------------------------------------------------------------
+
+    def set_receiver_info(self, info: ReceiverInfo) -> None:
+        """Accept the decode side's info after validating it; invalid info fails the request."""
+        if self._state.state is KVPoll.Failed:
+            return
+        if info.rid != self.rid or info.room != self.room:
+            self._fail(f"receiver info for {info.rid}/{info.room}, not {self.rid}/{self.room}")
+            return
+        layers = range(self.regions[0].layer, self.regions[-1].layer + 1)
+        try:
+            validate_receiver_info(
+                info,
+                local_layout=self.layout,
+                layers=layers,
+                metadata_nbytes=SLOT_NBYTES if self.is_last_stage else None,
+            )
+        except InvalidReceiverInfo as exc:
+            self._fail(f"invalid receiver info: {exc}")
+            return
+        self._info = info
+        with self._watch_lock:
+            if self._state.advance_unless_failed(KVPoll.WaitingForInput):
+                self._watching = info.session_id
+                self.endpoint.liveness.watch(info.session_id)
+
+    def send(self, page_indices: list[int], first_token: FirstToken | None = None) -> None:
+        """Start writing K and V of `page_indices` (this stage's pages, in token order).
+
+        A sender failed meanwhile (abort, timeout, dead peer) ignores the call: the decision to
+        drop the request is already made elsewhere. The last stage must pass `first_token`.
+        """
+        if self._state.state is KVPoll.Failed:
+            return
+        if self.is_last_stage and first_token is None:
+            raise ValueError("the last stage must send the first token")
+        # Raises IllegalTransition unless WaitingForInput; False if it failed meanwhile.
+        if not self._state.advance_unless_failed(KVPoll.Transferring):
+            return
+        info = self._info
+        assert info is not None  # WaitingForInput implies receiver info
+        if len(page_indices) > len(info.page_indices):
+            self._fail(
+                f"request needs {len(page_indices)} pages, receiver offered {len(info.page_indices)}"
+            )
+            return
+        remote = {address.layer: address for address in info.layers}
+        segments = kv_segments(
+            self.regions,
+            remote,
+            list(page_indices),
+            list(info.page_indices[: len(page_indices)]),
+            self.layout.page_nbytes,
+        )
+        slot = None
+        if first_token is not None:
+            slot = self.endpoint.metadata.acquire()
+            self.endpoint.metadata.write(slot, first_token)
+            segments.add(self.endpoint.metadata.address(slot), info.metadata.address, SLOT_NBYTES)
+        self._in_flight = True
+
+        def write() -> None:
+            start = time.perf_counter()
+            try:
+                rc = self.endpoint.write(
+                    info.session_id, segments.srcs, segments.dsts, segments.lengths
+                )
+            except Exception as exc:  # a bug or a Mooncake exception: fail, never hang
+                log.exception("KV write raised", extra=self._log_extra())
+                rc, error = -1, repr(exc)
+            else:
+                error = f"rc={rc}"
+            finally:
+                if slot is not None:
+                    self.endpoint.metadata.release(slot)
+                self._in_flight = False
+            self.stats = TransferStats(segments.nbytes, len(segments), time.perf_counter() - start)
+            if rc == 0:
+                self._state.advance_unless_failed(KVPoll.Success)
+                self._unwatch()
+            else:
+                self._fail(f"KV write to {info.session_id} failed ({error})")
+
+        self.endpoint.submit(write)
+
+    def abort(self, reason: str = "aborted") -> None:
+        """Fail unless already finished, and stop watching the peer. Safe to call repeatedly."""
+        self._fail(reason)
+        self._unwatch()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _fail(self, reason: str) -> None:
+        if self._state.fail(reason):
+            log.warning("KV sender failed: %s", reason, extra=self._log_extra())
+        self._unwatch()
+
+    def _unwatch(self) -> None:
+        with self._watch_lock:
+            session, self._watching = self._watching, None
+        if session is not None:
+            self.endpoint.liveness.unwatch(session)
+
+    def _log_extra(self) -> dict[str, object]:
+        return {"rid": self.rid, "room": self.room, "pp_rank": self.pp_rank}
