@@ -45,6 +45,7 @@ test: lint
 
 bench: $(STAMP) sysdeps
 	$(PY) -m benchmarks.engine_bench
+	$(PY) -m benchmarks.transport_bench
 
 clean:
 	rm -rf $(VENV) models benchmarks/results .pytest_cache .ruff_cache

@@ -12,8 +12,9 @@ import logging
 import math
 import os
 import threading
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from engine.kv_cache import PagedKVCache
@@ -61,6 +62,7 @@ class TransferEndpoint:
         self._lock = threading.Lock()
         self.metadata = MetadataSlots(self.config.metadata_slots)
         self.register(self.metadata.base_address, self.metadata.nbytes)
+        self._peer_queues: dict[str, deque[Callable[[], None]]] = {}
         self._pool = ThreadPoolExecutor(self.config.send_threads, thread_name_prefix="kv-send")
         self.liveness = PeerLiveness(self._engine.send_probe, self.config.liveness_interval_s)
         self._closed = False
@@ -83,9 +85,34 @@ class TransferEndpoint:
         """One batch write to `session`, blocking; 0 on success, Mooncake's negative rc if not."""
         return self._engine.batch_transfer_sync_write(session, srcs, dsts, lengths)
 
-    def submit(self, fn: Callable[[], None]) -> Future[None]:
-        """Run `fn` on the transfer pool."""
-        return self._pool.submit(fn)
+    def submit(self, session: str, fn: Callable[[], None]) -> None:
+        """Run the write `fn` to `session` on the transfer pool, after earlier ones to it.
+
+        Writes to one peer run one at a time, in submission order: concurrent writes over one
+        connection only contend (measured: 32 small requests to one peer ran at 0.4-0.6x of
+        sequential with 2-4 parallel writers), while writes to different peers overlap.
+        """
+        with self._lock:
+            queue = self._peer_queues.setdefault(session, deque())
+            queue.append(fn)
+            if len(queue) > 1:
+                return  # a drainer for this peer is already running
+        self._pool.submit(self._drain, session)
+
+    def _drain(self, session: str) -> None:
+        while True:
+            with self._lock:
+                fn = self._peer_queues[session][0]
+            try:
+                fn()
+            except Exception:  # a write reports its own failure; never stall the queue
+                log.exception("transfer job raised", extra={"session": session})
+            with self._lock:
+                queue = self._peer_queues[session]
+                queue.popleft()
+                if not queue:
+                    del self._peer_queues[session]
+                    return
 
     def close(self) -> None:
         """Stop probing, let running writes finish, unregister memory. Idempotent."""

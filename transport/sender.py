@@ -181,7 +181,7 @@ class KVSender:
             else:
                 self._fail(f"KV write to {info.session_id} failed ({error})")
 
-        self.endpoint.submit(write)
+        self.endpoint.submit(info.session_id, write)
 
     def abort(self, reason: str = "aborted") -> None:
         """Fail unless already finished, and stop watching the peer. Safe to call repeatedly."""
