@@ -1,0 +1,69 @@
+"""Messages between the prefill controller and its stages: one plan per scheduler step.
+
+The controller builds a `StepPlan`, every stage receives the same plan in the same call, and
+applies it in a fixed order: admissions, receiver info, drops, reconcile, consensus, forward,
+KV sends. Each stage answers with a `StageReport`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.sampling import SamplingParams
+from transport.metadata import FirstToken
+from transport.receiver_info import ReceiverInfo
+
+
+@dataclass(frozen=True)
+class PrefillRequest:
+    """What the caller asks a prefill replica for: compute the KV of a prompt and ship it."""
+
+    rid: str
+    room: int
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """One request's part of a step's micro-batch (chunked prefill)."""
+
+    rid: str
+    start: int
+    token_ids: list[int]
+    pages: list[int]
+    finishing: bool  # the prompt's last chunk: sample the first token, then send the KV
+    room: int = 0
+    sampling: SamplingParams | None = None
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Everything every stage applies in one step, identical on every rank."""
+
+    tick: int
+    rids: tuple[str, ...]  # the consensus list: bootstrap queue then inflight, in order
+    admit: tuple[tuple[str, int], ...] = ()  # (rid, room)
+    infos: tuple[tuple[str, ReceiverInfo], ...] = ()
+    drop: tuple[tuple[str, str], ...] = ()  # (rid, reason)
+    tracked: tuple[str, ...] | None = None  # set: reconcile against it
+    batch: tuple[ChunkPlan, ...] = ()
+
+
+@dataclass
+class StageReport:
+    """One stage's answer to a plan."""
+
+    pp_rank: int
+    vector: list[int]
+    failure_reasons: dict[str, str]
+    num_requests: int
+    pages_in_use: int
+    queue_sizes: dict[str, int]
+    first_tokens: dict[str, FirstToken] = field(default_factory=dict)
+    forward_seconds: float = 0.0
+    consensus_seconds: float = 0.0
+
+
+class StagePlanError(RuntimeError):
+    """Stages answered a plan inconsistently: the instance's invariants are broken."""

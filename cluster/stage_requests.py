@@ -1,0 +1,154 @@
+"""One rank's view of the prefill requests it holds: a sender and a page list per rid.
+
+A rank never decides anything on its own. It creates state when the controller admits a
+request, applies the consensus vector it computed together with every other rank, drops what
+the controller tells it to drop, and reconciles against the controller's tracked set so that
+nothing outlives the controller's interest in it (the orphan bug class of SGLang's design).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
+
+from transport.metadata import FirstToken
+from transport.poll import KVPoll
+from transport.receiver_info import ReceiverInfo
+
+log = logging.getLogger(__name__)
+
+
+class SenderLike(Protocol):
+    """What a rank needs of a `KVSender` (tests script their own)."""
+
+    def poll(self) -> KVPoll: ...
+    def set_receiver_info(self, info: ReceiverInfo) -> None: ...
+    def send(self, page_indices: list[int], first_token: FirstToken | None = None) -> None: ...
+    def abort(self, reason: str = "aborted") -> None: ...
+    @property
+    def failure_reason(self) -> str | None: ...
+
+
+class StageRequests:
+    """Senders and pages of the requests one rank holds, keyed by rid."""
+
+    def __init__(self, make_sender: Callable[[str, int], SenderLike], pp_rank: int = 0) -> None:
+        self._make_sender = make_sender
+        self.pp_rank = pp_rank
+        self.senders: dict[str, SenderLike] = {}
+        self.pages: dict[str, list[int]] = {}
+        self.ready: set[str] = set()
+        self.last_tick = -1
+
+    # -- what the controller tells every rank -------------------------------------------------
+
+    def admit(self, rid: str, room: int) -> None:
+        if rid not in self.senders:
+            self.senders[rid] = self._make_sender(rid, room)
+
+    def set_receiver_info(self, rid: str, info: ReceiverInfo) -> None:
+        sender = self.senders.get(rid)
+        if sender is not None:  # a late info for a request already dropped is ignored
+            sender.set_receiver_info(info)
+
+    def assign_pages(self, rid: str, pages: Sequence[int]) -> None:
+        if rid in self.senders:
+            self.pages[rid] = list(pages)
+
+    def send(self, rid: str, first_token: FirstToken | None = None) -> None:
+        sender = self.senders.get(rid)
+        if sender is not None:
+            sender.send(self.pages.get(rid, []), first_token)
+
+    def drop(self, rid: str, reason: str) -> None:
+        """Forget `rid`: abort its sender and release its pages. Idempotent."""
+        sender = self.senders.pop(rid, None)
+        if sender is not None:
+            sender.abort(reason)
+        self.pages.pop(rid, None)
+        self.ready.discard(rid)
+
+    def reconcile(self, tracked: Iterable[str]) -> list[str]:
+        """Drop every rid the controller no longer tracks; returns the rids dropped."""
+        keep = set(tracked)
+        stale = [rid for rid in self.senders if rid not in keep]
+        for rid in stale:
+            log.warning("dropping untracked request", extra={"rid": rid, "pp_rank": self.pp_rank})
+            self.drop(rid, "no longer tracked by the controller")
+        return stale
+
+    # -- consensus ----------------------------------------------------------------------------
+
+    def local_vector(self, rids: Sequence[str]) -> list[int]:
+        """This rank's poll of exactly `rids`, in order; a rid it does not hold is `Failed`."""
+        out = []
+        for rid in rids:
+            sender = self.senders.get(rid)
+            out.append(int(sender.poll()) if sender is not None else int(KVPoll.Failed))
+        return out
+
+    def apply(self, tick: int, rids: Sequence[str], vector: Sequence[int]) -> None:
+        """Apply the agreed vector of tick `tick`, exactly once and in tick order."""
+        if tick <= self.last_tick:
+            raise RuntimeError(f"tick {tick} applied after tick {self.last_tick}")
+        if len(rids) != len(vector):
+            raise RuntimeError(f"{len(rids)} rids but a vector of {len(vector)}")
+        self.last_tick = tick
+        for rid, state in zip(rids, vector, strict=True):
+            if state == KVPoll.Failed:
+                self.drop(rid, "failed by consensus")
+            elif state == KVPoll.Success:
+                self.drop(rid, "transferred")
+            elif state == KVPoll.WaitingForInput:
+                self.ready.add(rid)
+
+    def failure_reasons(self, rids: Sequence[str]) -> dict[str, str]:
+        """Local reasons for rids that failed on this rank, for the controller's error message."""
+        out = {}
+        for rid in rids:
+            sender = self.senders.get(rid)
+            if sender is not None and sender.poll() is KVPoll.Failed:
+                out[rid] = sender.failure_reason or "failed"
+        return out
+
+    # -- gauges -------------------------------------------------------------------------------
+
+    @property
+    def pages_in_use(self) -> int:
+        return sum(len(p) for p in self.pages.values())
+
+    def queue_sizes(self) -> dict[str, int]:
+        """Bootstrap (not yet ready), waiting (ready, not sending) and inflight, on this rank."""
+        bootstrap = waiting = inflight = 0
+        for rid, sender in self.senders.items():
+            state = sender.poll()
+            if state is KVPoll.Transferring:
+                inflight += 1
+            elif rid in self.ready:
+                waiting += 1
+            else:
+                bootstrap += 1
+        return {"bootstrap": bootstrap, "waiting": waiting, "inflight": inflight}
+
+
+def poll_and_apply(
+    requests: StageRequests,
+    tick: int,
+    rids: Sequence[str],
+    allreduce_min: Callable[[list[int]], list[int]],
+) -> tuple[list[int], dict[str, str]]:
+    """One consensus tick on one rank: local poll, all-reduce MIN, apply, in a single call.
+
+    Returns the agreed vector (identical on every rank) and this rank's local failure reasons.
+    """
+    local = requests.local_vector(rids)
+    reasons = {
+        rid: reason
+        for rid, reason in requests.failure_reasons(
+            [r for r, s in zip(rids, local, strict=True) if s == KVPoll.Failed]
+        ).items()
+    }
+    agreed = allreduce_min(local) if rids else []
+    requests.apply(tick, rids, agreed)
+    return agreed, reasons

@@ -1,0 +1,273 @@
+"""The prefill controller: the one owner of a prefill instance's queues and decisions.
+
+Requests move bootstrap -> waiting -> running -> inflight -> done, or end failed/aborted from
+any of them. The controller never talks to the network itself: it builds a `StepPlan` per
+scheduler step and applies what the stages report back. Every decision is made here, once,
+and every stage applies it in the same call. Pure logic: no Ray, no Mooncake, so the tests
+can drive it through any interleaving.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from cluster.plan import ChunkPlan, PrefillRequest, StagePlanError, StageReport, StepPlan
+from engine.page_allocator import PageAllocator, pages_needed
+from transport.metadata import FirstToken
+from transport.poll import KVPoll
+from transport.receiver_info import ReceiverInfo
+
+log = logging.getLogger(__name__)
+
+# A stage whose request count disagrees with ours is told the full tracked set at once; the
+# set also goes out every this many steps as a safety net.
+RECONCILE_EVERY = 256
+
+
+class PromptRejected(ValueError):
+    """A prompt the instance cannot serve (too long, empty): the caller's error, a 4xx."""
+
+
+class Phase(StrEnum):
+    BOOTSTRAP = "bootstrap"
+    WAITING = "waiting"
+    RUNNING = "running"
+    INFLIGHT = "inflight"
+
+
+@dataclass
+class Tracked:
+    request: PrefillRequest
+    phase: Phase = Phase.BOOTSTRAP
+    pages: list[int] = field(default_factory=list)
+    computed: int = 0  # prompt tokens whose KV is written
+    first_token: FirstToken | None = None
+    admitted_at: float = field(default_factory=time.monotonic)
+    ready_at: float | None = None
+    prefill_started_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Ended:
+    """How a request left the controller."""
+
+    rid: str
+    ok: bool
+    reason: str | None = None
+    first_token: FirstToken | None = None
+    ready_to_start_s: float | None = None  # ready on every stage -> first chunk scheduled
+
+
+@dataclass
+class ControllerConfig:
+    num_pages: int
+    page_size: int
+    max_batched_tokens: int = 2048
+    max_prompt_len: int = 4096
+    max_batched_requests: int = 64
+
+
+class PrefillController:
+    """Queues, pages and the consensus bookkeeping of one prefill instance."""
+
+    def __init__(self, config: ControllerConfig) -> None:
+        self.config = config
+        self.allocator = PageAllocator(config.num_pages)
+        self.requests: OrderedDict[str, Tracked] = OrderedDict()
+        self.waiting: OrderedDict[str, None] = OrderedDict()  # FIFO of ready requests
+        self._tick = 0
+        self._pending_admit: list[tuple[str, int]] = []
+        self._pending_infos: list[tuple[str, ReceiverInfo]] = []
+        self._pending_drop: list[tuple[str, str]] = []
+        self._reconcile_next = False
+        self._expected_on_stages = 0
+
+    # -- caller-facing ------------------------------------------------------------------------
+
+    def add(self, request: PrefillRequest) -> None:
+        """Admit a request into the bootstrap queue; rejects bad prompts before any state exists."""
+        n = len(request.prompt_token_ids)
+        if n == 0:
+            raise PromptRejected("the prompt is empty")
+        if n > self.config.max_prompt_len:
+            raise PromptRejected(
+                f"the prompt has {n} tokens, more than this instance's limit of "
+                f"{self.config.max_prompt_len}"
+            )
+        if pages_needed(n, self.config.page_size) > self.config.num_pages:
+            raise PromptRejected(f"the prompt's {n} tokens exceed the instance's KV capacity")
+        if request.rid in self.requests:
+            raise ValueError(f"request {request.rid} is already in flight")
+        self.requests[request.rid] = Tracked(request)
+        self._pending_admit.append((request.rid, request.room))
+
+    def set_receiver_info(self, rid: str, info: ReceiverInfo) -> bool:
+        """Forward receiver info to every stage with the next plan; False for an unknown rid."""
+        if rid not in self.requests:
+            return False
+        self._pending_infos.append((rid, info))
+        return True
+
+    def abort(self, rid: str, reason: str = "aborted by the caller") -> Ended | None:
+        """Stop tracking `rid` now; the stages drop it with the next plan. Idempotent."""
+        tracked = self.requests.pop(rid, None)
+        if tracked is None:
+            return None
+        self._release(rid, tracked)
+        self._pending_drop.append((rid, reason))
+        return Ended(rid, ok=False, reason=reason)
+
+    def fail_all(self, reason: str) -> list[Ended]:
+        """End every request (a stage died); the stages are rebuilt empty afterwards."""
+        ended = [Ended(rid, ok=False, reason=reason) for rid in self.requests]
+        self.requests.clear()
+        self.waiting.clear()
+        self.allocator = PageAllocator(self.config.num_pages)
+        self._pending_admit.clear()
+        self._pending_infos.clear()
+        self._pending_drop.clear()
+        self._expected_on_stages = 0
+        return ended
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.requests or self._pending_drop)
+
+    def queue_sizes(self) -> dict[str, int]:
+        counts = {phase.value: 0 for phase in Phase}
+        for tracked in self.requests.values():
+            counts[tracked.phase.value] += 1
+        return counts
+
+    # -- one scheduler step -------------------------------------------------------------------
+
+    def plan(self) -> StepPlan:
+        """The next step for every stage: pending messages, consensus list and a micro-batch."""
+        self._tick += 1
+        rids = tuple(
+            rid for rid, t in self.requests.items() if t.phase in (Phase.BOOTSTRAP, Phase.INFLIGHT)
+        )
+        batch = self._schedule()
+        tracked = None
+        if self._reconcile_next or self._tick % RECONCILE_EVERY == 0:
+            tracked = tuple(self.requests)
+            self._reconcile_next = False
+        plan = StepPlan(
+            tick=self._tick,
+            rids=rids,
+            admit=tuple(self._pending_admit),
+            infos=tuple(self._pending_infos),
+            drop=tuple(self._pending_drop),
+            tracked=tracked,
+            batch=batch,
+        )
+        self._pending_admit.clear()
+        self._pending_infos.clear()
+        self._pending_drop.clear()
+        self._expected_on_stages = len(self.requests)
+        return plan
+
+    def apply(self, plan: StepPlan, reports: list[StageReport]) -> list[Ended]:
+        """Apply what every stage reported for `plan`, once; returns the requests that ended."""
+        vectors = {tuple(r.vector) for r in reports}
+        if len(vectors) != 1:
+            raise StagePlanError(f"stages disagree on tick {plan.tick}: {vectors}")
+        vector = reports[0].vector
+        if len(vector) != len(plan.rids):
+            raise StagePlanError(f"tick {plan.tick}: {len(vector)} states for {len(plan.rids)} rids")
+        reasons: dict[str, str] = {}
+        for report in reports:
+            for rid, reason in report.failure_reasons.items():
+                reasons.setdefault(rid, f"pp_rank {report.pp_rank}: {reason}")
+        first_tokens: dict[str, FirstToken] = {}
+        for report in reports:
+            first_tokens.update(report.first_tokens)
+
+        ended: list[Ended] = []
+        removed_by_tick = 0
+        for rid, state in zip(plan.rids, vector, strict=True):
+            tracked = self.requests.get(rid)
+            if tracked is None:
+                removed_by_tick += 1  # aborted after the plan was built: already ended
+                continue
+            if state == KVPoll.Failed:
+                removed_by_tick += 1
+                ended.append(self._end(rid, False, reasons.get(rid, "failed on another rank")))
+            elif tracked.phase is Phase.BOOTSTRAP and state >= KVPoll.WaitingForInput:
+                tracked.phase = Phase.WAITING
+                tracked.ready_at = time.monotonic()
+                self.waiting[rid] = None
+            elif tracked.phase is Phase.INFLIGHT and state == KVPoll.Success:
+                removed_by_tick += 1
+                ended.append(self._end(rid, True))
+
+        for chunk in plan.batch:
+            tracked = self.requests.get(chunk.rid)
+            if tracked is None:
+                continue
+            tracked.computed = chunk.start + len(chunk.token_ids)
+            if chunk.finishing:
+                tracked.phase = Phase.INFLIGHT
+                tracked.first_token = first_tokens.get(chunk.rid)
+
+        expected = self._expected_on_stages - removed_by_tick
+        if any(r.num_requests != expected for r in reports):
+            self._reconcile_next = True
+        return ended
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _schedule(self) -> tuple[ChunkPlan, ...]:
+        """Chunked prefill under the token budget: running requests first, then waiting, FIFO."""
+        budget = self.config.max_batched_tokens
+        batch: list[ChunkPlan] = []
+        running = [r for r, t in self.requests.items() if t.phase is Phase.RUNNING]
+        for rid in running + list(self.waiting):
+            if budget <= 0 or len(batch) >= self.config.max_batched_requests:
+                break
+            tracked = self.requests[rid]
+            prompt = tracked.request.prompt_token_ids
+            if tracked.phase is Phase.WAITING:
+                need = pages_needed(len(prompt), self.config.page_size)
+                if not self.allocator.can_allocate(need):
+                    break  # FIFO: later requests wait behind this one
+                tracked.pages = self.allocator.allocate(need)
+                tracked.phase = Phase.RUNNING
+                tracked.prefill_started_at = time.monotonic()
+                del self.waiting[rid]
+            start = tracked.computed
+            take = min(budget, len(prompt) - start)
+            budget -= take
+            finishing = start + take == len(prompt)
+            batch.append(
+                ChunkPlan(
+                    rid=rid,
+                    start=start,
+                    token_ids=prompt[start : start + take],
+                    pages=tracked.pages,
+                    finishing=finishing,
+                    room=tracked.request.room,
+                    sampling=tracked.request.sampling if finishing else None,
+                )
+            )
+        return tuple(batch)
+
+    def _end(self, rid: str, ok: bool, reason: str | None = None) -> Ended:
+        tracked = self.requests.pop(rid)
+        self._release(rid, tracked)
+        wait = None
+        if tracked.ready_at is not None and tracked.prefill_started_at is not None:
+            wait = tracked.prefill_started_at - tracked.ready_at
+        if not ok:
+            log.warning("prefill request failed: %s", reason, extra={"rid": rid})
+        return Ended(rid, ok, reason, tracked.first_token if ok else None, wait)
+
+    def _release(self, rid: str, tracked: Tracked) -> None:
+        if tracked.pages:
+            self.allocator.free(tracked.pages)
+            tracked.pages = []
+        self.waiting.pop(rid, None)

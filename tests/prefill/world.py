@@ -1,0 +1,167 @@
+"""A prefill instance without Ray: one controller, PP x TP ranks on threads, scripted senders.
+
+Each rank runs the production `run_plan` on its own thread; the all-reduce is a barrier over
+those threads that takes the element-wise MIN, and it refuses vectors of different lengths
+(gloo would crash or hang on those). Senders are scripted: the test decides when receiver
+info lands on each rank, when a rank fails locally and when a write completes.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from cluster.plan import ChunkPlan, StageReport, StepPlan
+from cluster.stage_requests import StageRequests
+from cluster.stage_step import run_plan
+from deployments.prefill_controller import ControllerConfig, Ended, PrefillController
+from transport.metadata import FirstToken
+from transport.poll import KVPoll, PollState
+from transport.receiver_info import ReceiverInfo
+
+
+class ScriptedSender:
+    """A `KVSender` stand-in whose progress the test scripts (real `PollState` rules)."""
+
+    def __init__(self, rid: str, room: int) -> None:
+        self.rid, self.room = rid, room
+        self.state = PollState(KVPoll.Bootstrapping)
+        self.sent_pages: list[int] | None = None
+        self.sent_token: FirstToken | None = None
+        self.aborted = False
+
+    def poll(self) -> KVPoll:
+        return self.state.state
+
+    @property
+    def failure_reason(self) -> str | None:
+        return self.state.reason
+
+    def set_receiver_info(self, info: ReceiverInfo) -> None:
+        pass  # the test decides when info "lands" on this rank: `ready()`
+
+    def ready(self) -> None:
+        if self.state.state is KVPoll.Bootstrapping:
+            self.state.advance(KVPoll.WaitingForInput)
+
+    def fail(self, reason: str) -> None:
+        self.state.fail(reason)
+
+    def send(self, page_indices: list[int], first_token: FirstToken | None = None) -> None:
+        if self.state.state is KVPoll.Failed:
+            return
+        self.state.advance(KVPoll.Transferring)
+        self.sent_pages, self.sent_token = list(page_indices), first_token
+
+    def complete(self) -> None:
+        if self.state.state is KVPoll.Transferring:
+            self.state.advance_unless_failed(KVPoll.Success)
+
+    def abort(self, reason: str = "aborted") -> None:
+        self.aborted = True
+        self.state.fail(reason)
+
+
+class ThreadAllReduce:
+    """MIN all-reduce across `world` threads, like gloo's: same call order on every rank."""
+
+    def __init__(self, world: int) -> None:
+        self.world = world
+        self._barrier = threading.Barrier(world)
+        self._inputs: list[list[int] | None] = [None] * world
+        self._result: list[int] = []
+        self.calls = 0
+
+    def for_rank(self, rank: int):
+        def allreduce(values: list[int]) -> list[int]:
+            self._inputs[rank] = list(values)
+            if self._barrier.wait() == 0:
+                lengths = {len(v) for v in self._inputs if v is not None}
+                if len(lengths) != 1:
+                    self._barrier.abort()
+                    raise AssertionError(f"all-reduce size mismatch: {lengths}")
+                self._result = [min(col) for col in zip(*self._inputs, strict=True)]
+                self.calls += 1
+            self._barrier.wait()
+            return list(self._result)
+
+        return allreduce
+
+
+@dataclass
+class Rank:
+    index: int
+    pp_rank: int
+    tp_rank: int
+    requests: StageRequests
+    senders: dict[str, ScriptedSender] = field(default_factory=dict)
+    applied: list[tuple[int, tuple[str, ...], tuple[int, ...]]] = field(default_factory=list)
+
+
+class World:
+    """Controller + ranks; `step()` is one scheduler step across the whole instance."""
+
+    def __init__(self, pp: int, tp: int = 1, **controller: int) -> None:
+        self.pp, self.tp = pp, tp
+        defaults = {"num_pages": 64, "page_size": 4, "max_batched_tokens": 32}
+        self.controller = PrefillController(ControllerConfig(**{**defaults, **controller}))
+        self.ranks: list[Rank] = []
+        for index in range(pp * tp):
+            rank = Rank(index, index // tp, index % tp, requests=None)  # type: ignore[arg-type]
+            rank.requests = StageRequests(self._factory(rank), pp_rank=rank.pp_rank)
+            self.ranks.append(rank)
+        self.allreduce = ThreadAllReduce(len(self.ranks))
+        self._pool = ThreadPoolExecutor(len(self.ranks))
+        self.ended: list[Ended] = []
+
+    @staticmethod
+    def _factory(rank: Rank):
+        def make(rid: str, room: int) -> ScriptedSender:
+            sender = ScriptedSender(rid, room)
+            rank.senders[rid] = sender
+            return sender
+
+        return make
+
+    def _forward(self, rank: Rank):
+        def forward(batch: tuple[ChunkPlan, ...]) -> dict[str, FirstToken]:
+            if rank.pp_rank != self.pp - 1:
+                return {}
+            return {
+                c.rid: FirstToken(
+                    room=c.room,
+                    token_id=len(c.token_ids),
+                    logprob=0.0,
+                    num_prompt_tokens=c.start + len(c.token_ids),
+                )
+                for c in batch
+                if c.finishing
+            }
+
+        return forward
+
+    def step(self) -> tuple[StepPlan, list[StageReport], list[Ended]]:
+        plan = self.controller.plan()
+
+        def run(rank: Rank) -> StageReport:
+            report = run_plan(
+                rank.requests,
+                plan,
+                self.allreduce.for_rank(rank.index),
+                self._forward(rank),
+                is_last_stage=rank.pp_rank == self.pp - 1,
+            )
+            rank.applied.append((plan.tick, plan.rids, tuple(report.vector)))
+            return report
+
+        reports = list(self._pool.map(run, self.ranks))
+        ended = self.controller.apply(plan, reports)
+        self.ended.extend(ended)
+        return plan, reports, ended
+
+    def sender(self, rank: int, rid: str) -> ScriptedSender | None:
+        return self.ranks[rank].senders.get(rid)
+
+    def close(self) -> None:
+        self._pool.shutdown()
