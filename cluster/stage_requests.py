@@ -33,8 +33,14 @@ class SenderLike(Protocol):
 class StageRequests:
     """Senders and pages of the requests one rank holds, keyed by rid."""
 
-    def __init__(self, make_sender: Callable[[str, int], SenderLike], pp_rank: int = 0) -> None:
+    def __init__(
+        self,
+        make_sender: Callable[[str, int], SenderLike],
+        pp_rank: int = 0,
+        on_transferred: Callable[[SenderLike], None] | None = None,
+    ) -> None:
         self._make_sender = make_sender
+        self._on_transferred = on_transferred
         self.pp_rank = pp_rank
         self.senders: dict[str, SenderLike] = {}
         self.pages: dict[str, list[int]] = {}
@@ -99,6 +105,9 @@ class StageRequests:
             if state == KVPoll.Failed:
                 self.drop(rid, "failed by consensus")
             elif state == KVPoll.Success:
+                sender = self.senders.get(rid)
+                if sender is not None and self._on_transferred is not None:
+                    self._on_transferred(sender)
                 self.drop(rid, "transferred")
             elif state == KVPoll.WaitingForInput:
                 self.ready.add(rid)

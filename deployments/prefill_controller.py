@@ -60,6 +60,8 @@ class Ended:
     reason: str | None = None
     first_token: FirstToken | None = None
     ready_to_start_s: float | None = None  # ready on every stage -> first chunk scheduled
+    phase: str | None = None  # where it was when it ended
+    pages: tuple[int, ...] = ()  # prefill pages it used (freed by now), for diagnostics
 
 
 @dataclass
@@ -119,11 +121,11 @@ class PrefillController:
             return None
         self._release(rid, tracked)
         self._pending_drop.append((rid, reason))
-        return Ended(rid, ok=False, reason=reason)
+        return Ended(rid, ok=False, reason=reason, phase=tracked.phase.value)
 
     def fail_all(self, reason: str) -> list[Ended]:
         """End every request (a stage died); the stages are rebuilt empty afterwards."""
-        ended = [Ended(rid, ok=False, reason=reason) for rid in self.requests]
+        ended = [Ended(rid, False, reason, phase=t.phase.value) for rid, t in self.requests.items()]
         self.requests.clear()
         self.waiting.clear()
         self.allocator = PageAllocator(self.config.num_pages)
@@ -178,7 +180,9 @@ class PrefillController:
             raise StagePlanError(f"stages disagree on tick {plan.tick}: {vectors}")
         vector = reports[0].vector
         if len(vector) != len(plan.rids):
-            raise StagePlanError(f"tick {plan.tick}: {len(vector)} states for {len(plan.rids)} rids")
+            raise StagePlanError(
+                f"tick {plan.tick}: {len(vector)} states for {len(plan.rids)} rids"
+            )
         reasons: dict[str, str] = {}
         for report in reports:
             for rid, reason in report.failure_reasons.items():
@@ -258,13 +262,15 @@ class PrefillController:
 
     def _end(self, rid: str, ok: bool, reason: str | None = None) -> Ended:
         tracked = self.requests.pop(rid)
+        pages = tuple(tracked.pages)
         self._release(rid, tracked)
         wait = None
         if tracked.ready_at is not None and tracked.prefill_started_at is not None:
             wait = tracked.prefill_started_at - tracked.ready_at
         if not ok:
             log.warning("prefill request failed: %s", reason, extra={"rid": rid})
-        return Ended(rid, ok, reason, tracked.first_token if ok else None, wait)
+        first = tracked.first_token if ok else None
+        return Ended(rid, ok, reason, first, wait, tracked.phase.value, pages)
 
     def _release(self, rid: str, tracked: Tracked) -> None:
         if tracked.pages:

@@ -22,3 +22,29 @@ def qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session", params=["llama", "qwen2"])
 def model_dir(request: pytest.FixtureRequest, llama_dir: Path, qwen2_dir: Path) -> Path:
     return {"llama": llama_dir, "qwen2": qwen2_dir}[request.param]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real multi-node Ray cluster on this machine: a head and two nodes of 2 simulated GPUs.
+
+    GPUs are simulated (Ray resources; CUDA_VISIBLE_DEVICES is set, no driver exists), so
+    stage actors land on "GPU nodes" as in production and run on the CPU.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 4,
+            "_system_config": {"metrics_report_interval_ms": 1000},
+        },
+    )
+    for i in range(2):
+        cluster.add_node(num_cpus=4, num_gpus=2, resources={f"gpu_node_{i}": 1})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()

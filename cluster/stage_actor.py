@@ -1,0 +1,199 @@
+"""The PP stage actor: layers `[a, b)` of the model, their KV pages, their senders, one
+Mooncake engine, and a seat in the instance's collective group.
+
+It runs `run_plan` for every plan the controller sends, in order. The forward of stage k
+needs stage k-1's hidden states, but the consensus all-reduce needs every stage inside the
+same call at once, so the upstream output arrives as an unresolved reference and is fetched
+only after the all-reduce: one call per stage per step, consensus included.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from cluster.metrics import StageMetrics
+from cluster.plan import ChunkPlan, StageReport, StepPlan
+from cluster.stage_requests import StageRequests
+from cluster.stage_step import run_plan
+from engine.attention import SeqChunk
+from engine.config import ModelConfig
+from engine.kv_cache import KVCacheSpec, PagedKVCache
+from engine.loader import load_stage
+from engine.logs import configure_logging
+from engine.model import LayerRange
+from engine.runner import StageRunner, resolve_device, resolve_dtype
+from engine.sampling import sample
+from transport.config import TransportConfig
+from transport.endpoint import TransferEndpoint
+from transport.metadata import FirstToken
+from transport.receiver_info import KVLayout
+from transport.sender import KVSender
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Everything one stage actor needs to build itself."""
+
+    model: str
+    start: int
+    end: int
+    pp_rank: int
+    pp_size: int
+    page_size: int = 16
+    num_pages: int = 1024
+    dtype: str = "auto"
+    device: str = "auto"
+    replica: str = ""
+    transport: TransportConfig = field(default_factory=TransportConfig)
+
+
+class StageActor:
+    """One PP stage of one prefill instance (created as a Ray actor by `StageGroup`)."""
+
+    def __init__(self, spec: StageSpec) -> None:
+        configure_logging()
+        self.spec = spec
+        config = ModelConfig.from_dir(spec.model)
+        device = resolve_device(spec.device)
+        dtype = resolve_dtype(spec.dtype, device)
+        stage = load_stage(spec.model, LayerRange(spec.start, spec.end), dtype, device, config)
+        kv_spec = KVCacheSpec(
+            num_pages=spec.num_pages,
+            page_size=spec.page_size,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=config.head_dim,
+            dtype=dtype,
+        )
+        self.cache = PagedKVCache(kv_spec, spec.start, spec.end - spec.start, device)
+        self.runner = StageRunner(stage, self.cache)
+        self.layout = KVLayout.from_spec(kv_spec, config.num_hidden_layers)
+        self.is_last = spec.end == config.num_hidden_layers
+        self.endpoint = TransferEndpoint(spec.transport)
+        self.endpoint.register_cache(self.cache)
+        self.metrics = StageMetrics(spec.replica, spec.pp_rank, spec.num_pages)
+        self.requests = StageRequests(
+            self._make_sender,
+            pp_rank=spec.pp_rank,
+            on_transferred=lambda s: self.metrics.transferred(s.stats.nbytes, s.stats.seconds),
+        )
+        self._group: str | None = None
+        self._world = 1
+
+    def ready(self) -> dict[str, Any]:
+        return {
+            "pp_rank": self.spec.pp_rank,
+            "session_id": self.endpoint.session_id,
+            "pid": os.getpid(),
+            "layers": [self.spec.start, self.spec.end],
+            "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+        }
+
+    def init_collective(self, world: int, rank: int, group: str) -> None:
+        """Join the instance's gloo group; every stage must call this at the same time."""
+        self._world = world
+        if world > 1:
+            from ray.util import collective
+
+            collective.init_collective_group(world, rank, backend="gloo", group_name=group)
+            self._group = group
+
+    def step(self, plan: StepPlan, upstream: list[Any] | None) -> tuple[StageReport, Any]:
+        """Apply one plan; returns this stage's report and its output for the next stage."""
+        payload: dict[str, Any] = {}
+
+        def forward(batch: tuple[ChunkPlan, ...]) -> dict[str, FirstToken]:
+            inputs = self._inputs(batch, upstream)
+            out = self.runner.forward(
+                [SeqChunk(c.start, len(c.token_ids), c.pages, c.finishing) for c in batch], inputs
+            )
+            if not self.is_last:
+                payload["hidden"] = out.cpu() if out.is_cuda else out
+                return {}
+            return self._first_tokens(batch, out)
+
+        report = run_plan(self.requests, plan, self._allreduce_min, forward, self.is_last)
+        self.metrics.observe(report.queue_sizes, report.pages_in_use, report.consensus_seconds)
+        return report, payload.get("hidden")
+
+    def read_pages(self, pages: list[int]) -> list[torch.Tensor]:
+        """K and V of `pages` for every layer of this stage (tests compare them byte for byte)."""
+        index = torch.tensor(pages, dtype=torch.long)
+        return [layer[:, index].cpu().clone() for layer in self.cache.layers]
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "num_requests": len(self.requests.senders),
+            "pages_in_use": self.requests.pages_in_use,
+            "queue_sizes": self.requests.queue_sizes(),
+            "metadata_slots_held": self.endpoint.metadata.num_held,
+        }
+
+    def shutdown(self) -> None:
+        for rid in list(self.requests.senders):
+            self.requests.drop(rid, "stage shutting down")
+        self.endpoint.close()
+        if self._group is not None:
+            from ray.util import collective
+
+            collective.destroy_collective_group(self._group)
+            self._group = None
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _make_sender(self, rid: str, room: int) -> KVSender:
+        return KVSender(
+            self.endpoint,
+            rid=rid,
+            room=room,
+            regions=self.cache.regions(),
+            layout=self.layout,
+            is_last_stage=self.is_last,
+            pp_rank=self.spec.pp_rank,
+        )
+
+    def _allreduce_min(self, values: list[int]) -> list[int]:
+        if self._world == 1:
+            return values
+        from ray.util import collective
+        from ray.util.collective.types import ReduceOp
+
+        tensor = torch.tensor(values, dtype=torch.int32)
+        collective.allreduce(tensor, group_name=self._group, op=ReduceOp.MIN)
+        return tensor.tolist()
+
+    def _inputs(self, batch: tuple[ChunkPlan, ...], upstream: list[Any] | None) -> torch.Tensor:
+        if self.spec.start == 0:
+            ids = [t for c in batch for t in c.token_ids]
+            return torch.tensor(ids, dtype=torch.long)
+        import ray
+
+        if not upstream:
+            raise RuntimeError(f"stage {self.spec.pp_rank} got a batch without upstream input")
+        hidden = ray.get(upstream[0])
+        if hidden is None:
+            raise RuntimeError(f"stage {self.spec.pp_rank - 1} produced no hidden states")
+        return hidden
+
+    def _first_tokens(
+        self, batch: tuple[ChunkPlan, ...], logits: torch.Tensor
+    ) -> dict[str, FirstToken]:
+        finishing = [c for c in batch if c.finishing]
+        params = [c.sampling for c in finishing]
+        generators = [p.make_generator(logits.device) if p is not None else None for p in params]
+        tokens, logprobs = sample(logits, params, generators)  # type: ignore[arg-type]
+        return {
+            c.rid: FirstToken(
+                room=c.room,
+                token_id=token,
+                logprob=logprob,
+                num_prompt_tokens=c.start + len(c.token_ids),
+            )
+            for c, token, logprob in zip(finishing, tokens, logprobs, strict=True)
+        }

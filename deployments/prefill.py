@@ -1,0 +1,222 @@
+"""The prefill deployment: a Serve replica that is the controller of one prefill instance.
+
+`PrefillInstance` is the controller's event loop around the pure `PrefillController`: it
+builds one plan per step, awaits the stages (never blocking the loop on the network), applies
+their reports once, and resolves the callers' futures. `PrefillDeployment` puts it in Ray
+Serve; `build_prefill_app` turns a `PrefillConfig` into a Serve application.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
+
+from cluster.metrics import PrefillMetrics
+from cluster.plan import PrefillRequest
+from cluster.stage_actor import StageSpec
+from cluster.stage_group import Placement, StageGroup, StageGroupError
+from deployments.prefill_controller import ControllerConfig, Ended, PrefillController
+from engine.config import ModelConfig
+from engine.model import split_layers
+from transport.config import TransportConfig
+from transport.metadata import FirstToken
+from transport.receiver_info import ReceiverInfo
+
+log = logging.getLogger(__name__)
+
+
+class PrefillConfig(BaseModel):
+    """One prefill role: model, PP size, placement, KV pages, scheduling and transport."""
+
+    model: str
+    pp_size: PositiveInt = 2
+    placement_strategy: Literal["STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK"] = "PACK"
+    num_gpus_per_stage: float = Field(1.0, ge=0)
+    num_cpus_per_stage: float = Field(1.0, ge=0)
+    dtype: str = "auto"
+    device: str = "auto"
+    page_size: PositiveInt = 16
+    num_pages: PositiveInt = 1024
+    max_prompt_len: PositiveInt = 4096
+    max_batched_tokens: PositiveInt = 2048
+    max_batched_requests: PositiveInt = 64
+    idle_tick_s: PositiveFloat = Field(
+        0.005, description="pause between steps while only bootstraps or transfers are pending"
+    )
+    num_replicas: PositiveInt = 1
+    transport: TransportConfig = Field(default_factory=TransportConfig)
+
+    def stage_specs(self, replica: str = "") -> list[StageSpec]:
+        num_layers = ModelConfig.from_dir(self.model).num_hidden_layers
+        return [
+            StageSpec(
+                model=self.model,
+                start=r.start,
+                end=r.end,
+                pp_rank=i,
+                pp_size=self.pp_size,
+                page_size=self.page_size,
+                num_pages=self.num_pages,
+                dtype=self.dtype,
+                device=self.device,
+                replica=replica,
+                transport=self.transport,
+            )
+            for i, r in enumerate(split_layers(num_layers, self.pp_size))
+        ]
+
+    def placement(self) -> Placement:
+        return Placement(
+            strategy=self.placement_strategy,
+            num_gpus=self.num_gpus_per_stage,
+            num_cpus=self.num_cpus_per_stage,
+        )
+
+
+class PrefillFailed(RuntimeError):
+    """A request the instance could not prefill and ship; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    rid: str
+    first_token: FirstToken
+    stage_sessions: list[str]
+    prefill_pages: tuple[int, ...] = ()
+
+
+class PrefillInstance:
+    """Controller loop of one prefill instance (its stages live in `StageGroup`)."""
+
+    def __init__(self, config: PrefillConfig, name: str = "") -> None:
+        self.config = config
+        self.name = name or uuid.uuid4().hex[:8]
+        self.controller = PrefillController(
+            ControllerConfig(
+                num_pages=config.num_pages,
+                page_size=config.page_size,
+                max_batched_tokens=config.max_batched_tokens,
+                max_prompt_len=config.max_prompt_len,
+                max_batched_requests=config.max_batched_requests,
+            )
+        )
+        self.group = StageGroup(config.stage_specs(self.name), config.placement(), self.name)
+        self.metrics = PrefillMetrics(self.name)
+        self._futures: dict[str, asyncio.Future[Ended]] = {}
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self.healthy = False
+        self.last_error: str | None = None
+        self.last_reports: list[Any] = []
+
+    async def start(self) -> None:
+        await self.group.start()
+        self.healthy = True
+        self._loop_task = asyncio.create_task(self._run(), name=f"prefill-{self.name}")
+
+    async def stop(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        for ended in self.controller.fail_all("prefill instance shutting down"):
+            self._resolve(ended)
+        await self.group.shutdown()
+
+    @property
+    def stage_sessions(self) -> list[str]:
+        return [i["session_id"] for i in self.group.info]
+
+    # -- caller-facing ------------------------------------------------------------------------
+
+    async def prefill(self, request: PrefillRequest) -> PrefillResult:
+        """Prefill one prompt and ship its KV; raises `PromptRejected` or `PrefillFailed`.
+
+        Cancelling the awaiting task (a client disconnect) aborts the request everywhere.
+        """
+        self.controller.add(request)  # PromptRejected propagates before any state exists
+        future: asyncio.Future[Ended] = asyncio.get_running_loop().create_future()
+        self._futures[request.rid] = future
+        self._wake.set()
+        try:
+            ended = await future
+        except asyncio.CancelledError:
+            self.abort(request.rid, "cancelled by the caller")
+            raise
+        finally:
+            self._futures.pop(request.rid, None)
+        if not ended.ok or ended.first_token is None:
+            raise PrefillFailed(ended.reason or "prefill failed")
+        return PrefillResult(request.rid, ended.first_token, self.stage_sessions, ended.pages)
+
+    def set_receiver_info(self, rid: str, info: ReceiverInfo) -> bool:
+        accepted = self.controller.set_receiver_info(rid, info)
+        self._wake.set()
+        return accepted
+
+    def abort(self, rid: str, reason: str = "aborted by the caller") -> None:
+        ended = self.controller.abort(rid, reason)
+        if ended is not None:
+            self._resolve(ended)
+            self._wake.set()
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            if not self.controller.has_work:
+                self.metrics.observe_queues(self.controller.queue_sizes(), self.last_reports)
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            plan = self.controller.plan()
+            start = time.perf_counter()
+            try:
+                reports = await self.group.step(plan)
+            except StageGroupError as exc:
+                await self._recover(str(exc))
+                continue
+            self.metrics.observe_step(time.perf_counter() - start, reports)
+            self.last_reports = reports
+            ended = self.controller.apply(plan, reports)
+            for e in ended:
+                self._resolve(e)
+            self.metrics.observe_queues(self.controller.queue_sizes(), reports)
+            if not plan.batch and not ended:
+                # Only bootstraps or transfers pending: poll at a steady rate, not a hot spin.
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.config.idle_tick_s)
+
+    async def _recover(self, reason: str) -> None:
+        """A stage died: fail everything in flight, rebuild the stages, serve again."""
+        log.error("prefill stage group failed; rebuilding", extra={"reason": reason})
+        self.healthy = False
+        self.last_error = reason
+        self.metrics.stage_failure()
+        for ended in self.controller.fail_all(reason):
+            self._resolve(ended)
+        while True:
+            try:
+                await self.group.rebuild()
+            except Exception as exc:  # keep trying; the health check reports us meanwhile
+                self.last_error = f"rebuilding stages failed: {exc}"
+                log.exception("stage rebuild failed")
+                await asyncio.sleep(1.0)
+                continue
+            self.healthy = True
+            self.last_error = None
+            return
+
+    def _resolve(self, ended: Ended) -> None:
+        self.metrics.request_ended(ended)
+        future = self._futures.get(ended.rid)
+        if future is not None and not future.done():
+            future.set_result(ended)
