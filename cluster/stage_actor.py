@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import ray
 import torch
 
 from cluster.metrics import StageMetrics
@@ -93,6 +94,7 @@ class StageActor:
             "pid": os.getpid(),
             "layers": [self.spec.start, self.spec.end],
             "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+            "node_id": ray.get_runtime_context().get_node_id(),
         }
 
     def init_collective(self, world: int, rank: int, group: str) -> None:
@@ -172,8 +174,6 @@ class StageActor:
         if self.spec.start == 0:
             ids = [t for c in batch for t in c.token_ids]
             return torch.tensor(ids, dtype=torch.long)
-        import ray
-
         if not upstream:
             raise RuntimeError(f"stage {self.spec.pp_rank} got a batch without upstream input")
         hidden = ray.get(upstream[0])

@@ -220,3 +220,72 @@ class PrefillInstance:
         future = self._futures.get(ended.rid)
         if future is not None and not future.done():
             future.set_result(ended)
+
+
+class PrefillDeployment:
+    """Serve replica = controller of one prefill instance (its stages are its own actors)."""
+
+    async def __init__(self, config: dict[str, Any]) -> None:
+        from ray import serve
+
+        from engine.logs import configure_logging
+
+        configure_logging()
+        self.config = PrefillConfig.model_validate(config)
+        try:
+            replica = serve.get_replica_context().replica_tag
+        except Exception:  # outside Serve (local testing mode)
+            replica = ""
+        self.instance = PrefillInstance(self.config, name=_label(replica))
+        await self.instance.start()
+
+    async def prefill(self, request: PrefillRequest) -> PrefillResult:
+        return await self.instance.prefill(request)
+
+    async def set_receiver_info(self, rid: str, info: ReceiverInfo) -> bool:
+        return self.instance.set_receiver_info(rid, info)
+
+    async def abort(self, rid: str, reason: str = "aborted by the caller") -> None:
+        self.instance.abort(rid, reason)
+
+    async def record_replica_metadata(self) -> dict[str, Any]:
+        """What a router pairing requests with this replica learns about it."""
+        return {"stage_sessions": self.instance.stage_sessions, "name": self.instance.name}
+
+    async def stats(self) -> dict[str, Any]:
+        return {
+            "name": self.instance.name,
+            "healthy": self.instance.healthy,
+            "queues": self.instance.controller.queue_sizes(),
+            "pages_in_use": self.instance.controller.allocator.num_in_use,
+            "stages": await self.instance.group.call_all("stats"),
+            "placement": self.instance.group.info,
+        }
+
+    async def check_health(self) -> None:
+        """Serve replaces a replica whose stages are down and cannot be rebuilt."""
+        if not self.instance.healthy:
+            raise RuntimeError(f"prefill stages unavailable: {self.instance.last_error}")
+
+
+def _label(replica_tag: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in replica_tag)[-40:] or uuid.uuid4().hex[:8]
+
+
+def build_prefill_app(config: PrefillConfig, name: str = "prefill") -> Any:
+    """A Serve application of `config.num_replicas` prefill instances, each gang-scheduled with
+    its stages: bundle 0 holds the controller, bundles 1..pp one stage each."""
+    from ray import serve
+
+    stage_bundle = config.placement().bundle()
+    deployment = serve.deployment(PrefillDeployment).options(
+        name=name,
+        num_replicas=config.num_replicas,
+        ray_actor_options={"num_cpus": 0.1},
+        placement_group_bundles=[{"CPU": 0.1}] + [stage_bundle] * config.pp_size,
+        placement_group_strategy=config.placement_strategy,
+        max_ongoing_requests=100_000,  # queueing is the controller's job, not Serve's
+        health_check_period_s=5,
+        health_check_timeout_s=30,
+    )
+    return deployment.bind(config.model_dump(mode="json"))
