@@ -41,8 +41,9 @@ class ChunkPlan:
 class StepPlan:
     """Everything every stage applies in one step, identical on every rank."""
 
-    tick: int
-    rids: tuple[str, ...]  # the consensus list: bootstrap queue then inflight, in order
+    step: int
+    tick: int | None  # a consensus tick over `rids`, or None while the last one is unreported
+    rids: tuple[str, ...] = ()  # the consensus list: bootstrap queue then inflight, in order
     admit: tuple[tuple[str, int], ...] = ()  # (rid, room)
     infos: tuple[tuple[str, ReceiverInfo], ...] = ()
     drop: tuple[tuple[str, str], ...] = ()  # (rid, reason)
@@ -50,13 +51,22 @@ class StepPlan:
     batch: tuple[ChunkPlan, ...] = ()
 
 
+@dataclass(frozen=True)
+class TickResult:
+    """One consensus tick as one rank saw it: the agreed vector and its own failure reasons."""
+
+    tick: int
+    vector: tuple[int, ...]
+    failure_reasons: dict[str, str]
+
+
 @dataclass
 class StageReport:
     """One stage's answer to a plan."""
 
     pp_rank: int
-    vector: list[int]
-    failure_reasons: dict[str, str]
+    ticks: list[TickResult]  # ticks this rank finished since its last report
+    last_tick: int  # the newest tick this rank has applied
     num_requests: int
     pages_in_use: int
     queue_sizes: dict[str, int]

@@ -20,7 +20,7 @@ import torch
 from cluster.metrics import StageMetrics
 from cluster.plan import ChunkPlan, StageReport, StepPlan
 from cluster.stage_requests import StageRequests
-from cluster.stage_step import run_plan
+from cluster.stage_step import StageLoop
 from engine.attention import SeqChunk
 from engine.config import ModelConfig
 from engine.kv_cache import KVCacheSpec, PagedKVCache
@@ -86,6 +86,9 @@ class StageActor:
         )
         self._group: str | None = None
         self._world = 1
+        self._upstream: list[Any] | None = None
+        self._hidden: torch.Tensor | None = None
+        self.loop = StageLoop(self.requests, self._allreduce_min, self._forward, self.is_last)
 
     def ready(self) -> dict[str, Any]:
         return {
@@ -108,21 +111,11 @@ class StageActor:
 
     def step(self, plan: StepPlan, upstream: list[Any] | None) -> tuple[StageReport, Any]:
         """Apply one plan; returns this stage's report and its output for the next stage."""
-        payload: dict[str, Any] = {}
-
-        def forward(batch: tuple[ChunkPlan, ...]) -> dict[str, FirstToken]:
-            inputs = self._inputs(batch, upstream)
-            out = self.runner.forward(
-                [SeqChunk(c.start, len(c.token_ids), c.pages, c.finishing) for c in batch], inputs
-            )
-            if not self.is_last:
-                payload["hidden"] = out.cpu() if out.is_cuda else out
-                return {}
-            return self._first_tokens(batch, out)
-
-        report = run_plan(self.requests, plan, self._allreduce_min, forward, self.is_last)
+        self._upstream, self._hidden = upstream, None
+        report = self.loop.step(plan)
         self.metrics.observe(report.queue_sizes, report.pages_in_use, report.consensus_seconds)
-        return report, payload.get("hidden")
+        hidden, self._upstream, self._hidden = self._hidden, None, None
+        return report, hidden
 
     def read_pages(self, pages: list[int]) -> list[torch.Tensor]:
         """K and V of `pages` for every layer of this stage (tests compare them byte for byte)."""
@@ -133,11 +126,12 @@ class StageActor:
         return {
             "num_requests": len(self.requests.senders),
             "pages_in_use": self.requests.pages_in_use,
-            "queue_sizes": self.requests.queue_sizes(),
+            "queue_sizes": self.loop.queue_sizes(),
             "metadata_slots_held": self.endpoint.metadata.num_held,
         }
 
     def shutdown(self) -> None:
+        self.loop.close()
         for rid in list(self.requests.senders):
             self.requests.drop(rid, "stage shutting down")
         self.endpoint.close()
@@ -169,6 +163,16 @@ class StageActor:
         tensor = torch.tensor(values, dtype=torch.int32)
         collective.allreduce(tensor, group_name=self._group, op=ReduceOp.MIN)
         return tensor.tolist()
+
+    def _forward(self, batch: tuple[ChunkPlan, ...]) -> dict[str, FirstToken]:
+        """This stage's layers over the micro-batch; the last stage samples first tokens."""
+        inputs = self._inputs(batch, self._upstream)
+        chunks = [SeqChunk(c.start, len(c.token_ids), c.pages, c.finishing) for c in batch]
+        out = self.runner.forward(chunks, inputs)
+        if not self.is_last:
+            self._hidden = out.cpu() if out.is_cuda else out
+            return {}
+        return self._first_tokens(batch, out)
 
     def _inputs(self, batch: tuple[ChunkPlan, ...], upstream: list[Any] | None) -> torch.Tensor:
         if self.spec.start == 0:

@@ -109,7 +109,7 @@ class StageRequests:
                 if sender is not None and self._on_transferred is not None:
                     self._on_transferred(sender)
                 self.drop(rid, "transferred")
-            elif state == KVPoll.WaitingForInput:
+            elif state == KVPoll.WaitingForInput and rid in self.senders:
                 self.ready.add(rid)
 
     def failure_reasons(self, rids: Sequence[str]) -> dict[str, str]:
@@ -126,38 +126,3 @@ class StageRequests:
     @property
     def pages_in_use(self) -> int:
         return sum(len(p) for p in self.pages.values())
-
-    def queue_sizes(self) -> dict[str, int]:
-        """Bootstrap (not yet ready), waiting (ready, not sending) and inflight, on this rank."""
-        bootstrap = waiting = inflight = 0
-        for rid, sender in self.senders.items():
-            state = sender.poll()
-            if state is KVPoll.Transferring:
-                inflight += 1
-            elif rid in self.ready:
-                waiting += 1
-            else:
-                bootstrap += 1
-        return {"bootstrap": bootstrap, "waiting": waiting, "inflight": inflight}
-
-
-def poll_and_apply(
-    requests: StageRequests,
-    tick: int,
-    rids: Sequence[str],
-    allreduce_min: Callable[[list[int]], list[int]],
-) -> tuple[list[int], dict[str, str]]:
-    """One consensus tick on one rank: local poll, all-reduce MIN, apply, in a single call.
-
-    Returns the agreed vector (identical on every rank) and this rank's local failure reasons.
-    """
-    local = requests.local_vector(rids)
-    reasons = {
-        rid: reason
-        for rid, reason in requests.failure_reasons(
-            [r for r, s in zip(rids, local, strict=True) if s == KVPoll.Failed]
-        ).items()
-    }
-    agreed = allreduce_min(local) if rids else []
-    requests.apply(tick, rids, agreed)
-    return agreed, reasons

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -115,6 +116,7 @@ class PrefillInstance:
         self.healthy = False
         self.last_error: str | None = None
         self.last_reports: list[Any] = []
+        self.ended_log: deque[Ended] = deque(maxlen=1024)  # recent outcomes, for diagnostics
 
     async def start(self) -> None:
         await self.group.start()
@@ -217,6 +219,7 @@ class PrefillInstance:
 
     def _resolve(self, ended: Ended) -> None:
         self.metrics.request_ended(ended)
+        self.ended_log.append(ended)
         future = self._futures.get(ended.rid)
         if future is not None and not future.done():
             future.set_result(ended)

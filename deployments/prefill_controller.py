@@ -15,7 +15,14 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from cluster.plan import ChunkPlan, PrefillRequest, StagePlanError, StageReport, StepPlan
+from cluster.plan import (
+    ChunkPlan,
+    PrefillRequest,
+    StagePlanError,
+    StageReport,
+    StepPlan,
+    TickResult,
+)
 from engine.page_allocator import PageAllocator, pages_needed
 from transport.metadata import FirstToken
 from transport.poll import KVPoll
@@ -49,6 +56,8 @@ class Tracked:
     admitted_at: float = field(default_factory=time.monotonic)
     ready_at: float | None = None
     prefill_started_at: float | None = None
+    ready_tick: int | None = None
+    start_tick: int | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,7 @@ class Ended:
     ready_to_start_s: float | None = None  # ready on every stage -> first chunk scheduled
     phase: str | None = None  # where it was when it ended
     pages: tuple[int, ...] = ()  # prefill pages it used (freed by now), for diagnostics
+    ready_to_start_steps: int | None = None
 
 
 @dataclass
@@ -81,12 +91,15 @@ class PrefillController:
         self.allocator = PageAllocator(config.num_pages)
         self.requests: OrderedDict[str, Tracked] = OrderedDict()
         self.waiting: OrderedDict[str, None] = OrderedDict()  # FIFO of ready requests
+        self._step = 0
         self._tick = 0
+        self._outstanding: dict[int, tuple[str, ...]] = {}  # issued ticks not yet applied
+        self._tick_reports: dict[int, list[TickResult]] = {}
+        self._applied_tick = 0
         self._pending_admit: list[tuple[str, int]] = []
         self._pending_infos: list[tuple[str, ReceiverInfo]] = []
         self._pending_drop: list[tuple[str, str]] = []
         self._reconcile_next = False
-        self._expected_on_stages = 0
 
     # -- caller-facing ------------------------------------------------------------------------
 
@@ -120,7 +133,10 @@ class PrefillController:
         if tracked is None:
             return None
         self._release(rid, tracked)
-        self._pending_drop.append((rid, reason))
+        admitted = [a for a in self._pending_admit if a[0] != rid]
+        if len(admitted) == len(self._pending_admit):
+            self._pending_drop.append((rid, reason))  # the stages hold it: tell them
+        self._pending_admit = admitted
         return Ended(rid, ok=False, reason=reason, phase=tracked.phase.value)
 
     def fail_all(self, reason: str) -> list[Ended]:
@@ -132,12 +148,13 @@ class PrefillController:
         self._pending_admit.clear()
         self._pending_infos.clear()
         self._pending_drop.clear()
-        self._expected_on_stages = 0
+        self._outstanding.clear()
+        self._tick_reports.clear()
         return ended
 
     @property
     def has_work(self) -> bool:
-        return bool(self.requests or self._pending_drop)
+        return bool(self.requests or self._pending_drop or self._outstanding)
 
     def queue_sizes(self) -> dict[str, int]:
         counts = {phase.value: 0 for phase in Phase}
@@ -148,18 +165,30 @@ class PrefillController:
     # -- one scheduler step -------------------------------------------------------------------
 
     def plan(self) -> StepPlan:
-        """The next step for every stage: pending messages, consensus list and a micro-batch."""
-        self._tick += 1
-        rids = tuple(
-            rid for rid, t in self.requests.items() if t.phase in (Phase.BOOTSTRAP, Phase.INFLIGHT)
-        )
+        """The next step for every stage: pending messages, a consensus tick, a micro-batch.
+
+        A tick goes out only when every stage has reported the previous one, so ticks never
+        pile up behind a slow all-reduce and every rank runs the same sequence.
+        """
+        self._step += 1
+        tick, rids = None, ()
+        if not self._outstanding:
+            rids = tuple(
+                rid
+                for rid, t in self.requests.items()
+                if t.phase in (Phase.BOOTSTRAP, Phase.INFLIGHT)
+            )
+            self._tick += 1
+            tick = self._tick
+            self._outstanding[tick] = rids
         batch = self._schedule()
         tracked = None
-        if self._reconcile_next or self._tick % RECONCILE_EVERY == 0:
+        if self._reconcile_next or self._step % RECONCILE_EVERY == 0:
             tracked = tuple(self.requests)
             self._reconcile_next = False
         plan = StepPlan(
-            tick=self._tick,
+            step=self._step,
+            tick=tick,
             rids=rids,
             admit=tuple(self._pending_admit),
             infos=tuple(self._pending_infos),
@@ -170,45 +199,17 @@ class PrefillController:
         self._pending_admit.clear()
         self._pending_infos.clear()
         self._pending_drop.clear()
-        self._expected_on_stages = len(self.requests)
         return plan
 
     def apply(self, plan: StepPlan, reports: list[StageReport]) -> list[Ended]:
-        """Apply what every stage reported for `plan`, once; returns the requests that ended."""
-        vectors = {tuple(r.vector) for r in reports}
-        if len(vectors) != 1:
-            raise StagePlanError(f"stages disagree on tick {plan.tick}: {vectors}")
-        vector = reports[0].vector
-        if len(vector) != len(plan.rids):
-            raise StagePlanError(
-                f"tick {plan.tick}: {len(vector)} states for {len(plan.rids)} rids"
-            )
-        reasons: dict[str, str] = {}
-        for report in reports:
-            for rid, reason in report.failure_reasons.items():
-                reasons.setdefault(rid, f"pp_rank {report.pp_rank}: {reason}")
+        """Apply what every stage reported for `plan`, once; returns the requests that ended.
+
+        A tick is decided when every stage has reported it: the vectors must be identical
+        (they come out of one all-reduce), failure reasons are merged.
+        """
         first_tokens: dict[str, FirstToken] = {}
         for report in reports:
             first_tokens.update(report.first_tokens)
-
-        ended: list[Ended] = []
-        removed_by_tick = 0
-        for rid, state in zip(plan.rids, vector, strict=True):
-            tracked = self.requests.get(rid)
-            if tracked is None:
-                removed_by_tick += 1  # aborted after the plan was built: already ended
-                continue
-            if state == KVPoll.Failed:
-                removed_by_tick += 1
-                ended.append(self._end(rid, False, reasons.get(rid, "failed on another rank")))
-            elif tracked.phase is Phase.BOOTSTRAP and state >= KVPoll.WaitingForInput:
-                tracked.phase = Phase.WAITING
-                tracked.ready_at = time.monotonic()
-                self.waiting[rid] = None
-            elif tracked.phase is Phase.INFLIGHT and state == KVPoll.Success:
-                removed_by_tick += 1
-                ended.append(self._end(rid, True))
-
         for chunk in plan.batch:
             tracked = self.requests.get(chunk.rid)
             if tracked is None:
@@ -218,9 +219,52 @@ class PrefillController:
                 tracked.phase = Phase.INFLIGHT
                 tracked.first_token = first_tokens.get(chunk.rid)
 
-        expected = self._expected_on_stages - removed_by_tick
-        if any(r.num_requests != expected for r in reports):
+        for report in reports:
+            for result in report.ticks:
+                self._tick_reports.setdefault(result.tick, []).append(result)
+        ended: list[Ended] = []
+        for tick in sorted(self._outstanding):
+            results = self._tick_reports.get(tick, [])
+            if len(results) < len(reports):
+                break
+            del self._tick_reports[tick]
+            ended += self._apply_tick(tick, self._outstanding.pop(tick), results)
+
+        # A stage that applied the same ticks as we did must hold exactly what we track
+        # (plus what it has yet to drop); otherwise it gets the tracked set next step.
+        expected = len(self.requests) - len(self._pending_admit) + len(self._pending_drop)
+        if any(r.last_tick == self._applied_tick and r.num_requests != expected for r in reports):
             self._reconcile_next = True
+        return ended
+
+    def _apply_tick(
+        self, tick: int, rids: tuple[str, ...], results: list[TickResult]
+    ) -> list[Ended]:
+        vectors = {r.vector for r in results}
+        if len(vectors) != 1:
+            raise StagePlanError(f"stages disagree on tick {tick}: {vectors}")
+        vector = results[0].vector
+        if len(vector) != len(rids):
+            raise StagePlanError(f"tick {tick}: {len(vector)} states for {len(rids)} rids")
+        reasons: dict[str, str] = {}
+        for result in results:
+            for rid, reason in result.failure_reasons.items():
+                reasons.setdefault(rid, reason)
+        self._applied_tick = tick
+        ended: list[Ended] = []
+        for rid, state in zip(rids, vector, strict=True):
+            tracked = self.requests.get(rid)
+            if tracked is None:
+                continue  # aborted after the tick went out: already ended, decided once
+            if state == KVPoll.Failed:
+                ended.append(self._end(rid, False, reasons.get(rid, "failed on another rank")))
+            elif tracked.phase is Phase.BOOTSTRAP and state >= KVPoll.WaitingForInput:
+                tracked.phase = Phase.WAITING
+                tracked.ready_at = time.monotonic()
+                tracked.ready_tick = self._step
+                self.waiting[rid] = None
+            elif tracked.phase is Phase.INFLIGHT and state == KVPoll.Success:
+                ended.append(self._end(rid, True))
         return ended
 
     # -- internals ----------------------------------------------------------------------------
@@ -242,6 +286,7 @@ class PrefillController:
                 tracked.pages = self.allocator.allocate(need)
                 tracked.phase = Phase.RUNNING
                 tracked.prefill_started_at = time.monotonic()
+                tracked.start_tick = self._step
                 del self.waiting[rid]
             start = tracked.computed
             take = min(budget, len(prompt) - start)
@@ -270,7 +315,10 @@ class PrefillController:
         if not ok:
             log.warning("prefill request failed: %s", reason, extra={"rid": rid})
         first = tracked.first_token if ok else None
-        return Ended(rid, ok, reason, first, wait, tracked.phase.value, pages)
+        steps = None
+        if tracked.ready_tick is not None and tracked.start_tick is not None:
+            steps = tracked.start_tick - tracked.ready_tick
+        return Ended(rid, ok, reason, first, wait, tracked.phase.value, pages, steps)
 
     def _release(self, rid: str, tracked: Tracked) -> None:
         if tracked.pages:

@@ -31,7 +31,7 @@ def assert_idle(world: World) -> None:
     for rank in world.ranks:
         assert rank.requests.senders == {}, f"rank {rank.index} holds {list(rank.requests.senders)}"
         assert rank.requests.pages_in_use == 0
-        assert rank.requests.queue_sizes() == {"bootstrap": 0, "waiting": 0, "inflight": 0}
+        assert rank.loop.queue_sizes() == {"bootstrap": 0, "waiting": 0, "inflight": 0}
 
 
 def everyone(world: World, rid: str, action: str) -> None:
@@ -96,24 +96,10 @@ def test_abort_landing_between_consensus_and_queue_processing(world2: World) -> 
     world2.step()
     everyone(world2, "a", "ready")
     plan = world2.controller.plan()  # consensus list contains "a"
-    reports = []
     from concurrent.futures import ThreadPoolExecutor
 
-    from cluster.stage_step import run_plan
-
     with ThreadPoolExecutor(2) as pool:
-        reports = list(
-            pool.map(
-                lambda r: run_plan(
-                    r.requests,
-                    plan,
-                    world2.allreduce.for_rank(r.index),
-                    world2._forward(r),
-                    r.pp_rank == 1,
-                ),
-                world2.ranks,
-            )
-        )
+        reports = list(pool.map(lambda r: r.loop.step(plan), world2.ranks))
     # The caller aborts after the stages voted "ready" but before the controller applied it.
     assert world2.controller.abort("a") is not None
     assert world2.controller.apply(plan, reports) == []  # already ended: nothing decided twice
@@ -138,7 +124,7 @@ def test_ranks_seeing_different_failure_sets_during_an_abort_storm() -> None:
         for rid in rids[1::5]:
             world.controller.abort(rid)
         _, reports, ended = world.step()
-        assert len({tuple(r.vector) for r in reports}) == 1
+        assert len({t.vector for r in reports for t in r.ticks}) == 1
         failed = {e.rid for e in ended if not e.ok}
         assert failed == {rid for i, rid in enumerate(rids) if i % 3 == 0 and rid not in rids[1::5]}
         decided = [rank.applied for rank in world.ranks]
@@ -163,7 +149,7 @@ def test_bootstrap_queues_of_different_lengths_on_ranks_never_reach_the_all_redu
         world.ranks[3].requests.drop("r2", "rank 3 lost it")  # rank 3 now holds fewer
         world.ranks[1].requests.admit("stray", 99)  # and rank 1 more
         _, reports, ended = world.step()
-        assert {len(r.vector) for r in reports} == {5}
+        assert {len(t.vector) for r in reports for t in r.ticks} == {5}
         assert [e.rid for e in ended] == ["r2"]
         world.step()  # rank 1's count disagrees: the controller reconciles next step
         assert "stray" not in world.ranks[1].requests.senders
@@ -202,6 +188,9 @@ def test_ready_request_starts_prefill_on_the_next_step_whatever_the_pp_size() ->
             world.step()  # ready by consensus at this step's end
             plan, _, _ = world.step()
             assert [c.rid for c in plan.batch] == ["a"], pp
+            everyone(world, "a", "complete")
+            _, _, ended = world.step()
+            assert ended[0].ready_to_start_steps == 1
         finally:
             world.close()
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from cluster.plan import ChunkPlan, StageReport, StepPlan
 from cluster.stage_requests import StageRequests
-from cluster.stage_step import run_plan
+from cluster.stage_step import StageLoop
 from deployments.prefill_controller import ControllerConfig, Ended, PrefillController
 from transport.metadata import FirstToken
 from transport.poll import KVPoll, PollState
@@ -95,6 +95,7 @@ class Rank:
     pp_rank: int
     tp_rank: int
     requests: StageRequests
+    loop: StageLoop | None = None
     senders: dict[str, ScriptedSender] = field(default_factory=dict)
     applied: list[tuple[int, tuple[str, ...], tuple[int, ...]]] = field(default_factory=list)
 
@@ -102,7 +103,7 @@ class Rank:
 class World:
     """Controller + ranks; `step()` is one scheduler step across the whole instance."""
 
-    def __init__(self, pp: int, tp: int = 1, **controller: int) -> None:
+    def __init__(self, pp: int, tp: int = 1, background: bool = False, **controller: int) -> None:
         self.pp, self.tp = pp, tp
         defaults = {"num_pages": 64, "page_size": 4, "max_batched_tokens": 32}
         self.controller = PrefillController(ControllerConfig(**{**defaults, **controller}))
@@ -112,8 +113,19 @@ class World:
             rank.requests = StageRequests(self._factory(rank), pp_rank=rank.pp_rank)
             self.ranks.append(rank)
         self.allreduce = ThreadAllReduce(len(self.ranks))
+        for rank in self.ranks:
+            rank.loop = StageLoop(
+                rank.requests,
+                self.allreduce.for_rank(rank.index),
+                self._forward(rank),
+                is_last_stage=rank.pp_rank == pp - 1,
+                # Inline ticks make each step deterministic; background ticks are production's
+                # mode, where a tick's result can arrive steps later than its plan.
+                background=background,
+            )
         self._pool = ThreadPoolExecutor(len(self.ranks))
         self.ended: list[Ended] = []
+        self.tick_rids: dict[int, tuple[str, ...]] = {}
 
     @staticmethod
     def _factory(rank: Rank):
@@ -143,16 +155,13 @@ class World:
 
     def step(self) -> tuple[StepPlan, list[StageReport], list[Ended]]:
         plan = self.controller.plan()
+        if plan.tick is not None:
+            self.tick_rids[plan.tick] = plan.rids
 
         def run(rank: Rank) -> StageReport:
-            report = run_plan(
-                rank.requests,
-                plan,
-                self.allreduce.for_rank(rank.index),
-                self._forward(rank),
-                is_last_stage=rank.pp_rank == self.pp - 1,
-            )
-            rank.applied.append((plan.tick, plan.rids, tuple(report.vector)))
+            report = rank.loop.step(plan)
+            for t in report.ticks:
+                rank.applied.append((t.tick, self.tick_rids[t.tick], t.vector))
             return report
 
         reports = list(self._pool.map(run, self.ranks))
@@ -164,4 +173,6 @@ class World:
         return self.ranks[rank].senders.get(rid)
 
     def close(self) -> None:
+        for rank in self.ranks:
+            rank.loop.close()
         self._pool.shutdown()
