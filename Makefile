@@ -46,6 +46,7 @@ test: lint
 bench: $(STAMP) sysdeps
 	$(PY) -m benchmarks.engine_bench
 	$(PY) -m benchmarks.transport_bench
+	$(PY) -m benchmarks.consensus_bench
 
 clean:
 	rm -rf $(VENV) models benchmarks/results .pytest_cache .ruff_cache
