@@ -79,5 +79,7 @@ class DecoderStage(nn.Module):
             h = layer(h, cos, sin, kv_cache.flat_kv(i), meta)
         if not self.is_last:
             return h
-        h = self.norm(h[meta.logits_indices])
-        return self.lm_head(h).float()
+        # Logit rows are increasing, so as many as there are tokens means every row (decode).
+        if meta.logits_indices.shape[0] != h.shape[0]:
+            h = h[meta.logits_indices]
+        return self.lm_head(self.norm(h)).float()

@@ -58,6 +58,9 @@ def sample(
     generators: list[torch.Generator | None],
 ) -> tuple[list[int], list[float]]:
     """Pick one token per row of `logits` [B, V]; returns (tokens, logprobs of those tokens)."""
+    if not any(not p.greedy or p.logprobs for p in params):
+        # All greedy, no logprobs (the common serving case): one argmax, one host copy.
+        return logits.argmax(dim=-1).tolist(), [0.0] * len(params)
     logits = logits.float()
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, p in enumerate(params) if not p.greedy]

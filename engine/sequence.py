@@ -59,6 +59,8 @@ class Sequence:
         prompt = len(self.prompt_token_ids)
         if end <= prompt:
             return self.prompt_token_ids[start:end]
+        if start >= prompt:  # decode: no copy of the whole history per step
+            return self.output_token_ids[start - prompt : end - prompt]
         return (self.prompt_token_ids + self.output_token_ids)[start:end]
 
     @property
