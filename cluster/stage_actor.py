@@ -1,10 +1,9 @@
 """The PP stage actor: layers `[a, b)` of the model, their KV pages, their senders, one
 Mooncake engine, and a seat in the instance's collective group.
 
-It runs `run_plan` for every plan the controller sends, in order. The forward of stage k
-needs stage k-1's hidden states, but the consensus all-reduce needs every stage inside the
-same call at once, so the upstream output arrives as an unresolved reference and is fetched
-only after the all-reduce: one call per stage per step, consensus included.
+It runs every plan the controller sends, in order (`StageLoop`). Stage k's step takes stage
+k-1's hidden states as an argument, so Ray starts it once they exist; consensus ticks run on
+the stage's own thread, so no step waits on an all-reduce.
 """
 
 from __future__ import annotations
@@ -86,7 +85,7 @@ class StageActor:
         )
         self._group: str | None = None
         self._world = 1
-        self._upstream: list[Any] | None = None
+        self._upstream: torch.Tensor | None = None
         self._hidden: torch.Tensor | None = None
         self.loop = StageLoop(self.requests, self._allreduce_min, self._forward, self.is_last)
 
@@ -96,6 +95,7 @@ class StageActor:
             "session_id": self.endpoint.session_id,
             "pid": os.getpid(),
             "layers": [self.spec.start, self.spec.end],
+            "device": str(self.runner.device),
             "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
             "node_id": ray.get_runtime_context().get_node_id(),
         }
@@ -109,12 +109,14 @@ class StageActor:
             collective.init_collective_group(world, rank, backend="gloo", group_name=group)
             self._group = group
 
-    def step(self, plan: StepPlan, upstream: list[Any] | None) -> tuple[StageReport, Any]:
-        """Apply one plan; returns this stage's report and its output for the next stage."""
+    def step(self, plan: StepPlan, upstream: torch.Tensor | None = None) -> tuple[StageReport, Any]:
+        """Apply one plan; returns this stage's report and its hidden states for the next."""
         self._upstream, self._hidden = upstream, None
-        report = self.loop.step(plan)
+        try:
+            report = self.loop.step(plan)
+        finally:
+            hidden, self._upstream, self._hidden = self._hidden, None, None
         self.metrics.observe(report.queue_sizes, report.pages_in_use, report.consensus_seconds)
-        hidden, self._upstream, self._hidden = self._hidden, None, None
         return report, hidden
 
     def read_pages(self, pages: list[int]) -> list[torch.Tensor]:
@@ -174,16 +176,13 @@ class StageActor:
             return {}
         return self._first_tokens(batch, out)
 
-    def _inputs(self, batch: tuple[ChunkPlan, ...], upstream: list[Any] | None) -> torch.Tensor:
+    def _inputs(self, batch: tuple[ChunkPlan, ...], upstream: torch.Tensor | None) -> torch.Tensor:
         if self.spec.start == 0:
             ids = [t for c in batch for t in c.token_ids]
             return torch.tensor(ids, dtype=torch.long)
-        if not upstream:
-            raise RuntimeError(f"stage {self.spec.pp_rank} got a batch without upstream input")
-        hidden = ray.get(upstream[0])
-        if hidden is None:
+        if upstream is None:
             raise RuntimeError(f"stage {self.spec.pp_rank - 1} produced no hidden states")
-        return hidden
+        return upstream
 
     def _first_tokens(
         self, batch: tuple[ChunkPlan, ...], logits: torch.Tensor

@@ -92,13 +92,17 @@ class StageGroup:
         )
 
     async def step(self, plan: StepPlan) -> list[StageReport]:
-        """Send `plan` to every stage at once, chaining each stage's output to the next."""
+        """Send `plan` to every stage, each fed the previous stage's hidden states.
+
+        Chained actor calls, not a Ray compiled graph: a compiled graph moved a 256 x 576
+        hidden state through 4 stages about 3x faster here (10 ms against 34 ms), but killing
+        a stage actor under a compiled graph crashed the raylet in Ray 2.60 (a failed check in
+        experimental_mutable_object_provider.cc), and surviving a dead stage is a requirement.
+        """
         reports = []
         upstream = None
         for actor in self.actors:
-            report, upstream = actor.step.options(num_returns=2).remote(
-                plan, [upstream] if upstream is not None else None
-            )
+            report, upstream = actor.step.options(num_returns=2).remote(plan, upstream)
             reports.append(report)
         try:
             return list(await asyncio.gather(*reports))
