@@ -53,6 +53,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prefill-tokens", type=int, default=1024)
     parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument(
+        "--cpu-linear",
+        choices=["onednn", "mkl"],
+        default="onednn",
+        help="how our CPU linears run (EngineConfig.cpu_linear)",
+    )
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -66,6 +72,7 @@ def main() -> None:
                 device="cpu",
                 num_pages=2048,
                 max_num_batched_tokens=4096,
+                cpu_linear=args.cpu_linear,
             )
         )
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -131,6 +138,7 @@ def main() -> None:
             extra={
                 "model": str(args.model or "generated llama (4 layers, hidden 256)"),
                 "rounds": args.rounds,
+                "cpu_linear": args.cpu_linear,
             },
         )
 

@@ -22,6 +22,9 @@ class PrefillRequest:
     room: int
     prompt_token_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    # The decode side's receiver info, when the caller has it already (the usual case: the
+    # decode replica allocates first, then asks for the prefill with its info attached).
+    receiver_info: ReceiverInfo | None = None
 
 
 @dataclass(frozen=True)

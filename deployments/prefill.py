@@ -144,6 +144,8 @@ class PrefillInstance:
         Cancelling the awaiting task (a client disconnect) aborts the request everywhere.
         """
         self.controller.add(request)  # PromptRejected propagates before any state exists
+        if request.receiver_info is not None:
+            self.controller.set_receiver_info(request.rid, request.receiver_info)
         future: asyncio.Future[Ended] = asyncio.get_running_loop().create_future()
         self._futures[request.rid] = future
         self._wake.set()
@@ -261,6 +263,7 @@ class PrefillDeployment:
             "healthy": self.instance.healthy,
             "queues": self.instance.controller.queue_sizes(),
             "pages_in_use": self.instance.controller.allocator.num_in_use,
+            "requests_ended": len(self.instance.ended_log),
             "stages": await self.instance.group.call_all("stats"),
             "placement": self.instance.group.info,
         }

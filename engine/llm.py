@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, PositiveInt
 
 from engine.config import ModelConfig
 from engine.kv_cache import KVCacheSpec, PagedKVCache
+from engine.linear import CpuLinear
 from engine.loader import load_stage
 from engine.page_allocator import PageAllocator, PageTable
 from engine.runner import StageRunner, page_bytes, resolve_device, resolve_dtype
@@ -41,6 +42,11 @@ class EngineConfig(BaseModel):
     max_num_seqs: PositiveInt = 64
     max_num_batched_tokens: PositiveInt = 2048
     max_model_len: PositiveInt | None = None
+    cpu_linear: CpuLinear = Field(
+        "onednn",
+        description="CPU linears: oneDNN on weights packed at load (faster decode), or plain "
+        "F.linear (MKL, the kernel transformers uses; no second copy of the weights)",
+    )
 
 
 @dataclass
@@ -79,7 +85,11 @@ class LLM:
             self.model_config.max_position_embeddings,
         )
         stage = load_stage(
-            config.model, dtype=self.dtype, device=self.device, config=self.model_config
+            config.model,
+            dtype=self.dtype,
+            device=self.device,
+            config=self.model_config,
+            cpu_linear=config.cpu_linear,
         )
         spec = KVCacheSpec(
             num_pages=config.num_pages or 1,
@@ -132,6 +142,38 @@ class LLM:
         self.scheduler.add(seq)
         self._seqs[rid] = seq
         return rid
+
+    def add_prefilled(
+        self,
+        rid: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        pages: list[int],
+        first_token: int,
+        first_logprob: float,
+    ) -> RequestOutput:
+        """Join the running batch with a prompt whose KV another process wrote into `pages`.
+
+        The decode side of PD: a prefill replica computed the prompt's KV and sampled the first
+        token; decoding goes on from there. The pages (allocated by the caller from
+        `self.allocator`) become the request's and are freed when it ends.
+        """
+        if rid in self._seqs:
+            raise ValueError(f"request id {rid!r} is already running")
+        seq = Sequence(
+            rid=rid,
+            prompt_token_ids=list(prompt_token_ids),
+            params=params,
+            page_table=PageTable(self.config.page_size, list(pages)),
+            generator=params.make_generator(self.device),
+            decoder=self.tokenizer.decode_stream(),
+            stop_token_ids=frozenset(params.stop_token_ids)
+            | (frozenset() if params.ignore_eos else frozenset(self.tokenizer.eos_token_ids)),
+            num_computed_tokens=len(prompt_token_ids),
+        )
+        self.scheduler.add_running(seq)
+        self._seqs[rid] = seq
+        return self._append(seq, first_token, first_logprob)
 
     def abort(self, rid: str) -> bool:
         seq = self.scheduler.abort(rid)

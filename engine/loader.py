@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
+from engine.linear import CpuLinear, pack_linears
 from engine.model import DecoderStage, LayerRange
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,13 @@ def load_stage(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     config: ModelConfig | None = None,
+    cpu_linear: CpuLinear = "onednn",
 ) -> DecoderStage:
+    """Loads layers `layer_range` (default: all) of the checkpoint in `model_dir`.
+
+    `cpu_linear` picks how CPU linears run (engine/linear.py): their weights are packed for
+    oneDNN here, once, after every weight is in place.
+    """
     model_dir = Path(model_dir)
     config = config or ModelConfig.from_dir(model_dir)
     index = checkpoint_index(model_dir)
@@ -128,11 +135,13 @@ def load_stage(
             target.copy_(value.to(dtype))
     stage.to(dtype)
     stage.rotary.inv_freq = stage.rotary.inv_freq.float()
+    packed = pack_linears(stage, cpu_linear)
     log.info(
         "loaded stage",
         extra={
             "layers": f"[{stage.layer_range.start},{stage.layer_range.end})",
             "model": str(model_dir),
+            "packed_linears": packed,
         },
     )
     return stage.eval()

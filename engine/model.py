@@ -16,6 +16,7 @@ from engine.attention import AttentionMetadata
 from engine.config import ModelConfig
 from engine.kv_cache import PagedKVCache
 from engine.layers import DecoderLayer, RMSNorm
+from engine.linear import Linear
 from engine.rotary import RotaryEmbedding
 
 
@@ -66,7 +67,7 @@ class DecoderStage(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(len(layer_range)))
         if self.is_last:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
 
     @torch.inference_mode()

@@ -51,6 +51,11 @@ class Scheduler:
             )
         self.waiting.append(seq)
 
+    def add_running(self, seq: Sequence) -> None:
+        """Join the decode batch directly: the prompt's KV is already in the sequence's pages."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 

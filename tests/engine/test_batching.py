@@ -102,7 +102,12 @@ def test_decode_step_logits_equal_full_recompute(llama_dir):
     )
     for i, s in enumerate(seqs):
         ref = full_logits([stage], torch.tensor(s))[-1]
-        torch.testing.assert_close(logits[i], ref, rtol=1e-5, atol=1e-5)
+        # Not bitwise: decode attends with baddbmm/softmax/bmm, the recompute with SDPA's
+        # blocked kernel (the linears round a row the same at any batch size, see test_linear).
+        # Their float32 difference compounds over the 4 layers: measured up to 4.8e-5 (MKL
+        # linears) and 3.2e-5 (oneDNN) max abs over 40 sequences at logit scale ~5, hence 1e-4.
+        torch.testing.assert_close(logits[i], ref, rtol=1e-5, atol=1e-4)
+        assert logits[i].argmax() == ref.argmax()
 
 
 def test_abort_frees_pages_at_every_phase(llama_dir):

@@ -1,0 +1,126 @@
+"""One config for the whole service and the builder that turns it into a Serve application.
+
+The same builder backs `pdserve serve`, `serve run deployments.app:app_builder` with
+arguments, and a RayService's `serveConfigV2` (import path `deployments.app:app_builder`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
+
+from deployments.decode import DecodeConfig, DecodeDeployment
+from deployments.ingress import API_KEY_ENV, IngressConfig, build_ingress_class
+from deployments.prefill import PrefillConfig, build_prefill_app
+from engine.config import ModelConfig
+from transport.config import TransportConfig
+
+
+class AppConfig(BaseModel):
+    """Everything a pdserve deployment needs, validated at the edge and passed down whole."""
+
+    model: str = Field(description="local Hugging Face model directory")
+    served_model_name: str | None = Field(None, description="name in the API; default: dir name")
+    pp_size: PositiveInt = 2
+    prefill_replicas: PositiveInt = 1
+    decode_replicas: PositiveInt = 1
+    ingress_replicas: PositiveInt = 1
+    dtype: str = "auto"
+    device: str = "auto"
+    page_size: PositiveInt = 16
+    prefill_num_pages: PositiveInt = 1024
+    decode_num_pages: PositiveInt = 2048
+    max_model_len: PositiveInt | None = None
+    max_prompt_len: PositiveInt | None = None
+    max_batched_tokens: PositiveInt = 2048
+    max_num_seqs: PositiveInt = 64
+    placement_strategy: Literal["STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK"] = "PACK"
+    num_gpus_per_stage: float = Field(1.0, ge=0)
+    num_cpus_per_stage: float = Field(1.0, ge=0)
+    decode_num_gpus: float = Field(1.0, ge=0)
+    prealloc_timeout_s: PositiveFloat = 30.0
+    transport: TransportConfig = Field(default_factory=TransportConfig)
+    host: str = "127.0.0.1"
+    port: PositiveInt = 8000
+    api_key: str | None = Field(None, description=f"bearer token; also read from ${API_KEY_ENV}")
+
+    def resolved_max_model_len(self) -> int:
+        limit = ModelConfig.from_dir(self.model).max_position_embeddings
+        return min(self.max_model_len or limit, limit)
+
+    def prefill(self) -> PrefillConfig:
+        return PrefillConfig(
+            model=self.model,
+            pp_size=self.pp_size,
+            placement_strategy=self.placement_strategy,
+            num_gpus_per_stage=self.num_gpus_per_stage,
+            num_cpus_per_stage=self.num_cpus_per_stage,
+            dtype=self.dtype,
+            device=self.device,
+            page_size=self.page_size,
+            num_pages=self.prefill_num_pages,
+            max_prompt_len=self.max_prompt_len or self.resolved_max_model_len(),
+            max_batched_tokens=self.max_batched_tokens,
+            num_replicas=self.prefill_replicas,
+            transport=self.transport,
+        )
+
+    def decode(self) -> DecodeConfig:
+        return DecodeConfig(
+            model=self.model,
+            dtype=self.dtype,
+            device=self.device,
+            page_size=self.page_size,
+            num_pages=self.decode_num_pages,
+            max_num_seqs=self.max_num_seqs,
+            max_model_len=self.resolved_max_model_len(),
+            prealloc_timeout_s=self.prealloc_timeout_s,
+            num_prefill_stages=self.pp_size,
+            num_gpus=self.decode_num_gpus,
+            num_replicas=self.decode_replicas,
+            transport=self.transport,
+        )
+
+    def ingress(self) -> IngressConfig:
+        return IngressConfig(
+            model=self.model,
+            served_model_name=self.served_model_name or Path(self.model).name,
+            max_model_len=self.resolved_max_model_len(),
+            max_prompt_len=self.max_prompt_len or self.resolved_max_model_len(),
+            api_key=self.api_key or os.environ.get(API_KEY_ENV),
+        )
+
+
+def build_app(config: AppConfig) -> Any:
+    """ingress -> decode -> prefill, each role its own deployment with its own replicas."""
+    from ray import serve
+
+    prefill = build_prefill_app(config.prefill())
+    decode_config = config.decode()
+    decode_actor: dict[str, Any] = {"num_cpus": 1}
+    if decode_config.num_gpus:
+        decode_actor["num_gpus"] = decode_config.num_gpus
+    decode = serve.deployment(DecodeDeployment).options(
+        name="decode",
+        num_replicas=decode_config.num_replicas,
+        ray_actor_options=decode_actor,
+        max_ongoing_requests=10_000,
+    )
+    ingress = serve.deployment(build_ingress_class()).options(
+        name="ingress",
+        num_replicas=config.ingress_replicas,
+        ray_actor_options={"num_cpus": 0.5},
+        max_ongoing_requests=10_000,
+    )
+    return ingress.bind(
+        config.ingress().model_dump(mode="json"),
+        decode.bind(decode_config.model_dump(mode="json"), prefill),
+    )
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """`serve run deployments.app:app_builder model=/path pp_size=2` and RayService entry."""
+    return build_app(AppConfig.model_validate(args))

@@ -1,0 +1,319 @@
+"""The OpenAI-compatible HTTP ingress: validates, tokenizes, mints ids, and streams.
+
+Every check that can fail because of the request happens here, before the decode replica
+(and through it the prefill replica) holds anything: authentication, JSON shape, parameter
+ranges, prompt length against the context. The router is Serve's own: each request goes to the
+less loaded of two sampled decode replicas, and the decode replica's call to the prefill role
+is routed the same way. A client that disconnects cancels the handler, and the cancellation
+runs down to the decode and prefill replicas, which abort the request.
+"""
+
+import json
+import logging
+import os
+import secrets
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, PositiveInt
+
+from deployments.decode import DecodeRequest
+from deployments.openai_api import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    error_body,
+    now,
+    usage,
+)
+from engine.config import ModelConfig
+from engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+API_KEY_ENV = "PDSERVE_API_KEY"
+
+
+class IngressConfig(BaseModel):
+    model: str
+    served_model_name: str
+    max_model_len: PositiveInt
+    max_prompt_len: PositiveInt
+    default_max_tokens: PositiveInt = 256
+    api_key: str | None = None
+
+
+class ApiError(Exception):
+    """An error that becomes an OpenAI-style body with `status`."""
+
+    def __init__(self, status: int, message: str, type_: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type_, param
+
+
+app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(exc.message, exc.type, exc.param), status_code=exc.status)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        message = "the request body is not valid JSON"
+    else:
+        where = ".".join(loc)
+        message = f"{where}: {first.get('msg', 'invalid value')}" if where else first.get("msg")
+    return JSONResponse(
+        error_body(message or "invalid request", "invalid_request_error", ".".join(loc) or None),
+        status_code=400,
+    )
+
+
+class Ingress:
+    """The API surface; one instance per ingress replica."""
+
+    def __init__(self, config: dict[str, Any], decode: Any) -> None:
+        from engine.logs import configure_logging
+
+        configure_logging()
+        self.config = IngressConfig.model_validate(config)
+        self.config.api_key = self.config.api_key or os.environ.get(API_KEY_ENV) or None
+        model_config = ModelConfig.from_dir(self.config.model)
+        self.tokenizer = Tokenizer.from_dir(
+            self.config.model, extra_eos_token_ids=model_config.eos_token_ids
+        )
+        self.decode = decode
+
+    # -- routes (bound by `build_ingress`) ----------------------------------------------------
+
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.config.served_model_name,
+                    "object": "model",
+                    "created": now(),
+                    "owned_by": "pdserve",
+                    "max_model_len": self.config.max_model_len,
+                }
+            ],
+        }
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Any:
+        self._authorize(request)
+        self._check_model(body.model)
+        if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], int):
+            prompt_ids = list(body.prompt)
+            vocab = self.tokenizer.vocab_size
+            if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+                raise ApiError(
+                    400,
+                    f"prompt token ids must lie in [0, {vocab})",
+                    "invalid_request_error",
+                    "prompt",
+                )
+        else:
+            text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+            prompt_ids = self.tokenizer.encode(text)
+        return await self._serve(body, prompt_ids, chat=False, logprobs=bool(body.logprobs))
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Any:
+        self._authorize(request)
+        self._check_model(body.model)
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        except ValueError as exc:
+            raise ApiError(400, str(exc), "invalid_request_error", "messages") from exc
+        text = self.tokenizer.apply_chat_template(messages)
+        prompt_ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if body.max_completion_tokens is not None:
+            body.max_tokens = body.max_completion_tokens
+        return await self._serve(body, prompt_ids, chat=True, logprobs=body.logprobs)
+
+    # -- shared path --------------------------------------------------------------------------
+
+    async def _serve(self, body: Any, prompt_ids: list[int], chat: bool, logprobs: bool) -> Any:
+        n = len(prompt_ids)
+        limit = self.config.max_model_len
+        max_tokens = body.max_tokens or min(self.config.default_max_tokens, max(1, limit - n))
+        if n == 0:
+            raise ApiError(400, "the prompt is empty", "invalid_request_error", "prompt")
+        if n + max_tokens > limit:
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you "
+                f"requested {n + max_tokens} tokens ({n} in the prompt, {max_tokens} for the "
+                "completion). Please reduce the length of the prompt or the completion.",
+                "invalid_request_error",
+                "messages" if chat else "prompt",
+            )
+        if n > self.config.max_prompt_len:
+            raise ApiError(
+                400,
+                f"the prompt has {n} tokens; this deployment prefills at most "
+                f"{self.config.max_prompt_len}",
+                "invalid_request_error",
+                "messages" if chat else "prompt",
+            )
+        try:
+            sampling = body.sampling(max_tokens, logprobs)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), "invalid_request_error") from exc
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        room = secrets.randbits(63)
+        request = DecodeRequest(rid, room, prompt_ids, sampling)
+        stream = self.decode.generate.options(stream=True).remote(request)
+        log.info("request", extra={"rid": rid, "room": room, "prompt_tokens": n})
+        if body.stream:
+            return StreamingResponse(
+                self._sse(stream, rid, chat, body.include_usage, n),
+                media_type="text/event-stream",
+            )
+        return await self._collect(stream, rid, chat, n)
+
+    async def _collect(self, stream: Any, rid: str, chat: bool, n: int) -> JSONResponse:
+        text, tokens, finish, logprobs = "", 0, None, []
+        try:
+            async for chunk in stream:
+                text += chunk.text
+                tokens = chunk.num_output_tokens
+                finish = chunk.finish_reason or finish
+                logprobs.extend(chunk.logprobs)
+        except Exception as exc:
+            raise _server_error(exc, rid) from exc
+        choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(finish)}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+            choice["logprobs"] = None
+        else:
+            choice["text"] = text
+            choice["logprobs"] = None
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": "chat.completion" if chat else "text_completion",
+                "created": now(),
+                "model": self.config.served_model_name,
+                "choices": [choice],
+                "usage": usage(n, tokens),
+            }
+        )
+
+    async def _sse(
+        self, stream: Any, rid: str, chat: bool, include_usage: bool, n: int
+    ) -> AsyncIterator[str]:
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        created = now()
+
+        def event(choices: list[dict[str, Any]], **extra: Any) -> str:
+            payload = {
+                "id": rid,
+                "object": kind,
+                "created": created,
+                "model": self.config.served_model_name,
+                "choices": choices,
+                **extra,
+            }
+            return f"data: {json.dumps(payload)}\n\n"
+
+        if chat:
+            yield event(
+                [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+            )
+        tokens = 0
+        try:
+            async for chunk in stream:
+                tokens = chunk.num_output_tokens
+                finish = _finish(chunk.finish_reason)
+                if chunk.text or finish:
+                    if chat:
+                        delta = {"content": chunk.text} if chunk.text else {}
+                        yield event([{"index": 0, "delta": delta, "finish_reason": finish}])
+                    else:
+                        yield event(
+                            [
+                                {
+                                    "index": 0,
+                                    "text": chunk.text,
+                                    "logprobs": None,
+                                    "finish_reason": finish,
+                                }
+                            ]
+                        )
+        except Exception as exc:
+            err = _server_error(exc, rid)
+            yield f"data: {json.dumps(error_body(err.message, err.type))}\n\n"
+        if include_usage:
+            yield event([], usage=usage(n, tokens))
+        yield "data: [DONE]\n\n"
+
+    def _authorize(self, request: Request) -> None:
+        key = self.config.api_key
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise ApiError(401, "Incorrect API key provided.", "invalid_request_error")
+
+    def _check_model(self, model: str) -> None:
+        if model not in (self.config.served_model_name, self.config.model):
+            raise ApiError(
+                404,
+                f"The model `{model}` does not exist. This server serves "
+                f"`{self.config.served_model_name}`.",
+                "invalid_request_error",
+                "model",
+            )
+
+
+def _finish(reason: str | None) -> str | None:
+    return {"abort": "abort"}.get(reason, reason) if reason else None
+
+
+def _server_error(exc: BaseException, rid: str) -> ApiError:
+    from deployments.decode import DecodeOverloaded
+
+    text = str(exc).strip().splitlines()
+    reason = text[-1] if text else type(exc).__name__
+    log.error("request failed: %s", reason, extra={"rid": rid})
+    if isinstance(exc, DecodeOverloaded) or "DecodeOverloaded" in str(exc):
+        return ApiError(503, f"server overloaded: {reason}", "server_error")
+    return ApiError(500, f"request {rid} failed: {reason}", "server_error")
+
+
+def build_ingress_class() -> type:
+    """The Serve ingress class with its FastAPI routes (FastAPI binds routes to a class)."""
+    from ray import serve
+
+    @serve.ingress(app)
+    class OpenAIIngress(Ingress):
+        @app.get("/health")
+        async def health_route(self) -> dict[str, str]:
+            return await self.health()
+
+        @app.get("/v1/models")
+        async def models_route(self, request: Request) -> dict[str, Any]:
+            return await self.models(request)
+
+        @app.post("/v1/completions")
+        async def completions_route(self, body: CompletionRequest, request: Request) -> Any:
+            return await self.completions(body, request)
+
+        @app.post("/v1/chat/completions")
+        async def chat_route(self, body: ChatCompletionRequest, request: Request) -> Any:
+            return await self.chat(body, request)
+
+    return OpenAIIngress

@@ -1,0 +1,103 @@
+"""Linear layers whose CPU matmuls can run through oneDNN on a weight packed once at load.
+
+Why: at decode batch sizes F.linear on CPU (MKL sgemm on a plain weight) spends much of its
+time re-laying-out the weight on every call, and the stage's linears alone ate most of a decode
+step. oneDNN on a weight reordered once into its blocked layout is faster and steadier, and a
+row's result does not depend on how many rows share the call (MKL's does for small batches), so
+batched and one-at-a-time runs round alike. It rounds differently from MKL, not worse: against
+a float64 reference it is as accurate as `transformers`' float32 (tests/engine/test_reference.py).
+
+The packed copy is kept beside the plain weight (which state dicts and tests still see), so
+packing costs a second copy of the linear weights; `cpu_linear="mkl"` opts out.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+CpuLinear = Literal["onednn", "mkl"]
+"""How CPU linears run: "onednn" (prepacked weight, the default) or "mkl" (plain F.linear)."""
+
+_PACKABLE = (torch.float32, torch.bfloat16)
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str, *args: object) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message, *args)
+
+
+def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this torch build can run packed oneDNN linears in `dtype` on this CPU."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._linear_pointwise  # noqa: B018 (raises if the op is not built in)
+        torch.ops.mkldnn._reorder_linear_weight  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return False
+    return dtype != torch.bfloat16 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+class Linear(nn.Linear):
+    """nn.Linear that uses its oneDNN-packed weight when `pack_linears` has given it one.
+
+    Moving or casting the module drops the packed weight (it would be stale); so must anyone who
+    writes the weight in place afterwards, by calling `pack_linears` again.
+    """
+
+    packed: torch.Tensor | None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.packed = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+    def _apply(self, fn, recurse: bool = True):
+        self.packed = None
+        return super()._apply(fn, recurse)
+
+
+@torch.no_grad()
+def pack_linears(module: nn.Module, mode: CpuLinear = "onednn") -> int:
+    """Packs every CPU float32/bf16 `Linear` in `module` for oneDNN ("onednn"), or drops the
+    packs ("mkl"). Returns how many linears run packed; falls back to F.linear (logged once)
+    where oneDNN cannot be used. Weights on other devices (CUDA) are left to F.linear."""
+    if mode not in ("onednn", "mkl"):
+        raise ValueError(f"unknown cpu_linear {mode!r} (onednn, mkl)")
+    packed = 0
+    for linear in module.modules():
+        if not isinstance(linear, Linear):
+            continue
+        linear.packed = None
+        weight = linear.weight
+        if mode == "mkl" or weight.device.type != "cpu" or weight.dtype not in _PACKABLE:
+            continue
+        if not onednn_available(weight.dtype):
+            _warn_once(
+                f"unavailable-{weight.dtype}",
+                "oneDNN linears unavailable for %s on this torch build/CPU; using F.linear",
+                weight.dtype,
+            )
+            continue
+        try:
+            linear.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+        except RuntimeError as exc:
+            _warn_once(
+                f"failed-{weight.dtype}", "oneDNN weight packing failed (%s); using F.linear", exc
+            )
+            continue
+        packed += 1
+    return packed

@@ -1,0 +1,90 @@
+"""The prepacked oneDNN linear path: on by default, opt-out-able, batch-invariant, and falling
+back to F.linear where oneDNN cannot run."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import engine.linear
+from engine import LLM, EngineConfig, load_stage
+from engine.linear import Linear, pack_linears
+
+needs_onednn = pytest.mark.skipif(
+    not engine.linear.onednn_available(), reason="torch built without oneDNN"
+)
+
+
+def linears(stage) -> list[Linear]:
+    return [m for m in stage.modules() if isinstance(m, Linear)]
+
+
+@needs_onednn
+def test_stages_pack_every_linear_by_default_and_mkl_opts_out(qwen2_dir):
+    packed = linears(load_stage(qwen2_dir))
+    assert len(packed) == 4 * 4 + 1  # qkv, o, gate_up, down per layer, and the LM head
+    assert all(m.packed is not None for m in packed)
+    assert all(m.packed is None for m in linears(load_stage(qwen2_dir, cpu_linear="mkl")))
+    llm = LLM(EngineConfig(model=str(qwen2_dir), num_pages=8, cpu_linear="mkl"))
+    assert all(m.packed is None for m in linears(llm.runner.stage))
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_rounds_a_row_the_same_at_any_batch_size(bias):
+    """What lets batched decode equal one-at-a-time decode bit for bit in the linears."""
+    torch.manual_seed(0)
+    layer = Linear(256, 688, bias=bias)
+    assert pack_linears(layer) == 1
+    x = torch.randn(300, 256)
+    full = layer(x)
+    for rows in (1, 2, 5, 17, 32, 64):
+        assert torch.equal(layer(x[:rows]), full[:rows])
+    # Same function as F.linear, up to float32 rounding.
+    torch.testing.assert_close(full, F.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.skipif(
+    not engine.linear.onednn_available(torch.bfloat16), reason="no oneDNN bf16 on this CPU"
+)
+def test_bf16_linears_pack_too():
+    torch.manual_seed(0)
+    layer = Linear(256, 688, bias=True).to(torch.bfloat16)
+    assert pack_linears(layer) == 1
+    x = torch.randn(32, 256, dtype=torch.bfloat16)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias))
+
+
+@needs_onednn
+def test_moving_or_casting_drops_the_stale_pack():
+    layer = Linear(32, 16)
+    pack_linears(layer)
+    layer.to(torch.float64)
+    assert layer.packed is None
+    x = torch.randn(3, 32, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_falls_back_to_f_linear_with_one_warning(monkeypatch, caplog):
+    monkeypatch.setattr(engine.linear, "onednn_available", lambda dtype=torch.float32: False)
+    monkeypatch.setattr(engine.linear, "_warned", set())
+    model = torch.nn.Sequential(Linear(8, 8), Linear(8, 8))
+    with caplog.at_level(logging.WARNING, logger="engine.linear"):
+        assert pack_linears(model) == 0
+        assert pack_linears(model) == 0
+    assert len(caplog.records) == 1
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(
+        model(x),
+        F.linear(F.linear(x, model[0].weight, model[0].bias), model[1].weight, model[1].bias),
+    )
+
+
+def test_unknown_mode_is_rejected():
+    with pytest.raises(ValueError, match="cpu_linear"):
+        pack_linears(Linear(4, 4), "blas")  # type: ignore[arg-type]
