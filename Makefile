@@ -8,6 +8,9 @@ TORCH_SPEC ?= torch==2.13.0
 # mooncake-cpu here; mooncake-cuda on GPU nodes.
 MOONCAKE_EXTRA ?= mooncake-cpu
 MODEL ?= models/generated
+PP ?= 2
+HOST ?= 127.0.0.1
+PORT ?= 8000
 PYTEST_ARGS ?=
 
 .PHONY: serve test bench lint install sysdeps clean
@@ -33,8 +36,10 @@ $(STAMP): pyproject.toml | sysdeps
 $(MODEL)/config.json: | $(STAMP)
 	$(VENV)/bin/pdserve make-model $(MODEL)
 
+# The whole service on this machine: a local Ray cluster with simulated GPU nodes, prefill
+# with PP=$(PP) and decode, the OpenAI API on $(HOST):$(PORT).
 serve: $(STAMP) sysdeps $(MODEL)/config.json
-	$(VENV)/bin/pdserve generate --model $(MODEL) --prompt "The capital of France is" --max-tokens 32
+	$(VENV)/bin/pdserve serve --model $(MODEL) --pp-size $(PP) --host $(HOST) --port $(PORT) --local-cluster
 
 lint: $(STAMP) sysdeps
 	$(VENV)/bin/ruff check .

@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto")
     gen.add_argument("--dtype", default="auto")
     gen.set_defaults(func=_generate)
+
+    from deployments.serve_cli import add_parser
+
+    add_parser(sub)
     return parser
 
 

@@ -1,0 +1,155 @@
+"""`pdserve serve`: start (or join) a Ray cluster, deploy the app, print how to call it.
+
+`--local-cluster` starts a multi-node Ray cluster on this machine whose worker nodes carry
+simulated GPUs (Ray resources; the stages run on the CPU), so the placement is the one a real
+cluster gets. Without it, `pdserve serve` joins the cluster in `RAY_ADDRESS` (or starts a
+plain local Ray).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("pdserve.serve")
+
+
+def _progress(message: str) -> None:
+    sys.stderr.write(f"pdserve: {message}\n")
+    sys.stderr.flush()
+
+
+def load_config(args: argparse.Namespace) -> Any:
+    from deployments.app import AppConfig
+
+    data: dict[str, Any] = {}
+    if args.config:
+        text = Path(args.config).read_text()
+        if args.config.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    overrides = {
+        "model": args.model,
+        "pp_size": args.pp_size,
+        "host": args.host,
+        "port": args.port,
+        "api_key": args.api_key,
+    }
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    if "model" not in data:
+        raise ValueError("no model: pass --model DIR or set `model` in the config file")
+    return AppConfig.model_validate(data)
+
+
+def start_local_cluster(gpu_nodes: int, gpus_per_node: int) -> Any:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    _progress(
+        f"starting a local Ray cluster: a head and {gpu_nodes} node(s) of "
+        f"{gpus_per_node} simulated GPU(s)"
+    )
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4})
+    for i in range(gpu_nodes):
+        cluster.add_node(num_cpus=4, num_gpus=gpus_per_node, resources={f"gpu_node_{i}": 1})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    return cluster
+
+
+def usage_text(config: Any) -> str:
+    base = f"http://{config.host}:{config.port}"
+    name = config.ingress().served_model_name
+    auth = f' -H "Authorization: Bearer {config.api_key}"' if config.api_key else ""
+    key = config.api_key or "none"
+    return f"""
+pdserve is serving `{name}` (prefill PP={config.pp_size}, decode) at {base}/v1
+
+  curl {base}/v1/chat/completions -H "Content-Type: application/json"{auth} \\
+    -d '{{"model": "{name}", "messages": [{{"role": "user", "content": "Hello!"}}], "max_tokens": 32}}'
+
+  from openai import OpenAI
+  client = OpenAI(base_url="{base}/v1", api_key="{key}")
+  print(client.chat.completions.create(model="{name}",
+        messages=[{{"role": "user", "content": "Hello!"}}], max_tokens=32).choices[0].message.content)
+
+Health: {base}/health   Stop: Ctrl-C
+"""
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    config = load_config(args)
+    cluster = None
+    if args.local_cluster:
+        cluster = start_local_cluster(args.gpu_nodes, args.gpus_per_node)
+    else:
+        _progress("connecting to Ray")
+        ray.init(log_to_driver=False)
+    try:
+        serve.start(http_options={"host": config.host, "port": config.port})
+        _progress(
+            f"deploying: ingress, decode, prefill with {config.pp_size} stage(s) "
+            "(loading the model in every stage; this takes a little while)"
+        )
+        started = time.monotonic()
+        done = threading.Event()
+
+        def ticker() -> None:
+            while not done.wait(5):
+                _progress(f"still deploying ({time.monotonic() - started:.0f}s)")
+
+        threading.Thread(target=ticker, daemon=True).start()
+        try:
+            serve.run(build_app(config), name="pdserve", route_prefix="/")
+        finally:
+            done.set()
+        _progress(f"ready after {time.monotonic() - started:.0f}s")
+        sys.stdout.write(usage_text(config))
+        sys.stdout.flush()
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            while not stop.wait(1):
+                pass
+        except KeyboardInterrupt:
+            pass
+        _progress("shutting down")
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="deploy pdserve and serve the OpenAI API")
+    p.add_argument("--config", help="AppConfig as YAML or JSON (flags below override it)")
+    p.add_argument("--model", help="local HF model directory")
+    p.add_argument("--pp-size", type=int)
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--api-key", help="require this bearer token (or set PDSERVE_API_KEY)")
+    p.add_argument(
+        "--local-cluster",
+        action="store_true",
+        help="start a multi-node Ray cluster on this machine with simulated GPUs",
+    )
+    p.add_argument("--gpu-nodes", type=int, default=2)
+    p.add_argument("--gpus-per-node", type=int, default=2)
+    p.set_defaults(func=serve_main)
