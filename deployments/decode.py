@@ -159,13 +159,13 @@ class DecodeInstance:
             )
             added = True
             self._work.set()
-            yield _chunk(out)
+            yield chunk_of(out)
             finished = out.finished
             while not finished:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                yield _chunk(item)
+                yield chunk_of(item)
                 finished = item.finished
         finally:
             self._streams.pop(request.rid, None)
@@ -252,7 +252,7 @@ class DecodeInstance:
         }
 
 
-def _chunk(out: Any) -> TokenChunk:
+def chunk_of(out: Any) -> TokenChunk:
     return TokenChunk(
         token_ids=list(out.token_ids),
         logprobs=list(out.logprobs),

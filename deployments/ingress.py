@@ -54,15 +54,10 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param = status, message, type_, param
 
 
-app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)
-
-
-@app.exception_handler(ApiError)
 async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse(error_body(exc.message, exc.type, exc.param), status_code=exc.status)
 
 
-@app.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
@@ -297,6 +292,10 @@ def _server_error(exc: BaseException, rid: str) -> ApiError:
 def build_ingress_class() -> type:
     """The Serve ingress class with its FastAPI routes (FastAPI binds routes to a class)."""
     from ray import serve
+
+    app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
 
     @serve.ingress(app)
     class OpenAIIngress(Ingress):

@@ -1,0 +1,120 @@
+"""A colocated deployment: prefill and decode in one process on the same engine.
+
+The baseline PD is measured against (and a way to serve a model that fits one device without
+disaggregation). It streams the same `TokenChunk`s as the decode deployment, so the same
+ingress serves it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from deployments.decode import DecodeConfig, DecodeRequest, TokenChunk, chunk_of
+from engine import LLM, EngineConfig
+
+log = logging.getLogger(__name__)
+
+
+class ColocatedDeployment:
+    """The whole model, prefill and decode in one continuous-batching loop."""
+
+    async def __init__(self, config: dict[str, Any]) -> None:
+        from engine.logs import configure_logging
+
+        configure_logging()
+        self.config = DecodeConfig.model_validate(config)
+        self.llm = LLM(
+            EngineConfig(
+                model=self.config.model,
+                dtype=self.config.dtype,
+                device=self.config.device,
+                page_size=self.config.page_size,
+                num_pages=self.config.num_pages,
+                max_num_seqs=self.config.max_num_seqs,
+                max_model_len=self.config.max_model_len,
+            )
+        )
+        self._streams: dict[str, asyncio.Queue[Any]] = {}
+        self._new: list[DecodeRequest] = []
+        self._aborts: list[str] = []
+        self._work = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def generate(self, request: DecodeRequest) -> AsyncIterator[TokenChunk]:
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._streams[request.rid] = queue
+        self._new.append(request)
+        self._work.set()
+        try:
+            while True:
+                out = await queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                yield chunk_of(out)
+                if out.finished:
+                    return
+        finally:
+            self._streams.pop(request.rid, None)
+            self._aborts.append(request.rid)
+            self._work.set()
+
+    async def stats(self) -> dict[str, Any]:
+        return {
+            "running": len(self._streams),
+            "pages_in_use": self.llm.allocator.num_in_use,
+            "prealloc": 0,
+            "transfer": 0,
+            "metadata_slots_held": 0,
+        }
+
+    async def _loop(self) -> None:
+        while True:
+            for request in self._new:
+                self.llm.add_request(request.prompt_token_ids, request.sampling, rid=request.rid)
+            self._new.clear()
+            for rid in self._aborts:
+                self.llm.abort(rid)
+            self._aborts.clear()
+            if not self.llm.has_unfinished():
+                self._work.clear()
+                await self._work.wait()
+                continue
+            try:
+                outputs = await asyncio.to_thread(self.llm.step)
+            except Exception as exc:
+                log.exception("colocated step failed")
+                for rid, queue in list(self._streams.items()):
+                    queue.put_nowait(RuntimeError(f"engine step failed: {exc}"))
+                    self.llm.abort(rid)
+                continue
+            for out in outputs:
+                queue = self._streams.get(out.rid)
+                if queue is not None:
+                    queue.put_nowait(out)
+
+
+def build_colocated_app(config: Any) -> Any:
+    """The same ingress in front of one colocated engine (`config` is an `AppConfig`)."""
+    from ray import serve
+
+    from deployments.ingress import build_ingress_class
+
+    engine_config = config.decode()
+    actor: dict[str, Any] = {"num_cpus": 1}
+    if engine_config.num_gpus:
+        actor["num_gpus"] = engine_config.num_gpus
+    engine = serve.deployment(ColocatedDeployment).options(
+        name="colocated",
+        num_replicas=engine_config.num_replicas,
+        ray_actor_options=actor,
+        max_ongoing_requests=10_000,
+    )
+    ingress = serve.deployment(build_ingress_class()).options(
+        name="ingress", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=10_000
+    )
+    return ingress.bind(
+        config.ingress().model_dump(mode="json"), engine.bind(engine_config.model_dump(mode="json"))
+    )
