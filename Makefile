@@ -52,6 +52,7 @@ bench: $(STAMP) sysdeps
 	$(PY) -m benchmarks.engine_bench
 	$(PY) -m benchmarks.transport_bench
 	$(PY) -m benchmarks.consensus_bench
+	$(PY) -m benchmarks.serving_bench
 
 clean:
 	rm -rf $(VENV) models benchmarks/results .pytest_cache .ruff_cache
