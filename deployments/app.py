@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
 from deployments.decode import DecodeConfig, DecodeDeployment
 from deployments.ingress import API_KEY_ENV, IngressConfig, build_ingress_class
 from deployments.prefill import PrefillConfig, build_prefill_app
+from deployments.routing import router_config
 from engine.config import ModelConfig
 from transport.config import TransportConfig
 
@@ -108,6 +109,7 @@ def build_app(config: AppConfig) -> Any:
         num_replicas=decode_config.num_replicas,
         ray_actor_options=decode_actor,
         max_ongoing_requests=10_000,
+        **router_config(),
     )
     ingress = serve.deployment(build_ingress_class()).options(
         name="ingress",

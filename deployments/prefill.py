@@ -283,6 +283,8 @@ def build_prefill_app(config: PrefillConfig, name: str = "prefill") -> Any:
     its stages: bundle 0 holds the controller, bundles 1..pp one stage each."""
     from ray import serve
 
+    from deployments.routing import router_config
+
     stage_bundle = config.placement().bundle()
     deployment = serve.deployment(PrefillDeployment).options(
         name=name,
@@ -293,5 +295,6 @@ def build_prefill_app(config: PrefillConfig, name: str = "prefill") -> Any:
         max_ongoing_requests=100_000,  # queueing is the controller's job, not Serve's
         health_check_period_s=5,
         health_check_timeout_s=30,
+        **router_config(),
     )
     return deployment.bind(config.model_dump(mode="json"))
