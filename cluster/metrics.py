@@ -191,3 +191,21 @@ class PrefillMetrics:
 
     def stage_failure(self) -> None:
         stage_failures().inc(1, tags=self.tags)
+
+
+def http_requests() -> Counter:
+    return _metric(
+        Counter,
+        "pdserve_http_requests_total",
+        "API requests by route and status code",
+        ("route", "status"),
+    )
+
+
+def request_failures() -> Counter:
+    return _metric(
+        Counter,
+        "pdserve_request_failures_total",
+        "Requests that failed inside pdserve (5xx), by reason",
+        ("reason",),
+    )

@@ -52,6 +52,18 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pull(args: argparse.Namespace) -> int:
+    from deployments.model_store import PullError, pull
+
+    try:
+        path = pull(args.name)
+    except PullError as exc:
+        log.error(str(exc))
+        return 1
+    sys.stdout.write(f"{path}\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     from deployments.serve_cli import add_parser
 
     add_parser(sub)
+
+    pull = sub.add_parser(
+        "pull", help="fetch a known model (e.g. smollm2-135m-instruct) into the cache"
+    )
+    pull.add_argument("name")
+    pull.set_defaults(func=_pull)
     return parser
 
 

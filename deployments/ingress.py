@@ -54,11 +54,21 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param = status, message, type_, param
 
 
-async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    _count(request.url.path, exc.status)
     return JSONResponse(error_body(exc.message, exc.type, exc.param), status_code=exc.status)
 
 
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+def _count(route: str, status: int) -> None:
+    from cluster.metrics import http_requests
+
+    http_requests().inc(
+        1, tags={"route": route.rsplit("/v1", 1)[-1] or route, "status": str(status)}
+    )
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    _count(request.url.path, 400)
     first = exc.errors()[0] if exc.errors() else {}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
@@ -173,6 +183,7 @@ class Ingress:
         stream = self.decode.generate.options(stream=True).remote(request)
         log.info("request", extra={"rid": rid, "room": room, "prompt_tokens": n})
         if body.stream:
+            _count("/chat/completions" if chat else "/completions", 200)
             return StreamingResponse(
                 self._sse(stream, rid, chat, body.include_usage, n),
                 media_type="text/event-stream",
@@ -196,6 +207,7 @@ class Ingress:
         else:
             choice["text"] = text
             choice["logprobs"] = None
+        _count("/completions" if not chat else "/chat/completions", 200)
         return JSONResponse(
             {
                 "id": rid,
@@ -284,6 +296,9 @@ def _server_error(exc: BaseException, rid: str) -> ApiError:
     text = str(exc).strip().splitlines()
     reason = text[-1] if text else type(exc).__name__
     log.error("request failed: %s", reason, extra={"rid": rid})
+    from cluster.metrics import reason_label, request_failures
+
+    request_failures().inc(1, tags={"reason": reason_label(reason)})
     if isinstance(exc, DecodeOverloaded) or "DecodeOverloaded" in str(exc):
         return ApiError(503, f"server overloaded: {reason}", "server_error")
     return ApiError(500, f"request {rid} failed: {reason}", "server_error")

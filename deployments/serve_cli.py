@@ -48,6 +48,11 @@ def load_config(args: argparse.Namespace) -> Any:
     data.update({k: v for k, v in overrides.items() if v is not None})
     if "model" not in data:
         raise ValueError("no model: pass --model DIR or set `model` in the config file")
+    from deployments.model_store import KNOWN_MODELS, resolve_model
+
+    if data["model"] in KNOWN_MODELS:
+        data.setdefault("served_model_name", data["model"])
+    data["model"] = resolve_model(data["model"])
     return AppConfig.model_validate(data)
 
 
