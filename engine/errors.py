@@ -15,3 +15,11 @@ class OutOfPagesError(RuntimeError):
 
 class PageAccountingError(RuntimeError):
     """A page was freed twice or never allocated: a bug in the caller, never ignored."""
+
+
+class GGUFFormatError(ModelLoadError):
+    """A `.gguf` file cannot be parsed: not GGUF at all, truncated, or corrupt."""
+
+
+class UnsupportedGGUFError(UnsupportedModelError):
+    """A GGUF file is well-formed but uses an architecture, tokenizer or tensor type pdserve lacks."""

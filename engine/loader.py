@@ -1,4 +1,5 @@
-"""Loading a stage's weights from a local Hugging Face checkpoint (safetensors, sharded or not).
+"""Loading a stage's weights from a local Hugging Face checkpoint (safetensors, sharded or not)
+or a GGUF file (engine/gguf.py dequantizes its tensors).
 
 Only the tensors the stage owns are read: its layers, plus the embedding (first stage) or the
 final norm and LM head (last stage). q/k/v and gate/up projections are fused at load.
@@ -16,6 +17,7 @@ from safetensors import safe_open
 
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
+from engine.gguf import GGUFCheckpoint, find_gguf
 from engine.linear import CpuLinear, pack_linears
 from engine.model import DecoderStage, LayerRange
 
@@ -86,7 +88,9 @@ def load_stage(
     """
     model_dir = Path(model_dir)
     config = config or ModelConfig.from_dir(model_dir)
-    index = checkpoint_index(model_dir)
+    gguf_file = find_gguf(model_dir)
+    checkpoint = GGUFCheckpoint(gguf_file, config) if gguf_file else None
+    index = checkpoint if checkpoint is not None else checkpoint_index(model_dir)
     with torch.device("meta"):
         stage = DecoderStage(config, layer_range)
     stage = stage.to_empty(device=device)
@@ -108,33 +112,37 @@ def load_stage(
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise ModelLoadError(f"{model_dir}: checkpoint lacks {len(missing)} tensor(s): {shown}")
 
-    by_file: dict[Path, set[str]] = defaultdict(set)
-    for names in wanted.values():
-        for n in names:
-            by_file[index[n]].add(n)
-    tensors: dict[str, torch.Tensor] = {}
-    for f, names in by_file.items():
-        with safe_open(str(f), framework="pt") as handle:
+    if checkpoint is not None:
+        # GGUF tensors are dequantized one parameter at a time, keeping the float32 peak small.
+        checkpoint.check(n for names in wanted.values() for n in names)
+        read = checkpoint.read
+    else:
+        by_file: dict[Path, set[str]] = defaultdict(set)
+        for names in wanted.values():
             for n in names:
-                tensors[n] = handle.get_tensor(n)
+                by_file[index[n]].add(n)
+        tensors: dict[str, torch.Tensor] = {}
+        for f, names in by_file.items():
+            with safe_open(str(f), framework="pt") as handle:
+                for n in names:
+                    tensors[n] = handle.get_tensor(n)
+        read = tensors.__getitem__
 
     state = stage.state_dict()
     with torch.no_grad():
         for param, names in wanted.items():
-            value = (
-                torch.cat([tensors[n] for n in names], dim=0)
-                if len(names) > 1
-                else tensors[names[0]]
-            )
+            value = torch.cat([read(n) for n in names], dim=0) if len(names) > 1 else read(names[0])
             target = state[param]
             if tuple(value.shape) != tuple(target.shape):
                 raise ModelLoadError(
                     f"{model_dir}: tensor {'+'.join(names)} has shape {tuple(value.shape)}, "
-                    f"config.json implies {tuple(target.shape)}"
+                    f"the model config implies {tuple(target.shape)}"
                 )
             target.copy_(value.to(dtype))
     stage.to(dtype)
     stage.rotary.inv_freq = stage.rotary.inv_freq.float()
+    if checkpoint is not None and (factors := checkpoint.rope_freq_factors()) is not None:
+        stage.rotary.inv_freq = (stage.rotary.inv_freq / factors.to(device)).float()
     packed = pack_linears(stage, cpu_linear)
     log.info(
         "loaded stage",

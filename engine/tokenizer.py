@@ -1,8 +1,9 @@
-"""Tokenizer and chat template of a local Hugging Face model directory.
+"""Tokenizer and chat template of a local Hugging Face model directory (or GGUF file).
 
 `tokenizer.json` is run by the `tokenizers` library; the chat template comes from
 `chat_template.jinja` (transformers 5 layout) or `tokenizer_config.json`, and is rendered with
-a sandboxed Jinja environment configured the way transformers renders it.
+a sandboxed Jinja environment configured the way transformers renders it. A GGUF file carries
+both in its metadata; engine/gguf.py rebuilds them from there.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.decoders import DecodeStream
 
 from engine.errors import ModelLoadError
+from engine.gguf import find_gguf, tokenizer_from_gguf
 
 
 class ChatTemplateError(ValueError):
@@ -59,6 +61,15 @@ class Tokenizer:
         cls, model_dir: str | Path, extra_eos_token_ids: tuple[int, ...] = ()
     ) -> Tokenizer:
         path = Path(model_dir)
+        if (gguf_file := find_gguf(path)) is not None:
+            parts = tokenizer_from_gguf(gguf_file)
+            return cls(
+                parts.backend,
+                chat_template=parts.chat_template,
+                bos_token=parts.bos_token,
+                eos_token=parts.eos_token,
+                extra_eos_token_ids=tuple(set(extra_eos_token_ids) | set(parts.eos_token_ids)),
+            )
         tok_file = path / "tokenizer.json"
         if not tok_file.is_file():
             raise ModelLoadError(

