@@ -54,6 +54,7 @@ test: lint
 
 bench: $(STAMP) sysdeps
 	$(PY) -m benchmarks.engine_bench
+	$(PY) -m benchmarks.real_model_bench
 	$(PY) -m benchmarks.transport_bench
 	$(PY) -m benchmarks.consensus_bench
 	$(PY) -m benchmarks.serving_bench
