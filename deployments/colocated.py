@@ -12,7 +12,13 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from deployments.decode import DecodeConfig, DecodeRequest, TokenChunk, chunk_of
+from deployments.decode import (
+    DecodeConfig,
+    DecodeRequest,
+    TokenChunk,
+    chunk_of,
+    step_and_dispatch,
+)
 from engine import LLM, EngineConfig
 
 log = logging.getLogger(__name__)
@@ -73,7 +79,14 @@ class ColocatedDeployment:
     async def _loop(self) -> None:
         while True:
             for request in self._new:
-                self.llm.add_request(request.prompt_token_ids, request.sampling, rid=request.rid)
+                try:
+                    self.llm.add_request(
+                        request.prompt_token_ids, request.sampling, rid=request.rid
+                    )
+                except ValueError as exc:  # the ingress validates; this is the safety net
+                    queue = self._streams.get(request.rid)
+                    if queue is not None:
+                        queue.put_nowait(exc)
             self._new.clear()
             for rid in self._aborts:
                 self.llm.abort(rid)
@@ -82,18 +95,7 @@ class ColocatedDeployment:
                 self._work.clear()
                 await self._work.wait()
                 continue
-            try:
-                outputs = await asyncio.to_thread(self.llm.step)
-            except Exception as exc:
-                log.exception("colocated step failed")
-                for rid, queue in list(self._streams.items()):
-                    queue.put_nowait(RuntimeError(f"engine step failed: {exc}"))
-                    self.llm.abort(rid)
-                continue
-            for out in outputs:
-                queue = self._streams.get(out.rid)
-                if queue is not None:
-                    queue.put_nowait(out)
+            await step_and_dispatch(self.llm, self._streams)
 
 
 def build_colocated_app(config: Any) -> Any:

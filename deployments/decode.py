@@ -225,20 +225,8 @@ class DecodeInstance:
                 self._work.clear()
                 await self._work.wait()
                 continue
-            try:
-                outputs = await asyncio.to_thread(self.llm.step)
-            except Exception as exc:  # an engine bug: fail the running requests, keep serving
-                log.exception("decode step failed")
-                for rid, queue in list(self._streams.items()):
-                    queue.put_nowait(DecodeFailed(f"decode step failed: {exc}"))
-                    self.llm.abort(rid)
-                continue
-            for out in outputs:
-                queue = self._streams.get(out.rid)
-                if queue is not None:
-                    queue.put_nowait(out)
-                if out.finished:
-                    self._memory_freed.set()
+            if await step_and_dispatch(self.llm, self._streams):
+                self._memory_freed.set()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -250,6 +238,29 @@ class DecodeInstance:
             "pages_total": self.llm.allocator.num_pages,
             "metadata_slots_held": self.endpoint.metadata.num_held,
         }
+
+
+async def step_and_dispatch(llm: LLM, streams: dict[str, asyncio.Queue[Any]]) -> bool:
+    """One engine step off the event loop, its outputs to their streams; True if any finished.
+
+    An engine error fails the requests in the batch (their streams get the error) and the loop
+    keeps serving.
+    """
+    try:
+        outputs = await asyncio.to_thread(llm.step)
+    except Exception as exc:
+        log.exception("engine step failed")
+        for rid, queue in list(streams.items()):
+            queue.put_nowait(DecodeFailed(f"engine step failed: {exc}"))
+            llm.abort(rid)
+        return True
+    finished = False
+    for out in outputs:
+        queue = streams.get(out.rid)
+        if queue is not None:
+            queue.put_nowait(out)
+        finished |= out.finished
+    return finished
 
 
 def chunk_of(out: Any) -> TokenChunk:

@@ -127,18 +127,7 @@ class LLM:
             raise ValueError(f"prompt token ids must lie in [0, {vocab})")
         if rid is None:
             rid, self._next_rid = f"req-{self._next_rid}", self._next_rid + 1
-        if rid in self._seqs:
-            raise ValueError(f"request id {rid!r} is already running")
-        seq = Sequence(
-            rid=rid,
-            prompt_token_ids=list(prompt_token_ids),
-            params=params,
-            page_table=PageTable(self.config.page_size),
-            generator=params.make_generator(self.device),
-            decoder=self.tokenizer.decode_stream(),
-            stop_token_ids=frozenset(params.stop_token_ids)
-            | (frozenset() if params.ignore_eos else frozenset(self.tokenizer.eos_token_ids)),
-        )
+        seq = self._new_sequence(rid, prompt_token_ids, params, [])
         self.scheduler.add(seq)
         self._seqs[rid] = seq
         return rid
@@ -158,9 +147,18 @@ class LLM:
         token; decoding goes on from there. The pages (allocated by the caller from
         `self.allocator`) become the request's and are freed when it ends.
         """
+        seq = self._new_sequence(rid, prompt_token_ids, params, pages)
+        seq.num_computed_tokens = len(prompt_token_ids)
+        self.scheduler.add_running(seq)
+        self._seqs[rid] = seq
+        return self._append(seq, first_token, first_logprob)
+
+    def _new_sequence(
+        self, rid: str, prompt_token_ids: list[int], params: SamplingParams, pages: list[int]
+    ) -> Sequence:
         if rid in self._seqs:
             raise ValueError(f"request id {rid!r} is already running")
-        seq = Sequence(
+        return Sequence(
             rid=rid,
             prompt_token_ids=list(prompt_token_ids),
             params=params,
@@ -169,11 +167,7 @@ class LLM:
             decoder=self.tokenizer.decode_stream(),
             stop_token_ids=frozenset(params.stop_token_ids)
             | (frozenset() if params.ignore_eos else frozenset(self.tokenizer.eos_token_ids)),
-            num_computed_tokens=len(prompt_token_ids),
         )
-        self.scheduler.add_running(seq)
-        self._seqs[rid] = seq
-        return self._append(seq, first_token, first_logprob)
 
     def abort(self, rid: str) -> bool:
         seq = self.scheduler.abort(rid)
