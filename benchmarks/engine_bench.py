@@ -12,7 +12,9 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -45,6 +47,33 @@ def _theirs(model, prompts: list[list[int]], max_tokens: int) -> float:
     elapsed = time.perf_counter() - start
     assert out.shape[1] == ids.shape[1] + max_tokens
     return elapsed
+
+
+def throughput(
+    llm: LLM,
+    hf: Any,
+    make_prompts: Callable[[], list[list[int]]],
+    phase: str,
+    new_tokens: int,
+    rounds: int,
+) -> tuple[float, float]:
+    """Median tokens/s of ours and of transformers, alternating rounds on the same prompts.
+
+    Prefill: prompt tokens over the time to the first token. Decode: tokens after the first
+    over the time of N tokens minus the time of 1, so the prefill cancels out.
+    """
+    samples: dict[str, list[float]] = {"ours": [], "transformers": []}
+    for _ in range(rounds):
+        prompts = make_prompts()
+        for name, run, engine in (("ours", _ours, llm), ("transformers", _theirs, hf)):
+            if phase == "prefill":
+                tokens = sum(len(p) for p in prompts)
+                seconds = run(engine, prompts, 1)
+            else:
+                tokens = len(prompts) * (new_tokens - 1)
+                seconds = run(engine, prompts, new_tokens) - run(engine, prompts, 1)
+            samples[name].append(tokens / seconds)
+    return statistics.median(samples["ours"]), statistics.median(samples["transformers"])
 
 
 def main() -> None:
@@ -93,22 +122,8 @@ def main() -> None:
         ]
         rows = []
         for phase, batch, prompt_len, new_tokens in cases:
-            samples: dict[str, list[float]] = {"ours": [], "transformers": []}
-            for _ in range(args.rounds):
-                batch_prompts = prompts(batch, prompt_len)
-                for name, run, engine in (("ours", _ours, llm), ("transformers", _theirs, hf)):
-                    if phase == "prefill":
-                        tokens = batch * prompt_len
-                        seconds = run(engine, batch_prompts, 1)
-                    else:
-                        tokens = batch * (new_tokens - 1)
-                        seconds = run(engine, batch_prompts, new_tokens) - run(
-                            engine, batch_prompts, 1
-                        )
-                    samples[name].append(tokens / seconds)
-            ours, theirs = (
-                statistics.median(samples["ours"]),
-                statistics.median(samples["transformers"]),
+            ours, theirs = throughput(
+                llm, hf, lambda b=batch, n=prompt_len: prompts(b, n), phase, new_tokens, args.rounds
             )
             rows.append(
                 {

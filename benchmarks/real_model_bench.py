@@ -9,13 +9,12 @@ first). Throughput is measured as in `engine_bench`: alternating rounds, medians
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.engine_bench import _ours, _theirs
+from benchmarks.engine_bench import _ours, _theirs, throughput
 from benchmarks.report import write_report
 from deployments.model_store import pull
 from engine import LLM, EngineConfig
@@ -61,18 +60,8 @@ def main() -> None:
         ("decode", 1, 32, 32),
         ("decode", 8, 32, 32),
     ):
-        samples: dict[str, list[float]] = {"ours": [], "transformers": []}
-        for _ in range(args.rounds):
-            batch_prompts = prompts(batch, prompt_len)
-            for name, run, engine in (("ours", _ours, llm), ("transformers", _theirs, hf)):
-                if phase == "prefill":
-                    samples[name].append(batch * prompt_len / run(engine, batch_prompts, 1))
-                else:
-                    seconds = run(engine, batch_prompts, new_tokens) - run(engine, batch_prompts, 1)
-                    samples[name].append(batch * (new_tokens - 1) / seconds)
-        ours, theirs = (
-            statistics.median(samples["ours"]),
-            statistics.median(samples["transformers"]),
+        ours, theirs = throughput(
+            llm, hf, lambda b=batch, n=prompt_len: prompts(b, n), phase, new_tokens, args.rounds
         )
         rows.append(
             {
