@@ -180,10 +180,10 @@ class PrefillMetrics:
             counter = transfer_failures() if ended.phase == "inflight" else bootstrap_failures()
             counter.inc(1, tags={**self.tags, "reason": outcome})
 
-    def observe_step(self, seconds: float, reports: list[Any]) -> None:
+    def observe_step(self, seconds: float) -> None:
         step_seconds().observe(seconds, tags=self.tags)
 
-    def observe_queues(self, sizes: dict[str, int], reports: list[Any]) -> None:
+    def observe_queues(self, sizes: dict[str, int]) -> None:
         bootstrap_queue().set(sizes["bootstrap"], tags=self.tags)
         waiting_queue().set(sizes["waiting"], tags=self.tags)
         running_queue().set(sizes["running"], tags=self.tags)

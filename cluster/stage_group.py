@@ -38,8 +38,9 @@ class Placement:
     ready_timeout_s: float = 120.0
 
     def bundle(self) -> dict[str, float]:
-        out = {"CPU": self.num_cpus} if self.num_cpus else {}
-        if self.num_gpus or not out:
+        # A bundle needs some resource even for a stage that asks for none.
+        out = {"CPU": self.num_cpus or 0.01}
+        if self.num_gpus:
             out["GPU"] = self.num_gpus
         return out
 

@@ -6,7 +6,6 @@ arguments, and a RayService's `serveConfigV2` (import path `deployments.app:app_
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -91,7 +90,7 @@ class AppConfig(BaseModel):
             served_model_name=self.served_model_name or Path(self.model).name,
             max_model_len=self.resolved_max_model_len(),
             max_prompt_len=self.max_prompt_len or self.resolved_max_model_len(),
-            api_key=self.api_key or os.environ.get(API_KEY_ENV),
+            api_key=self.api_key,  # the ingress also reads $PDSERVE_API_KEY where it runs
         )
 
 

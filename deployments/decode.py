@@ -142,8 +142,7 @@ class DecodeInstance:
                 raise DecodeFailed(f"prefill failed: {_reason(exc)}") from exc
             finally:
                 self.counts["transfer"] -= 1
-            for stage, session in enumerate(result.stage_sessions):
-                receiver.watch_stage(stage, session)
+            for stage in range(len(result.stage_sessions)):
                 receiver.on_stage_result(stage, True)
             if receiver.poll() is not KVPoll.Success or receiver.first_token is None:
                 raise DecodeFailed(f"KV transfer incomplete: {receiver.failure_reason}")

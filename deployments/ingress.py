@@ -3,8 +3,8 @@
 Every check that can fail because of the request happens here, before the decode replica
 (and through it the prefill replica) holds anything: authentication, JSON shape, parameter
 ranges, prompt length against the context. The router is Serve's own: each request goes to the
-less loaded of two sampled decode replicas, and the decode replica's call to the prefill role
-is routed the same way. A client that disconnects cancels the handler, and the cancellation
+decode replica with the fewest outstanding requests (`deployments.routing`), and the decode
+replica's call to the prefill role is routed the same way. A client that disconnects cancels the handler, and the cancellation
 runs down to the decode and prefill replicas, which abort the request.
 """
 
@@ -200,7 +200,7 @@ class Ingress:
                 logprobs.extend(chunk.logprobs)
         except Exception as exc:
             raise _server_error(exc, rid) from exc
-        choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(finish)}
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
             choice["logprobs"] = None
@@ -244,7 +244,7 @@ class Ingress:
         try:
             async for chunk in stream:
                 tokens = chunk.num_output_tokens
-                finish = _finish(chunk.finish_reason)
+                finish = chunk.finish_reason
                 if chunk.text or finish:
                     if chat:
                         delta = {"content": chunk.text} if chunk.text else {}
@@ -284,10 +284,6 @@ class Ingress:
                 "invalid_request_error",
                 "model",
             )
-
-
-def _finish(reason: str | None) -> str | None:
-    return {"abort": "abort"}.get(reason, reason) if reason else None
 
 
 def _server_error(exc: BaseException, rid: str) -> ApiError:

@@ -115,7 +115,6 @@ class PrefillInstance:
         self._loop_task: asyncio.Task[None] | None = None
         self.healthy = False
         self.last_error: str | None = None
-        self.last_reports: list[Any] = []
         self.ended_log: deque[Ended] = deque(maxlen=1024)  # recent outcomes, for diagnostics
 
     async def start(self) -> None:
@@ -176,7 +175,7 @@ class PrefillInstance:
     async def _run(self) -> None:
         while True:
             if not self.controller.has_work:
-                self.metrics.observe_queues(self.controller.queue_sizes(), self.last_reports)
+                self.metrics.observe_queues(self.controller.queue_sizes())
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -187,12 +186,11 @@ class PrefillInstance:
             except StageGroupError as exc:
                 await self._recover(str(exc))
                 continue
-            self.metrics.observe_step(time.perf_counter() - start, reports)
-            self.last_reports = reports
+            self.metrics.observe_step(time.perf_counter() - start)
             ended = self.controller.apply(plan, reports)
             for e in ended:
                 self._resolve(e)
-            self.metrics.observe_queues(self.controller.queue_sizes(), reports)
+            self.metrics.observe_queues(self.controller.queue_sizes())
             if not plan.batch and not ended:
                 # Only bootstraps or transfers pending: poll at a steady rate, not a hot spin.
                 self._wake.clear()
@@ -263,7 +261,7 @@ class PrefillDeployment:
             "healthy": self.instance.healthy,
             "queues": self.instance.controller.queue_sizes(),
             "pages_in_use": self.instance.controller.allocator.num_in_use,
-            "requests_ended": len(self.instance.ended_log),
+            "requests_admitted": self.instance.controller.admitted,
             "stages": await self.instance.group.call_all("stats"),
             "placement": self.instance.group.info,
         }

@@ -92,6 +92,7 @@ class PrefillController:
         self.requests: OrderedDict[str, Tracked] = OrderedDict()
         self.waiting: OrderedDict[str, None] = OrderedDict()  # FIFO of ready requests
         self._step = 0
+        self.admitted = 0  # requests that passed validation, ever (a test of "never saw it")
         self._tick = 0
         self._outstanding: dict[int, tuple[str, ...]] = {}  # issued ticks not yet applied
         self._tick_reports: dict[int, list[TickResult]] = {}
@@ -118,6 +119,7 @@ class PrefillController:
         if request.rid in self.requests:
             raise ValueError(f"request {request.rid} is already in flight")
         self.requests[request.rid] = Tracked(request)
+        self.admitted += 1
         self._pending_admit.append((request.rid, request.room))
 
     def set_receiver_info(self, rid: str, info: ReceiverInfo) -> bool:

@@ -255,6 +255,6 @@ def test_bad_requests_get_4xx_and_create_no_state(served, payload, headers, stat
     error = response.json()["error"]
     assert needle in error["message"] and error["type"] == "invalid_request_error"
     decode, after = stats(app_of(served))
-    assert after["requests_ended"] == before["requests_ended"]  # the prefill never saw it
+    assert after["requests_admitted"] == before["requests_admitted"]  # prefill never saw it
     assert decode["prealloc"] == decode["transfer"] == decode["running"] == 0
     assert decode["pages_in_use"] == 0

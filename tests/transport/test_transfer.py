@@ -25,11 +25,6 @@ def wait_done(sender: KVSender, timeout: float = 10.0) -> KVPoll:
     return wait_for(sender, {KVPoll.Success, KVPoll.Failed}, timeout)
 
 
-def page_bytes(layer: torch.Tensor, kv: int, page: int) -> torch.Tensor:
-    """Bytes of page `page` of K (kv=0) or V (kv=1) of one `[2, P, S, H, D]` layer."""
-    return layer.view(torch.uint8)[kv, page] if layer.dtype == torch.uint8 else layer[kv, page]
-
-
 def transfer(
     stages: list[PrefillStage],
     decode: DecodePeer,
