@@ -17,6 +17,7 @@ import ray
 import torch
 
 from cluster.metrics import StageMetrics
+from cluster.metrics_export import export_process_metrics
 from cluster.plan import ChunkPlan, StageReport, StepPlan
 from cluster.stage_requests import StageRequests
 from cluster.stage_step import StageLoop
@@ -51,6 +52,7 @@ class StageSpec:
     dtype: str = "auto"
     device: str = "auto"
     replica: str = ""
+    app: str = ""  # the Serve application, for metrics discovery
     transport: TransportConfig = field(default_factory=TransportConfig)
 
 
@@ -77,7 +79,6 @@ class StageActor:
         self.is_last = spec.end == config.num_hidden_layers
         self.endpoint = TransferEndpoint(spec.transport)
         self.endpoint.register_cache(self.cache)
-        self.metrics = StageMetrics(spec.replica, spec.pp_rank, spec.num_pages)
         self.requests = StageRequests(
             self._make_sender,
             pp_rank=spec.pp_rank,
@@ -87,7 +88,21 @@ class StageActor:
         self._world = 1
         self._upstream: torch.Tensor | None = None
         self._hidden: torch.Tensor | None = None
-        self.loop = StageLoop(self.requests, self._allreduce_min, self._forward, self.is_last)
+        self.loop = StageLoop(
+            self.requests,
+            self._allreduce_min,
+            self._forward,
+            self.is_last,
+            on_tick=lambda seconds: self.metrics.observe_tick(seconds),
+        )
+        self.metrics = StageMetrics(
+            spec.replica,
+            spec.pp_rank,
+            spec.num_pages,
+            queues=self.loop.queue_sizes,
+            pages_in_use=lambda: self.requests.pages_in_use,
+        )
+        export_process_metrics(spec.app, "prefill-stage")
 
     def ready(self) -> dict[str, Any]:
         return {
@@ -116,7 +131,6 @@ class StageActor:
             report = self.loop.step(plan)
         finally:
             hidden, self._upstream, self._hidden = self._hidden, None, None
-        self.metrics.observe(report.queue_sizes, report.pages_in_use, report.consensus_seconds)
         return report, hidden
 
     def read_pages(self, pages: list[int]) -> list[torch.Tensor]:
@@ -132,7 +146,12 @@ class StageActor:
             "metadata_slots_held": self.endpoint.metadata.num_held,
         }
 
+    def admit_untracked(self, rid: str) -> None:
+        """Test hook: a request only this rank holds (see `StageLoop.admit_untracked`)."""
+        self.loop.admit_untracked(rid)
+
     def shutdown(self) -> None:
+        self.metrics.close()
         self.loop.close()
         for rid in list(self.requests.senders):
             self.requests.drop(rid, "stage shutting down")

@@ -113,6 +113,9 @@ class StageGroup:
     async def call_all(self, method: str, *args: Any) -> list[Any]:
         return list(await asyncio.gather(*(getattr(a, method).remote(*args) for a in self.actors)))
 
+    async def call_one(self, pp_rank: int, method: str, *args: Any) -> Any:
+        return await getattr(self.actors[pp_rank], method).remote(*args)
+
     def kill(self) -> None:
         """Kill every actor (a broken gloo group cannot be repaired, only rebuilt)."""
         for actor in self.actors:

@@ -42,8 +42,11 @@ class StageLoop:
         forward: Forward,
         is_last_stage: bool,
         background: bool = True,
+        on_tick: Callable[[float], None] | None = None,
     ) -> None:
         self.requests = requests
+        self._on_tick = on_tick
+        self._untracked: set[str] = set()
         self._allreduce_min = allreduce_min
         self._forward = forward
         self._is_last = is_last_stage
@@ -108,7 +111,18 @@ class StageLoop:
     def queue_sizes(self) -> dict[str, int]:
         """This rank's bootstrap / waiting / inflight counts as of its latest tick."""
         with self._lock:
-            return dict(self._queue_sizes)
+            sizes = dict(self._queue_sizes)
+            self._untracked &= self.requests.senders.keys()
+            sizes["bootstrap"] += len(self._untracked)
+            return sizes
+
+    def admit_untracked(self, rid: str, room: int = 0) -> None:
+        """Test hook: hold a request the controller never admitted, as SGLang's per-rank queues
+        could after an abort. It stays in this rank's bootstrap queue until the controller's
+        next reconcile drops it (the next time the instance has work)."""
+        with self._lock:
+            self.requests.admit(rid, room)
+            self._untracked.add(rid)
 
     def close(self) -> None:
         if self._ticks is not None:
@@ -142,6 +156,8 @@ class StageLoop:
             self._done.append(TickResult(tick, tuple(agreed), reasons))
             self._queue_sizes = self._sizes(rids, local)
             self._consensus_s = time.perf_counter() - start
+        if self._on_tick is not None:
+            self._on_tick(self._consensus_s)
 
     def _sizes(self, rids: tuple[str, ...], local: list[int]) -> dict[str, int]:
         """Per-rank queue gauges from the tick just run (no second pass over the senders)."""

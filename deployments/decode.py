@@ -20,6 +20,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
 
+from cluster.metrics import DecodeMetrics
+from cluster.metrics_export import export_process_metrics, serve_replica_identity
 from cluster.plan import PrefillRequest
 from engine import LLM, EngineConfig, SamplingParams
 from engine.page_allocator import pages_needed
@@ -82,7 +84,7 @@ class TokenChunk:
 class DecodeInstance:
     """The decode engine of one replica and the per-request protocol around it."""
 
-    def __init__(self, config: DecodeConfig, prefill: Any) -> None:
+    def __init__(self, config: DecodeConfig, prefill: Any, replica: str = "decode") -> None:
         self.config = config
         self.prefill = prefill  # a handle (or object) with `async prefill(PrefillRequest)`
         self.llm = LLM(
@@ -107,13 +109,24 @@ class DecodeInstance:
         self._work = asyncio.Event()
         self._quarantined = 0
         self.counts = {"prealloc": 0, "transfer": 0}
+        self.metrics = DecodeMetrics(
+            replica,
+            config.num_pages,
+            queues=self.queue_sizes,
+            pages_in_use=lambda: self.llm.allocator.num_in_use,
+        )
         self._loop_task = asyncio.get_running_loop().create_task(self._decode_loop())
 
     # -- one request --------------------------------------------------------------------------
 
     async def generate(self, request: DecodeRequest) -> AsyncIterator[TokenChunk]:
         """Stream a request's tokens; the first comes from the prefill side."""
-        pages = await self._preallocate(request)
+        timer = self.metrics.request(len(request.prompt_token_ids))
+        try:
+            pages = await self._preallocate(request)
+        except DecodeOverloaded as exc:
+            self.metrics.failed(str(exc), before_transfer=True)
+            raise
         receiver = KVReceiver(
             self.endpoint,
             rid=request.rid,
@@ -145,7 +158,9 @@ class DecodeInstance:
             for stage in range(len(result.stage_sessions)):
                 receiver.on_stage_result(stage, True)
             if receiver.poll() is not KVPoll.Success or receiver.first_token is None:
-                raise DecodeFailed(f"KV transfer incomplete: {receiver.failure_reason}")
+                reason = f"KV transfer incomplete: {receiver.failure_reason}"
+                self.metrics.failed(reason, before_transfer=False)
+                raise DecodeFailed(reason)
             first = receiver.first_token  # read from our own pages' metadata slot
             self._streams[request.rid] = queue
             out = self.llm.add_prefilled(
@@ -158,14 +173,17 @@ class DecodeInstance:
             )
             added = True
             self._work.set()
+            timer.tokens(len(out.token_ids))
             yield chunk_of(out)
             finished = out.finished
             while not finished:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                timer.tokens(len(item.token_ids))
                 yield chunk_of(item)
                 finished = item.finished
+            timer.finished()
         finally:
             self._streams.pop(request.rid, None)
             if added:
@@ -227,6 +245,14 @@ class DecodeInstance:
             if await step_and_dispatch(self.llm, self._streams):
                 self._memory_freed.set()
 
+    def queue_sizes(self) -> dict[str, int]:
+        """Prealloc (waiting for pages), transfer (waiting for KV), and the engine's queues."""
+        return {
+            **self.counts,
+            "waiting": len(self.llm.scheduler.waiting),
+            "running": len(self.llm.scheduler.running),
+        }
+
     def stats(self) -> dict[str, Any]:
         return {
             "prealloc": self.counts["prealloc"],
@@ -287,7 +313,9 @@ class DecodeDeployment:
 
         configure_logging()
         self.config = DecodeConfig.model_validate(config)
-        self.instance = DecodeInstance(self.config, _PrefillHandle(prefill))
+        app, replica = serve_replica_identity()
+        self.instance = DecodeInstance(self.config, _PrefillHandle(prefill), replica)
+        export_process_metrics(app, "decode")
 
     async def generate(self, request: DecodeRequest) -> AsyncIterator[TokenChunk]:
         async for chunk in self.instance.generate(request):

@@ -18,9 +18,16 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, PositiveInt
 
+from cluster.metrics import IngressMetrics
+from cluster.metrics_export import (
+    directory,
+    export_process_metrics,
+    scrape_app,
+    serve_replica_identity,
+)
 from deployments.decode import DecodeRequest
 from deployments.openai_api import (
     ChatCompletionRequest,
@@ -35,6 +42,10 @@ from engine.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "PDSERVE_API_KEY"
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# The API replica's own series; module-level because FastAPI's error handlers are too.
+_metrics: IngressMetrics | None = None
 
 
 class IngressConfig(BaseModel):
@@ -60,11 +71,26 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 
 
 def _count(route: str, status: int) -> None:
-    from cluster.metrics import http_requests
+    if _metrics is not None:
+        _metrics.response(route.rsplit("/v1", 1)[-1] or route, status)
 
-    http_requests().inc(
-        1, tags={"route": route.rsplit("/v1", 1)[-1] or route, "status": str(status)}
-    )
+
+class _InFlight:
+    """One request counted in `pdserve_requests_in_flight` until released, exactly once, even
+    when a streaming body is dropped before it starts."""
+
+    def __init__(self) -> None:
+        self._gauge = _metrics.in_flight if _metrics is not None else None
+        if self._gauge is not None:
+            self._gauge.inc()
+
+    def release(self) -> None:
+        gauge, self._gauge = self._gauge, None
+        if gauge is not None:
+            gauge.dec()
+
+    def __del__(self) -> None:
+        self.release()
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -88,7 +114,12 @@ class Ingress:
     def __init__(self, config: dict[str, Any], decode: Any) -> None:
         from engine.logs import configure_logging
 
+        global _metrics
         configure_logging()
+        self.app_name, replica = serve_replica_identity()
+        if _metrics is None:
+            _metrics = IngressMetrics(replica)
+        self.metrics_address = export_process_metrics(self.app_name, "ingress")
         self.config = IngressConfig.model_validate(config)
         self.config.api_key = self.config.api_key or os.environ.get(API_KEY_ENV) or None
         model_config = ModelConfig.from_dir(self.config.model)
@@ -101,6 +132,15 @@ class Ingress:
 
     async def health(self) -> dict[str, str]:
         return {"status": "ok"}
+
+    async def metrics(self) -> PlainTextResponse:
+        """Every `pdserve_*` series of this application: all replicas and stage actors."""
+        text = await scrape_app(self.app_name, self.metrics_address)
+        return PlainTextResponse(text, media_type=PROMETHEUS_CONTENT_TYPE)
+
+    async def metrics_targets(self) -> list[dict[str, Any]]:
+        """Prometheus HTTP service discovery: one target per process that exports series."""
+        return await directory().targets.remote(self.app_name)
 
     async def models(self, request: Request) -> dict[str, Any]:
         self._authorize(request)
@@ -180,15 +220,19 @@ class Ingress:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         room = secrets.randbits(63)
         request = DecodeRequest(rid, room, prompt_ids, sampling)
+        in_flight = _InFlight()
         stream = self.decode.generate.options(stream=True).remote(request)
         log.info("request", extra={"rid": rid, "room": room, "prompt_tokens": n})
         if body.stream:
             _count("/chat/completions" if chat else "/completions", 200)
             return StreamingResponse(
-                self._sse(stream, rid, chat, body.include_usage, n),
+                _releasing(self._sse(stream, rid, chat, body.include_usage, n), in_flight),
                 media_type="text/event-stream",
             )
-        return await self._collect(stream, rid, chat, n)
+        try:
+            return await self._collect(stream, rid, chat, n)
+        finally:
+            in_flight.release()
 
     async def _collect(self, stream: Any, rid: str, chat: bool, n: int) -> JSONResponse:
         text, tokens, finish, logprobs = "", 0, None, []
@@ -292,12 +336,22 @@ def _server_error(exc: BaseException, rid: str) -> ApiError:
     text = str(exc).strip().splitlines()
     reason = text[-1] if text else type(exc).__name__
     log.error("request failed: %s", reason, extra={"rid": rid})
-    from cluster.metrics import reason_label, request_failures
-
-    request_failures().inc(1, tags={"reason": reason_label(reason)})
+    if _metrics is not None:
+        _metrics.failure(reason)
     if isinstance(exc, DecodeOverloaded) or "DecodeOverloaded" in str(exc):
         return ApiError(503, f"server overloaded: {reason}", "server_error")
     return ApiError(500, f"request {rid} failed: {reason}", "server_error")
+
+
+async def _releasing(events: AsyncIterator[str], in_flight: _InFlight) -> AsyncIterator[str]:
+    """A response body that stops counting as in flight however it ends (done, error, client
+    gone); a body never started is released when it is dropped."""
+    try:
+        async for event in events:
+            yield event
+    finally:
+        in_flight.release()
+        await events.aclose()  # type: ignore[attr-defined]
 
 
 def build_ingress_class() -> type:
@@ -313,6 +367,14 @@ def build_ingress_class() -> type:
         @app.get("/health")
         async def health_route(self) -> dict[str, str]:
             return await self.health()
+
+        @app.get("/metrics")
+        async def metrics_route(self) -> PlainTextResponse:
+            return await self.metrics()
+
+        @app.get("/metrics/targets")
+        async def metrics_targets_route(self) -> list[dict[str, Any]]:
+            return await self.metrics_targets()
 
         @app.get("/v1/models")
         async def models_route(self, request: Request) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
 
 from cluster.metrics import PrefillMetrics
+from cluster.metrics_export import export_process_metrics, serve_replica_identity
 from cluster.plan import PrefillRequest
 from cluster.stage_actor import StageSpec
 from cluster.stage_group import Placement, StageGroup, StageGroupError
@@ -54,7 +55,7 @@ class PrefillConfig(BaseModel):
     num_replicas: PositiveInt = 1
     transport: TransportConfig = Field(default_factory=TransportConfig)
 
-    def stage_specs(self, replica: str = "") -> list[StageSpec]:
+    def stage_specs(self, replica: str = "", app: str = "") -> list[StageSpec]:
         num_layers = ModelConfig.from_dir(self.model).num_hidden_layers
         return [
             StageSpec(
@@ -68,6 +69,7 @@ class PrefillConfig(BaseModel):
                 dtype=self.dtype,
                 device=self.device,
                 replica=replica,
+                app=app,
                 transport=self.transport,
             )
             for i, r in enumerate(split_layers(num_layers, self.pp_size))
@@ -96,7 +98,7 @@ class PrefillResult:
 class PrefillInstance:
     """Controller loop of one prefill instance (its stages live in `StageGroup`)."""
 
-    def __init__(self, config: PrefillConfig, name: str = "") -> None:
+    def __init__(self, config: PrefillConfig, name: str = "", app: str = "") -> None:
         self.config = config
         self.name = name or uuid.uuid4().hex[:8]
         self.controller = PrefillController(
@@ -108,8 +110,8 @@ class PrefillInstance:
                 max_batched_requests=config.max_batched_requests,
             )
         )
-        self.group = StageGroup(config.stage_specs(self.name), config.placement(), self.name)
-        self.metrics = PrefillMetrics(self.name)
+        self.group = StageGroup(config.stage_specs(self.name, app), config.placement(), self.name)
+        self.metrics = PrefillMetrics(self.name, self.controller.queue_sizes)
         self._futures: dict[str, asyncio.Future[Ended]] = {}
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -119,7 +121,7 @@ class PrefillInstance:
 
     async def start(self) -> None:
         await self.group.start()
-        self.healthy = True
+        self._set_healthy(True)
         self._loop_task = asyncio.create_task(self._run(), name=f"prefill-{self.name}")
 
     async def stop(self) -> None:
@@ -130,6 +132,11 @@ class PrefillInstance:
         for ended in self.controller.fail_all("prefill instance shutting down"):
             self._resolve(ended)
         await self.group.shutdown()
+        self.metrics.close()
+
+    def _set_healthy(self, up: bool) -> None:
+        self.healthy = up
+        self.metrics.healthy(up)
 
     @property
     def stage_sessions(self) -> list[str]:
@@ -175,7 +182,6 @@ class PrefillInstance:
     async def _run(self) -> None:
         while True:
             if not self.controller.has_work:
-                self.metrics.observe_queues(self.controller.queue_sizes())
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -190,7 +196,6 @@ class PrefillInstance:
             ended = self.controller.apply(plan, reports)
             for e in ended:
                 self._resolve(e)
-            self.metrics.observe_queues(self.controller.queue_sizes())
             if not plan.batch and not ended:
                 # Only bootstraps or transfers pending: poll at a steady rate, not a hot spin.
                 self._wake.clear()
@@ -200,7 +205,7 @@ class PrefillInstance:
     async def _recover(self, reason: str) -> None:
         """A stage died: fail everything in flight, rebuild the stages, serve again."""
         log.error("prefill stage group failed; rebuilding", extra={"reason": reason})
-        self.healthy = False
+        self._set_healthy(False)
         self.last_error = reason
         self.metrics.stage_failure()
         for ended in self.controller.fail_all(reason):
@@ -213,7 +218,7 @@ class PrefillInstance:
                 log.exception("stage rebuild failed")
                 await asyncio.sleep(1.0)
                 continue
-            self.healthy = True
+            self._set_healthy(True)
             self.last_error = None
             return
 
@@ -229,17 +234,13 @@ class PrefillDeployment:
     """Serve replica = controller of one prefill instance (its stages are its own actors)."""
 
     async def __init__(self, config: dict[str, Any]) -> None:
-        from ray import serve
-
         from engine.logs import configure_logging
 
         configure_logging()
         self.config = PrefillConfig.model_validate(config)
-        try:
-            replica = serve.get_replica_context().replica_tag
-        except Exception:  # outside Serve (local testing mode)
-            replica = ""
-        self.instance = PrefillInstance(self.config, name=_label(replica))
+        app, name = serve_replica_identity()
+        self.instance = PrefillInstance(self.config, name=name, app=app)
+        export_process_metrics(app, "prefill")
         await self.instance.start()
 
     async def prefill(self, request: PrefillRequest) -> PrefillResult:
@@ -266,14 +267,15 @@ class PrefillDeployment:
             "placement": self.instance.group.info,
         }
 
+    async def debug_admit_untracked(self, pp_rank: int, rid: str) -> None:
+        """Test hook: make rank `pp_rank` hold a request this controller never admitted (the
+        orphan SGLang's per-rank queues leave behind), so alerts on it can be exercised."""
+        await self.instance.group.call_one(pp_rank, "admit_untracked", rid)
+
     async def check_health(self) -> None:
         """Serve replaces a replica whose stages are down and cannot be rebuilt."""
         if not self.instance.healthy:
             raise RuntimeError(f"prefill stages unavailable: {self.instance.last_error}")
-
-
-def _label(replica_tag: str) -> str:
-    return "".join(ch if ch.isalnum() else "-" for ch in replica_tag)[-40:] or uuid.uuid4().hex[:8]
 
 
 def build_prefill_app(config: PrefillConfig, name: str = "prefill") -> Any:

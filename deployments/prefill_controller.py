@@ -72,6 +72,7 @@ class Ended:
     phase: str | None = None  # where it was when it ended
     pages: tuple[int, ...] = ()  # prefill pages it used (freed by now), for diagnostics
     ready_to_start_steps: int | None = None
+    failed_rank: int | None = None  # the first rank that reported the failure, if one did
 
 
 @dataclass
@@ -95,7 +96,7 @@ class PrefillController:
         self.admitted = 0  # requests that passed validation, ever (a test of "never saw it")
         self._tick = 0
         self._outstanding: dict[int, tuple[str, ...]] = {}  # issued ticks not yet applied
-        self._tick_reports: dict[int, list[TickResult]] = {}
+        self._tick_reports: dict[int, list[tuple[int, TickResult]]] = {}
         self._applied_tick = 0
         self._pending_admit: list[tuple[str, int]] = []
         self._pending_infos: list[tuple[str, ReceiverInfo]] = []
@@ -160,7 +161,7 @@ class PrefillController:
 
     def queue_sizes(self) -> dict[str, int]:
         counts = {phase.value: 0 for phase in Phase}
-        for tracked in self.requests.values():
+        for tracked in list(self.requests.values()):  # metrics read it from another thread
             counts[tracked.phase.value] += 1
         return counts
 
@@ -223,7 +224,7 @@ class PrefillController:
 
         for report in reports:
             for result in report.ticks:
-                self._tick_reports.setdefault(result.tick, []).append(result)
+                self._tick_reports.setdefault(result.tick, []).append((report.pp_rank, result))
         ended: list[Ended] = []
         for tick in sorted(self._outstanding):
             results = self._tick_reports.get(tick, [])
@@ -240,18 +241,18 @@ class PrefillController:
         return ended
 
     def _apply_tick(
-        self, tick: int, rids: tuple[str, ...], results: list[TickResult]
+        self, tick: int, rids: tuple[str, ...], results: list[tuple[int, TickResult]]
     ) -> list[Ended]:
-        vectors = {r.vector for r in results}
+        vectors = {r.vector for _, r in results}
         if len(vectors) != 1:
             raise StagePlanError(f"stages disagree on tick {tick}: {vectors}")
-        vector = results[0].vector
+        vector = results[0][1].vector
         if len(vector) != len(rids):
             raise StagePlanError(f"tick {tick}: {len(vector)} states for {len(rids)} rids")
-        reasons: dict[str, str] = {}
-        for result in results:
+        reasons: dict[str, tuple[int, str]] = {}
+        for rank, result in sorted(results, key=lambda item: item[0]):
             for rid, reason in result.failure_reasons.items():
-                reasons.setdefault(rid, reason)
+                reasons.setdefault(rid, (rank, reason))
         self._applied_tick = tick
         ended: list[Ended] = []
         for rid, state in zip(rids, vector, strict=True):
@@ -259,7 +260,8 @@ class PrefillController:
             if tracked is None:
                 continue  # aborted after the tick went out: already ended, decided once
             if state == KVPoll.Failed:
-                ended.append(self._end(rid, False, reasons.get(rid, "failed on another rank")))
+                rank, reason = reasons.get(rid, (None, "failed on another rank"))
+                ended.append(self._end(rid, False, reason, failed_rank=rank))
             elif tracked.phase is Phase.BOOTSTRAP and state >= KVPoll.WaitingForInput:
                 tracked.phase = Phase.WAITING
                 tracked.ready_at = time.monotonic()
@@ -307,7 +309,9 @@ class PrefillController:
             )
         return tuple(batch)
 
-    def _end(self, rid: str, ok: bool, reason: str | None = None) -> Ended:
+    def _end(
+        self, rid: str, ok: bool, reason: str | None = None, failed_rank: int | None = None
+    ) -> Ended:
         tracked = self.requests.pop(rid)
         pages = tuple(tracked.pages)
         self._release(rid, tracked)
@@ -320,7 +324,7 @@ class PrefillController:
         steps = None
         if tracked.ready_tick is not None and tracked.start_tick is not None:
             steps = tracked.start_tick - tracked.ready_tick
-        return Ended(rid, ok, reason, first, wait, tracked.phase.value, pages, steps)
+        return Ended(rid, ok, reason, first, wait, tracked.phase.value, pages, steps, failed_rank)
 
     def _release(self, rid: str, tracked: Tracked) -> None:
         if tracked.pages:
