@@ -17,17 +17,21 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: serve test bench lint install sysdeps clean
+.PHONY: serve test bench lint install sysdeps clean dashboards dashboards-snapshot
 
 install: $(STAMP)
 
-# The Mooncake wheel links against libibverbs.so.1 even for tcp transfers.
+# The Mooncake wheel links against libibverbs.so.1 even for tcp transfers; the metrics tests
+# and `make dashboards-snapshot` run Debian's prometheus (and its promtool).
 sysdeps:
-	@if ! /sbin/ldconfig -p 2>/dev/null | grep -q 'libibverbs\.so\.1'; then \
-	  echo "pdserve: installing Debian's libibverbs1 (the Mooncake transfer engine needs it)"; \
+	@missing=; \
+	/sbin/ldconfig -p 2>/dev/null | grep -q 'libibverbs\.so\.1' || missing="$$missing libibverbs1"; \
+	command -v prometheus >/dev/null && command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
+	  echo "pdserve: installing Debian packages:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  ( $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq libibverbs1 ) >/dev/null \
-	    || { echo "pdserve: could not install libibverbs1. Install it yourself (apt-get install libibverbs1) and run make again." >&2; exit 1; }; \
+	  ( $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing ) >/dev/null \
+	    || { echo "pdserve: could not install$$missing. Install them yourself (apt-get install$$missing) and run make again." >&2; exit 1; }; \
 	fi
 
 $(STAMP): pyproject.toml | sysdeps
@@ -44,6 +48,14 @@ $(GENERATED)/config.json: | $(STAMP)
 # with PP=$(PP) and decode, the OpenAI API on $(HOST):$(PORT).
 serve: $(STAMP) sysdeps $(if $(filter generated,$(MODEL)),$(GENERATED)/config.json)
 	$(VENV)/bin/pdserve serve --model $(SERVE_MODEL) --pp-size $(PP) --host $(HOST) --port $(PORT) --local-cluster
+
+# Rewrite dashboards/grafana/*.json from dashboards/generate.py (a test keeps them in step).
+dashboards: $(STAMP)
+	$(PY) -m dashboards.generate
+
+# PNG plots of every dashboard panel from a short local run, through a real Prometheus.
+dashboards-snapshot: $(STAMP) sysdeps
+	$(PY) -m dashboards.snapshot --out dashboards/snapshots
 
 lint: $(STAMP) sysdeps
 	$(VENV)/bin/ruff check .

@@ -211,15 +211,14 @@ class Owner:
     def live_queues(self, names: tuple[str, ...], read: Callable[[], dict[str, int]]) -> None:
         """Queue gauges computed from `read()` at scrape time."""
         for name in names:
-            self.child(queue_size, queue=name).set_function(
-                lambda name=name: float(_safe_read(read).get(name, 0))
-            )
+            self.child(queue_size, queue=name).set_function(_live(lambda name=name: read()[name]))
 
-    def init_failures(self) -> None:
-        """Every known failure reason at 0, so rates over them exist before the first failure."""
+    def init_failures(self, pp_rank: str | None = None) -> None:
+        """Every known failure reason at 0, so rates over them exist before the first failure
+        (a series born at 1 hides its first count from `rate`)."""
         for reason in REASONS:
-            self.child(bootstrap_failures, reason=reason)
-            self.child(transfer_failures, reason=reason)
+            self.child(bootstrap_failures, pp_rank=pp_rank, reason=reason)
+            self.child(transfer_failures, pp_rank=pp_rank, reason=reason)
 
     def close(self) -> None:
         for metric, values in self._children:
@@ -228,15 +227,9 @@ class Owner:
         self._children.clear()
 
 
-def _safe_read(read: Callable[[], dict[str, int]]) -> dict[str, int]:
-    try:
-        return read()
-    except Exception:  # a scrape never takes a component down
-        return {}
-
-
 def _live(read: Callable[[], int]) -> Callable[[], float]:
-    """A gauge function read from another thread: a failed read reports NaN, never raises."""
+    """A gauge function read from another thread at scrape time: a failed read reports NaN
+    (never 0, which would look drained, and never an exception, which would fail the scrape)."""
 
     def value() -> float:
         try:
@@ -277,12 +270,14 @@ class StageMetrics(Owner):
 class PrefillMetrics(Owner):
     """The series a prefill controller (one Serve replica) owns."""
 
-    def __init__(self, replica: str, queues: Callable[[], dict[str, int]]) -> None:
+    def __init__(self, replica: str, pp_size: int, queues: Callable[[], dict[str, int]]) -> None:
         super().__init__(Labels("prefill", replica, "controller"))
         self.live_queues(QUEUES_CONTROLLER, queues)
-        self.init_failures()
+        for rank in ["controller", *map(str, range(pp_size))]:  # failures land on the rank
+            self.init_failures(pp_rank=rank)
         self.child(stage_failures)
-        self.child(prefill_requests, outcome="ok")
+        for outcome in ("ok", *REASONS):
+            self.child(prefill_requests, outcome=outcome)
         self._step = self.child(prefill_step_seconds)
         self.healthy(False)
 
@@ -373,6 +368,9 @@ class IngressMetrics(Owner):
         self.in_flight = self.child(requests_in_flight)
         for reason in REASONS:
             self.child(request_failures, reason=reason)
+        for route in ("/completions", "/chat/completions"):  # error rates exist before errors
+            for status in ("200", "400", "500", "503"):
+                self.child(http_requests, route=route, status=status)
         self.child(replica_healthy).set(1)
 
     def response(self, route: str, status: int) -> None:

@@ -15,6 +15,7 @@ import httpx
 import yaml
 
 RULES = Path(__file__).parent / "prometheus" / "alerts.yml"
+SCRAPE = Path(__file__).parent / "prometheus" / "scrape.yml"
 
 
 def find_binary(name: str) -> str:
@@ -34,23 +35,16 @@ def _free_port() -> int:
 
 
 def scrape_config(api_url: str, interval_s: float, rule_files: list[Path]) -> dict[str, Any]:
-    """Scrape every pdserve process that `api_url/metrics/targets` lists (HTTP discovery)."""
+    """The shipped `scrape.yml` (HTTP discovery through `api_url/metrics/targets`), pointed at
+    `api_url`, with a faster scrape and evaluation interval and the given rule files."""
+    config = yaml.safe_load(SCRAPE.read_text().replace("http://API_HOST:8000", api_url))
     interval = f"{interval_s:g}s"
-    return {
-        "global": {"scrape_interval": interval, "evaluation_interval": interval},
-        "rule_files": [str(p) for p in rule_files],
-        "scrape_configs": [
-            {
-                "job_name": "pdserve",
-                "http_sd_configs": [
-                    {"url": f"{api_url}/metrics/targets", "refresh_interval": interval}
-                ],
-                "relabel_configs": [
-                    {"source_labels": ["__meta_pdserve_roles"], "target_label": "process_roles"}
-                ],
-            }
-        ],
-    }
+    config["global"] = {"scrape_interval": interval, "evaluation_interval": interval}
+    config["rule_files"] = [str(p) for p in rule_files]
+    for job in config["scrape_configs"]:
+        for sd in job.get("http_sd_configs", []):
+            sd["refresh_interval"] = interval
+    return config
 
 
 def rules_with_for(overrides: dict[str, str], out: Path) -> Path:

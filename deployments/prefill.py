@@ -111,7 +111,7 @@ class PrefillInstance:
             )
         )
         self.group = StageGroup(config.stage_specs(self.name, app), config.placement(), self.name)
-        self.metrics = PrefillMetrics(self.name, self.controller.queue_sizes)
+        self.metrics = PrefillMetrics(self.name, config.pp_size, self.controller.queue_sizes)
         self._futures: dict[str, asyncio.Future[Ended]] = {}
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None

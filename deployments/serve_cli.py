@@ -88,7 +88,7 @@ pdserve is serving `{name}` (prefill PP={config.pp_size}, decode) at {base}/v1
   print(client.chat.completions.create(model="{name}",
         messages=[{{"role": "user", "content": "Hello!"}}], max_tokens=32).choices[0].message.content)
 
-Health: {base}/health   Stop: Ctrl-C
+Health: {base}/health   Metrics (every replica and PP stage): {base}/metrics   Stop: Ctrl-C
 """
 
 

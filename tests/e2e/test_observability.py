@@ -5,7 +5,6 @@ load with aborts runs; then the alert for a queue that does not drain, quiet and
 from __future__ import annotations
 
 import asyncio
-import random
 import re
 import time
 from collections.abc import Iterator
@@ -14,10 +13,10 @@ from typing import Any
 
 import httpx
 import pytest
-from openai import AsyncOpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from dashboards.prometheus_server import PrometheusServer, rules_with_for, scrape_config
+from dashboards.traffic import mixed_load
 from tests.e2e.conftest import API_KEY, app_config
 
 MODEL = "pdserve-test"
@@ -100,57 +99,6 @@ def test_every_process_is_discoverable_and_merged_into_the_api_metrics(app) -> N
     assert all(name.startswith("pdserve_") for name, _ in got)
 
 
-async def load(url: str, seconds: float, concurrency: int = 6) -> dict[str, int]:
-    """Completions and chats, streamed and not; every fourth stream is dropped after its
-    first chunk (a client abort), and some requests are invalid (400s)."""
-    client = AsyncOpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
-    counts = {"ok": 0, "aborted": 0, "rejected": 0}
-    deadline = time.monotonic() + seconds
-    rng = random.Random(7)
-
-    async def worker(w: int) -> None:
-        i = 0
-        while time.monotonic() < deadline:
-            i += 1
-            prompt = " ".join(
-                rng.choice(["red", "fox", "jumps", "over", "lazy"])
-                for _ in range(rng.randrange(3, 60))
-            )
-            kind = (w + i) % 5
-            if kind == 0:
-                stream = await client.completions.create(
-                    model=MODEL, prompt=prompt, max_tokens=40, stream=True
-                )
-                async for _ in stream:
-                    break
-                await stream.close()
-                counts["aborted"] += 1
-            elif kind == 1:
-                try:
-                    await client.completions.create(model=MODEL, prompt=prompt, max_tokens=-1)
-                except Exception:
-                    counts["rejected"] += 1
-            elif kind == 2:
-                stream = await client.chat.completions.create(
-                    model=MODEL,
-                    messages=[{"role": "user", "content": prompt}],
-                    max_tokens=rng.randrange(2, 12),
-                    stream=True,
-                )
-                async for _ in stream:
-                    pass
-                counts["ok"] += 1
-            else:
-                await client.completions.create(
-                    model=MODEL, prompt=prompt, max_tokens=rng.randrange(2, 12)
-                )
-                counts["ok"] += 1
-
-    await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    await client.close()
-    return counts
-
-
 def test_prometheus_scrapes_every_rank_and_every_panel_and_rule_has_data(app, prometheus) -> None:
     from dashboards.generate import concrete, panel_expressions
 
@@ -163,7 +111,7 @@ def test_prometheus_scrapes_every_rank_and_every_panel_and_rule_has_data(app, pr
         60,
         "prometheus to scrape every process",
     )
-    counts = asyncio.run(load(url, seconds=15))
+    counts = asyncio.run(mixed_load(f"{url}/v1", API_KEY, MODEL, seconds=15))
     assert counts["ok"] > 10 and counts["aborted"] > 2 and counts["rejected"] > 2, counts
     time.sleep(3)  # a few more scrapes after the load
 
