@@ -433,12 +433,13 @@ _VARIABLES = {
 _VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
 
 
-def concrete(expr: str) -> str:
+def concrete(expr: str, **overrides: str) -> str:
     """`expr` as a plain Prometheus query: Grafana's variables replaced by fixed values."""
+    variables = _VARIABLES | overrides
 
     def value(match: re.Match[str]) -> str:
         name = match.group(1) or match.group(2)
-        return _VARIABLES.get(name, match.group(0))
+        return variables.get(name, match.group(0))
 
     return _VARIABLE.sub(value, expr)
 

@@ -30,6 +30,10 @@ from dashboards.traffic import mixed_load
 
 log = logging.getLogger("pdserve.snapshot")
 GRAFANA = Path(__file__).parent / "grafana"
+SCRAPE_INTERVAL_S = 1
+# What Grafana would pick for $__rate_interval at a 1 s scrape interval on a short run.
+RATE_INTERVAL = "10s"
+MAX_LEGEND = 8
 
 
 def _free_port() -> int:
@@ -62,23 +66,34 @@ def plot_dashboard(
     chosen = panels(dashboard)
     cols = 3
     rows = math.ceil(len(chosen) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(6 * cols, 3.4 * rows), squeeze=False, layout="constrained"
+    )
     step = max(1.0, (end - start) / 200)
     for ax, panel in zip(axes.flat, chosen, strict=False):
+        zeros = []
         for target in panel["targets"]:
-            for result in prometheus.query_range(concrete(target["expr"]), start, end, step):
+            query = concrete(target["expr"], __rate_interval=RATE_INTERVAL)
+            for result in prometheus.query_range(query, start, end, step):
                 xs = [float(t) - start for t, _ in result["values"]]
                 ys = [float(v) for _, v in result["values"]]
-                ax.plot(xs, ys, label=legend(target.get("legendFormat", ""), result["metric"]))
+                label = legend(target.get("legendFormat", ""), result["metric"])
+                if all(y == 0 for y in ys):
+                    zeros.append((xs, ys))  # pre-initialised series: one line stands for all
+                else:
+                    ax.plot(xs, ys, label=label)
+        if zeros:
+            xs, ys = zeros[0]
+            ax.plot(xs, ys, color="grey", linestyle="--", label=f"{len(zeros)} series at 0")
         ax.set_title(panel["title"], fontsize=10)
         ax.set_xlabel("seconds", fontsize=8)
         ax.tick_params(labelsize=8)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6, loc="upper left")
+        handles, labels = ax.get_legend_handles_labels()
+        if handles:
+            ax.legend(handles[:MAX_LEGEND], labels[:MAX_LEGEND], fontsize=6, loc="upper left")
     for ax in list(axes.flat)[len(chosen) :]:
         ax.axis("off")
     fig.suptitle(dashboard["title"])
-    fig.tight_layout()
     fig.savefig(out, dpi=80)
     plt.close(fig)
     return out
@@ -111,7 +126,9 @@ def main() -> None:
         config = AppConfig(model=str(model), pp_size=args.pp_size, dtype="float32", device="cpu")
         serve.run(build_app(config), name="pdserve", route_prefix="/")
         base = f"http://127.0.0.1:{port}"
-        prometheus = PrometheusServer(scrape_config(base, 1, [RULES]), work / "prometheus")
+        prometheus = PrometheusServer(
+            scrape_config(base, SCRAPE_INTERVAL_S, [RULES]), work / "prometheus"
+        )
         time.sleep(5)  # discovery and the first scrapes
         start = time.time()
         log.info("running a %.0fs mixed load with aborts", args.seconds)
