@@ -49,7 +49,8 @@ $(GENERATED)/config.json: | $(STAMP)
 serve: $(STAMP) sysdeps $(if $(filter generated,$(MODEL)),$(GENERATED)/config.json)
 	$(VENV)/bin/pdserve serve --model $(SERVE_MODEL) --pp-size $(PP) --host $(HOST) --port $(PORT) --local-cluster
 
-# Rewrite dashboards/grafana/*.json from dashboards/generate.py (a test keeps them in step).
+# Rewrite dashboards/grafana/*.json and the Helm chart's copies from dashboards/generate.py
+# (a test keeps them in step).
 dashboards: $(STAMP)
 	$(PY) -m dashboards.generate
 

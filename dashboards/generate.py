@@ -1,7 +1,7 @@
 """pdserve's Grafana dashboards, built in Python so every query is written once and tested.
 
-`python -m dashboards.generate` rewrites `dashboards/grafana/*.json` (`--check` only says whether
-they are stale). Tests compare the files with what this module builds, check that every
+`python -m dashboards.generate` rewrites `dashboards/grafana/*.json` and the Helm chart's copies
+of them and of the alert rules (`--check` only says whether they are stale). Tests compare the files with what this module builds, check that every
 expression names a series of `cluster.metrics`, and let promtool parse each one.
 
 Every selector filters `replica=~"$replica"`; prefill series of a pipeline rank (or of the
@@ -19,6 +19,9 @@ from typing import Any
 
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 OUT_DIR = Path(__file__).parent / "grafana"
+ALERTS = Path(__file__).parent / "prometheus" / "alerts.yml"
+# The chart ships copies: Helm reads files only from inside the chart.
+CHART = Path(__file__).parents[1] / "helm" / "pdserve"
 RANKS = "$pp_rank"  # `sel(pp_rank=RANKS)`: filter by the dashboard's rank variable
 CONTROLLER = "controller"
 QUANTILES = (0.5, 0.9, 0.99)
@@ -444,15 +447,23 @@ def concrete(expr: str, **overrides: str) -> str:
     return _VARIABLE.sub(value, expr)
 
 
+def generated_files() -> dict[Path, str]:
+    """Every file this module owns, with the text it must hold."""
+    files = {}
+    for name, board in dashboards().items():
+        files[OUT_DIR / name] = files[CHART / "dashboards" / name] = render(board)
+    files[CHART / "rules" / ALERTS.name] = ALERTS.read_text()
+    return files
+
+
 def main(argv: list[str]) -> int:
     stale = []
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    for name, board in dashboards().items():
-        path, text = OUT_DIR / name, render(board)
+    for path, text in generated_files().items():
         if path.exists() and path.read_text() == text:
             continue
         stale.append(path)
         if "--check" not in argv:
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
     for path in stale:
         print(f"{'stale' if '--check' in argv else 'wrote'} {path}")

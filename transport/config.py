@@ -11,7 +11,11 @@ class TransportConfig(BaseModel):
     """How a process talks Mooncake and how long it waits for its peers."""
 
     hostname: str = Field(
-        "127.0.0.1", description="address peers reach this process on (the node IP on clusters)"
+        "auto",
+        description=(
+            "address peers reach this process on; 'auto' = the node IP Ray reports for the "
+            "process (one config serves every node), loopback outside Ray"
+        ),
     )
     protocol: Literal["tcp", "rdma", "nvlink"] = "tcp"
     device_names: str = Field(
@@ -34,6 +38,14 @@ class TransportConfig(BaseModel):
     metadata_slots: PositiveInt = Field(
         1024, description="first-token metadata slots; bounds requests in flight per process"
     )
+
+    def resolved_hostname(self) -> str:
+        """The address this process advertises; resolved where the endpoint starts."""
+        if self.hostname != "auto":
+            return self.hostname
+        import ray
+
+        return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
 
     @model_validator(mode="after")
     def _rdma_needs_a_real_host(self) -> TransportConfig:

@@ -49,15 +49,15 @@ class TransferEndpoint:
         # hold a pool thread; it is read from the environment when the engine starts.
         os.environ.setdefault("MC_TRANSFER_TIMEOUT", str(math.ceil(self.config.transfer_timeout_s)))
         self._engine = _load_transfer_engine()()
+        hostname = self.config.resolved_hostname()
         rc = self._engine.initialize(
-            self.config.hostname, "P2PHANDSHAKE", self.config.protocol, self.config.device_names
+            hostname, "P2PHANDSHAKE", self.config.protocol, self.config.device_names
         )
         if rc != 0:
             raise TransportError(
-                f"Mooncake initialize({self.config.hostname!r}, {self.config.protocol!r}) "
-                f"failed with rc={rc}"
+                f"Mooncake initialize({hostname!r}, {self.config.protocol!r}) failed with rc={rc}"
             )
-        self.session_id = f"{self.config.hostname}:{self._engine.get_rpc_port()}"
+        self.session_id = f"{hostname}:{self._engine.get_rpc_port()}"
         self._registered: list[int] = []
         self._lock = threading.Lock()
         self.metadata = MetadataSlots(self.config.metadata_slots)

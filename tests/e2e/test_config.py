@@ -1,17 +1,13 @@
-"""The service's config paths: a YAML file with CLI overrides, and a Serve config file."""
+"""The service's config file: a YAML AppConfig with CLI overrides (Serve configs: tests/deploy)."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import pytest
 import yaml
 
-from deployments.app import AppConfig, app_builder
 from deployments.serve_cli import load_config, usage_text
-
-EXAMPLE = Path(__file__).parents[2] / "examples" / "serve_config.yaml"
 
 
 def test_yaml_config_with_flag_overrides(tmp_path, llama_dir) -> None:
@@ -33,13 +29,3 @@ def test_missing_model_is_a_clear_error() -> None:
     )
     with pytest.raises(ValueError, match="no model"):
         load_config(args)
-
-
-def test_example_serve_config_is_valid_and_builds(llama_dir) -> None:
-    from ray.serve.schema import ServeDeploySchema
-
-    data = yaml.safe_load(EXAMPLE.read_text())
-    ServeDeploySchema.parse_obj(data)  # what `serve deploy` checks
-    args = {**data["applications"][0]["args"], "model": str(llama_dir)}
-    AppConfig.model_validate(args)
-    assert app_builder(args) is not None

@@ -76,13 +76,17 @@ def all_targets() -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
 # -- dashboards -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(generate.dashboards()))
-def test_json_matches_generator(name: str) -> None:
-    path = generate.OUT_DIR / name
+@pytest.mark.parametrize(
+    ("path", "text"),
+    sorted(generate.generated_files().items()),
+    ids=lambda v: str(v.relative_to(generate.CHART.parents[1])) if isinstance(v, Path) else "",
+)
+def test_generated_files_are_current(path: Path, text: str) -> None:
+    """The dashboards JSON and the Helm chart's copies (dashboards, alert rules)."""
     assert path.exists(), f"{path} missing: run python -m dashboards.generate"
-    assert path.read_text() == generate.render(generate.dashboards()[name]), (
-        f"{path} differs from dashboards/generate.py: edit the generator and run "
-        "python -m dashboards.generate, never the JSON"
+    assert path.read_text() == text, (
+        f"{path} differs from dashboards/generate.py: edit the generator (or alerts.yml) and "
+        "run python -m dashboards.generate, never the copies"
     )
 
 
