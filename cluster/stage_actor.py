@@ -16,6 +16,7 @@ from typing import Any
 import ray
 import torch
 
+from cluster.gpu_visibility import NOSET_VISIBLE_DEVICES, actor_device
 from cluster.metrics import StageMetrics
 from cluster.metrics_export import export_process_metrics
 from cluster.plan import ChunkPlan, StageReport, StepPlan
@@ -63,7 +64,7 @@ class StageActor:
         configure_logging()
         self.spec = spec
         config = ModelConfig.from_dir(spec.model)
-        device = resolve_device(spec.device)
+        device = resolve_device(actor_device(spec.device))
         dtype = resolve_dtype(spec.dtype, device)
         stage = load_stage(spec.model, LayerRange(spec.start, spec.end), dtype, device, config)
         kv_spec = KVCacheSpec(
@@ -111,7 +112,8 @@ class StageActor:
             "pid": os.getpid(),
             "layers": [self.spec.start, self.spec.end],
             "device": str(self.runner.device),
-            "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+            "gpus": [str(i) for i in ray.get_gpu_ids()],
+            "all_gpus_visible": os.environ.get(NOSET_VISIBLE_DEVICES) == "1",
             "node_id": ray.get_runtime_context().get_node_id(),
         }
 

@@ -18,6 +18,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.gpu_visibility import all_gpus_visible_runtime_env
 from cluster.plan import StageReport, StepPlan
 from cluster.stage_actor import StageActor, StageSpec
 
@@ -71,6 +72,7 @@ class StageGroup:
             remote.options(
                 num_cpus=self.placement.num_cpus,
                 num_gpus=self.placement.num_gpus,
+                runtime_env=all_gpus_visible_runtime_env() if self.placement.num_gpus else None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     pg, placement_group_bundle_index=offset + i
                 ),

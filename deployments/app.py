@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
 
+from cluster.gpu_visibility import all_gpus_visible_runtime_env
 from deployments.decode import DecodeConfig, DecodeDeployment
 from deployments.ingress import API_KEY_ENV, IngressConfig, build_ingress_class
 from deployments.prefill import PrefillConfig, build_prefill_app
@@ -103,6 +104,8 @@ def build_app(config: AppConfig) -> Any:
     decode_actor: dict[str, Any] = {"num_cpus": 1}
     if decode_config.num_gpus:
         decode_actor["num_gpus"] = decode_config.num_gpus
+        # Prefill stages on this node map its KV through CUDA IPC (cluster/gpu_visibility.py).
+        decode_actor["runtime_env"] = all_gpus_visible_runtime_env()
     decode = serve.deployment(DecodeDeployment).options(
         name="decode",
         num_replicas=decode_config.num_replicas,

@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
 
+from cluster.gpu_visibility import actor_device
 from cluster.metrics import DecodeMetrics
 from cluster.metrics_export import export_process_metrics, serve_replica_identity
 from cluster.plan import PrefillRequest
@@ -91,7 +92,7 @@ class DecodeInstance:
             EngineConfig(
                 model=config.model,
                 dtype=config.dtype,
-                device=config.device,
+                device=actor_device(config.device),
                 page_size=config.page_size,
                 num_pages=config.num_pages,
                 max_num_seqs=config.max_num_seqs,

@@ -38,13 +38,22 @@ class TransportConfig(BaseModel):
     metadata_slots: PositiveInt = Field(
         1024, description="first-token metadata slots; bounds requests in flight per process"
     )
+    cuda_ipc: bool = Field(
+        True,
+        description=(
+            "same-node fast path: copy KV GPU to GPU through CUDA IPC when the decode process is "
+            "on this node and its GPU is visible here; Mooncake otherwise"
+        ),
+    )
 
     def resolved_hostname(self) -> str:
         """The address this process advertises; resolved where the endpoint starts."""
         if self.hostname != "auto":
             return self.hostname
-        import ray
-
+        try:
+            import ray
+        except ImportError:  # a process outside any Ray cluster (benchmarks on a bare GPU box)
+            return "127.0.0.1"
         return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
 
     @model_validator(mode="after")

@@ -3,7 +3,8 @@
 Everything else in `transport/` goes through this owner, so there is one place that knows the
 handshake mode (P2P: peers exchange metadata directly, no etcd), the protocol, which memory is
 registered, and the thread pool on which KV writes run (a scheduler loop never blocks on the
-network).
+network). It also picks each sender's byte mover: Mooncake, or the same-node CUDA IPC fast path
+(transport/cuda_ipc.py) when the receiver's GPU memory can be mapped here.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
-from engine.kv_cache import PagedKVCache
+from engine.kv_cache import KVLayerRegion, PagedKVCache
 from transport.config import TransportConfig
+from transport.cuda_ipc import CudaIpc, CudaIpcMover, CudaIpcPath, IpcBackend
 from transport.liveness import PeerLiveness
 from transport.metadata import MetadataSlots
+from transport.receiver_info import CudaIpcInfo, ReceiverInfo
+from transport.segments import Segments
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +44,44 @@ def _load_transfer_engine() -> Any:
     return TransferEngine
 
 
+class KVMover(Protocol):
+    """How one sender's bytes reach its receiver; the sender's state machine is the same."""
+
+    name: str
+    why: str  # why this mover was chosen, for logs and tests
+
+    def prepare(self) -> Any:
+        """Called by `send` on the thread that computed the KV, before the write is queued."""
+        ...
+
+    def write(self, session: str, segments: Segments, ticket: Any) -> int:
+        """Move `segments` to `session` and return once they landed: 0, or a negative rc."""
+        ...
+
+
+class MooncakeMover:
+    """Every segment as one Mooncake batch write (tcp, rdma or nvlink, per the config)."""
+
+    name = "mooncake"
+
+    def __init__(self, endpoint: TransferEndpoint, why: str) -> None:
+        self.endpoint = endpoint
+        self.why = why
+
+    def prepare(self) -> None:
+        return None
+
+    def write(self, session: str, segments: Segments, ticket: Any) -> int:
+        return self.endpoint.write(session, segments.srcs, segments.dsts, segments.lengths)
+
+
 class TransferEndpoint:
     """This process's Mooncake session: what peers address and what they may write into."""
 
-    def __init__(self, config: TransportConfig | None = None) -> None:
+    def __init__(
+        self, config: TransportConfig | None = None, *, ipc_backend: IpcBackend | None = None
+    ) -> None:
+        """`ipc_backend` replaces CUDA for the fast path (tests on machines without a GPU)."""
         self.config = config or TransportConfig()
         # Mooncake's own per-transfer timeout bounds how long a write to a silent peer can
         # hold a pool thread; it is read from the environment when the engine starts.
@@ -64,7 +102,12 @@ class TransferEndpoint:
         self.register(self.metadata.base_address, self.metadata.nbytes)
         self._peer_queues: dict[str, deque[Callable[[], None]]] = {}
         self._pool = ThreadPoolExecutor(self.config.send_threads, thread_name_prefix="kv-send")
-        self.liveness = PeerLiveness(self._engine.send_probe, self.config.liveness_interval_s)
+        self.cuda_ipc: CudaIpcPath | None = None
+        self.liveness = PeerLiveness(self._probe, self.config.liveness_interval_s)
+        if self.config.cuda_ipc:
+            self.cuda_ipc = CudaIpcPath(
+                ipc_backend or CudaIpc(), self.liveness.watch, self.liveness.unwatch
+            )
         self._closed = False
         log.info("transfer endpoint up", extra={"session": self.session_id})
 
@@ -77,9 +120,33 @@ class TransferEndpoint:
             self._registered.append(address)
 
     def register_cache(self, cache: PagedKVCache) -> None:
-        """Register every layer of a KV cache (CPU or GPU memory alike)."""
+        """Register every layer of a KV cache (CPU or GPU memory alike).
+
+        GPU caches are also exported for the fast path: peers on this node may map them.
+        """
         for region in cache.regions():
             self.register(region.base_address, region.nbytes)
+        if self.cuda_ipc is not None:
+            self.cuda_ipc.add_cache(cache)
+
+    def cuda_ipc_offer(self, regions: list[KVLayerRegion]) -> CudaIpcInfo | None:
+        """The fast-path part of receiver info for `regions`, when they can be mapped."""
+        if self.cuda_ipc is None:
+            return None
+        return self.cuda_ipc.offer([r.base_address for r in regions])
+
+    def mover_for(self, info: ReceiverInfo, regions: list[KVLayerRegion]) -> KVMover:
+        """The byte mover for writing `regions` to the receiver `info` describes (validated).
+
+        CUDA IPC when the receiver is on this node, both sides' KV is in GPU memory and its
+        handles open here; Mooncake in every other case.
+        """
+        if self.cuda_ipc is None:
+            return MooncakeMover(self, "fast path turned off")
+        mapping, why = self.cuda_ipc.select(info, [r.base_address for r in regions])
+        if mapping is None:
+            return MooncakeMover(self, why)
+        return CudaIpcMover(self.cuda_ipc, mapping, self.write, why)
 
     def write(self, session: str, srcs: list[int], dsts: list[int], lengths: list[int]) -> int:
         """One batch write to `session`, blocking; 0 on success, Mooncake's negative rc if not."""
@@ -114,13 +181,21 @@ class TransferEndpoint:
                     del self._peer_queues[session]
                     return
 
+    def _probe(self, session: str) -> int:
+        rc = self._engine.send_probe(session)
+        if rc != 0 and self.cuda_ipc is not None:
+            self.cuda_ipc.drop_peer(session)  # the peer went away: unmap its memory
+        return rc
+
     def close(self) -> None:
-        """Stop probing, let running writes finish, unregister memory. Idempotent."""
+        """Stop probing, let running writes finish, unmap peers, unregister memory. Idempotent."""
         if self._closed:
             return
         self._closed = True
         self.liveness.close()
         self._pool.shutdown(wait=True)
+        if self.cuda_ipc is not None:
+            self.cuda_ipc.close()
         with self._lock:
             registered, self._registered = self._registered, []
         if registered:

@@ -51,6 +51,7 @@ class KVReceiver:
             metadata=MetadataSlot(
                 address=endpoint.metadata.address(self._slot), nbytes=SLOT_NBYTES
             ),
+            cuda_ipc=endpoint.cuda_ipc_offer(regions),
         )
         self._delivered: set[int] = set()
         self._reported: set[int] = set()

@@ -3,11 +3,14 @@
 Receiver info crosses a trust boundary (it arrives over the network from another replica), so
 it is validated on arrival: the layout must match the sender's own, and every byte range we
 would write must lie inside a region the receiver says it registered. Mooncake rejects a write
-outside every registered buffer, but it cannot tell one request's pages from another's.
+outside every registered buffer, but it cannot tell one request's pages from another's. The
+CUDA IPC handles of the same-node fast path are checked the same way: well formed, and every
+written layer inside an allocation they map.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Literal
 
 import torch
@@ -74,6 +77,27 @@ class MetadataSlot(BaseModel, frozen=True):
     nbytes: PositiveInt
 
 
+class IpcAllocation(BaseModel, frozen=True):
+    """One device allocation holding receiver KV, exported with `cudaIpcGetMemHandle`.
+
+    `base` and `nbytes` are the allocation's extent in the receiver's address space; a layer's
+    region must lie inside one, and the sender reaches an address at the same offset in its
+    mapping of the allocation.
+    """
+
+    handle: str  # the 64-byte cudaIpcMemHandle_t, hex
+    base: NonNegativeInt
+    nbytes: PositiveInt
+
+
+class CudaIpcInfo(BaseModel, frozen=True):
+    """What a same-node sender needs to copy GPU to GPU (transport/cuda_ipc.py)."""
+
+    node_id: str = Field(description="hostname/boot id of the receiver's machine")
+    device_uuid: str = Field(description="UUID of the GPU holding the receiver's KV")
+    allocations: tuple[IpcAllocation, ...]
+
+
 class ReceiverInfo(BaseModel, frozen=True):
     """Everything a prefill stage needs to write one request's KV into a decode replica."""
 
@@ -85,12 +109,25 @@ class ReceiverInfo(BaseModel, frozen=True):
     layers: tuple[LayerAddress, ...]
     page_indices: tuple[NonNegativeInt, ...]
     metadata: MetadataSlot
+    # Offered when the receiver's KV is in device memory and its fast path is on; a sender
+    # that cannot use it (another node, CPU memory, IPC open fails) writes over Mooncake.
+    cuda_ipc: CudaIpcInfo | None = None
 
     def for_layers(self, first: int, end: int) -> ReceiverInfo:
         """The slice a stage holding layers `[first, end)` needs (the controller forwards it)."""
-        return self.model_copy(
-            update={"layers": tuple(a for a in self.layers if first <= a.layer < end)}
-        )
+        layers = tuple(a for a in self.layers if first <= a.layer < end)
+        update: dict[str, object] = {"layers": layers}
+        if self.cuda_ipc is not None:
+            kept = tuple(
+                alloc
+                for alloc in self.cuda_ipc.allocations
+                if any(
+                    alloc.base < a.base + a.nbytes and a.base < alloc.base + alloc.nbytes
+                    for a in layers
+                )
+            )
+            update["cuda_ipc"] = self.cuda_ipc.model_copy(update={"allocations": kept})
+        return self.model_copy(update=update)
 
 
 def validate_receiver_info(
@@ -148,3 +185,37 @@ def validate_receiver_info(
         raise InvalidReceiverInfo(
             f"metadata slot holds {info.metadata.nbytes} bytes, {metadata_nbytes} needed"
         )
+    if info.cuda_ipc is not None:
+        _validate_cuda_ipc(info.cuda_ipc, [by_layer[layer] for layer in layers])
+
+
+_HANDLE_HEX = 2 * 64  # cudaIpcMemHandle_t is 64 bytes
+
+
+def _validate_cuda_ipc(offer: CudaIpcInfo, layers: list[LayerAddress]) -> None:
+    """Handles well formed, allocations disjoint, every written layer inside one allocation.
+
+    The layer checks above bound every write by the layer's region; this bounds the region by
+    what the handle maps, so no copy can leave the receiver's allocation.
+    """
+    for alloc in offer.allocations:
+        handle = alloc.handle
+        if len(handle) != _HANDLE_HEX or any(c not in "0123456789abcdef" for c in handle):
+            raise InvalidReceiverInfo(
+                f"CUDA IPC handle of allocation {alloc.base:#x} is not {_HANDLE_HEX} hex digits"
+            )
+    ordered = sorted(offer.allocations, key=lambda a: a.base)
+    for prev, nxt in itertools.pairwise(ordered):
+        if prev.base + prev.nbytes > nxt.base:
+            raise InvalidReceiverInfo(
+                f"CUDA IPC allocations {prev.base:#x} and {nxt.base:#x} overlap"
+            )
+    for address in layers:
+        if not any(
+            a.base <= address.base and address.base + address.nbytes <= a.base + a.nbytes
+            for a in ordered
+        ):
+            raise InvalidReceiverInfo(
+                f"layer {address.layer}: no CUDA IPC handle covers its region "
+                f"({address.base:#x} + {address.nbytes} bytes)"
+            )

@@ -4,7 +4,8 @@ Life: `Bootstrapping` until valid receiver info arrives, `WaitingForInput` until
 computed the request's KV and calls `send`, `Transferring` while the write runs on the
 endpoint's pool, then `Success` or `Failed` with a reason. `poll()` is where time passes: it
 applies the bootstrap and transfer timeouts and the peer's liveness. `abort()` works from any
-state and is idempotent.
+state and is idempotent. Which mover carries the bytes (Mooncake, or CUDA IPC on one node) is
+chosen with the receiver info and changes nothing else.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from engine.kv_cache import KVLayerRegion
-from transport.endpoint import TransferEndpoint
+from transport.endpoint import KVMover, TransferEndpoint
 from transport.metadata import SLOT_NBYTES, FirstToken
 from transport.poll import KVPoll, PollState
 from transport.receiver_info import (
@@ -36,6 +37,7 @@ class TransferStats:
     nbytes: int = 0
     segments: int = 0
     seconds: float = 0.0
+    mover: str = ""
 
 
 class KVSender:
@@ -62,6 +64,7 @@ class KVSender:
         self.stats = TransferStats()
         self._state = PollState(KVPoll.Bootstrapping)
         self._info: ReceiverInfo | None = None
+        self._mover: KVMover | None = None
         self._watching: str | None = None
         self._watch_lock = threading.Lock()
         self._in_flight = False
@@ -80,6 +83,11 @@ class KVSender:
     @property
     def receiver_info(self) -> ReceiverInfo | None:
         return self._info
+
+    @property
+    def mover(self) -> KVMover | None:
+        """What carries this request's bytes, chosen with the receiver info."""
+        return self._mover
 
     def poll(self) -> KVPoll:
         """The current state, after applying timeouts and the peer's liveness."""
@@ -118,6 +126,7 @@ class KVSender:
         except InvalidReceiverInfo as exc:
             self._fail(f"invalid receiver info: {exc}")
             return
+        self._mover = self.endpoint.mover_for(info, self.regions)
         self._info = info
         with self._watch_lock:
             if self._state.advance_unless_failed(KVPoll.WaitingForInput):
@@ -137,8 +146,8 @@ class KVSender:
         # Raises IllegalTransition unless WaitingForInput; False if it failed meanwhile.
         if not self._state.advance_unless_failed(KVPoll.Transferring):
             return
-        info = self._info
-        assert info is not None  # WaitingForInput implies receiver info
+        info, mover = self._info, self._mover
+        assert info is not None and mover is not None  # WaitingForInput implies receiver info
         if len(page_indices) > len(info.page_indices):
             self._fail(
                 f"request needs {len(page_indices)} pages, receiver offered {len(info.page_indices)}"
@@ -152,6 +161,11 @@ class KVSender:
             list(info.page_indices[: len(page_indices)]),
             self.layout.page_nbytes,
         )
+        try:
+            ticket = mover.prepare()
+        except Exception as exc:  # e.g. a CUDA error recording the stream's position
+            self._fail(f"KV write to {info.session_id} could not start ({exc!r})")
+            return
         slot = None
         if first_token is not None:
             slot = self.endpoint.metadata.acquire()
@@ -162,9 +176,7 @@ class KVSender:
         def write() -> None:
             start = time.perf_counter()
             try:
-                rc = self.endpoint.write(
-                    info.session_id, segments.srcs, segments.dsts, segments.lengths
-                )
+                rc = mover.write(info.session_id, segments, ticket)
             except Exception as exc:  # a bug or a Mooncake exception: fail, never hang
                 log.exception("KV write raised", extra=self._log_extra())
                 rc, error = -1, repr(exc)
@@ -174,7 +186,9 @@ class KVSender:
                 if slot is not None:
                     self.endpoint.metadata.release(slot)
                 self._in_flight = False
-            self.stats = TransferStats(segments.nbytes, len(segments), time.perf_counter() - start)
+            self.stats = TransferStats(
+                segments.nbytes, len(segments), time.perf_counter() - start, mover.name
+            )
             if rc == 0:
                 self._state.advance_unless_failed(KVPoll.Success)
                 self._unwatch()

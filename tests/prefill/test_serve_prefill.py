@@ -39,6 +39,8 @@ def test_serve_replica_places_stages_across_nodes_and_prefills(ray_cluster, llam
         nodes = {p["node_id"] for p in stats["placement"]}
         assert len(nodes) == 2, stats["placement"]  # one stage per GPU node
         assert all(p["gpus"] for p in stats["placement"])  # each holds a (simulated) GPU
+        # ... and sees every GPU of its node, so it can map a decode replica's KV there.
+        assert all(p["all_gpus_visible"] for p in stats["placement"])
 
         info = decode.receive("s1", 11, [0, 1], num_stages=2)
         response = handle.prefill.remote(PrefillRequest("s1", 11, list(range(5, 25))))

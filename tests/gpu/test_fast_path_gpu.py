@@ -1,0 +1,205 @@
+"""The same-node fast path on a real GPU: CUDA IPC between two processes that did not fork.
+
+Skipped without CUDA (CI has none). The decode side is a spawned process with its KV cache on
+the GPU (tests/gpu/decode_peer.py); the prefill stage is this process. Everything is the real
+code, Mooncake included (tcp on loopback, for the first-token record and the fallback).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+from engine.kv_cache import PagedKVCache  # noqa: E402
+from tests.gpu.decode_peer import GpuDecodePeer, page_checksums  # noqa: E402
+from tests.transport.peer import FILL, CacheShape  # noqa: E402
+from tests.transport.test_transfer import wait_done  # noqa: E402
+from transport import FirstToken, KVPoll, KVSender, TransferEndpoint, TransportConfig  # noqa: E402
+from transport.cuda_ipc import CudaIpc, node_id  # noqa: E402
+
+SHAPE = CacheShape(
+    num_layers=4, num_pages=64, page_size=16, num_kv_heads=2, head_dim=128, dtype="bfloat16"
+)
+LOOPBACK = "127.0.0.1"  # no Ray on the GPU machine to resolve "auto"
+TOKEN = FirstToken(room=11, token_id=42, logprob=-0.5, num_prompt_tokens=100)
+
+
+class GpuStage:
+    """A prefill stage holding every layer on the GPU, with its own endpoint."""
+
+    def __init__(self, config: TransportConfig | None = None) -> None:
+        self.endpoint = TransferEndpoint(config or TransportConfig(hostname=LOOPBACK))
+        self.cache = PagedKVCache(SHAPE.spec(), 0, SHAPE.num_layers, device="cuda")
+        for layer in self.cache.layers:
+            layer.normal_()
+        self.endpoint.register_cache(self.cache)
+        torch.cuda.synchronize()
+        self._n = 0
+
+    def send(
+        self, peer: GpuDecodePeer, local: list[int], remote: list[int], before_send=None
+    ) -> tuple[KVSender, tuple]:
+        self._n += 1
+        rid = f"g{self._n}"
+        info = peer.receive(rid, TOKEN.room, remote)
+        sender = KVSender(
+            self.endpoint,
+            rid=rid,
+            room=TOKEN.room,
+            regions=self.cache.regions(),
+            layout=SHAPE.layout(),
+            is_last_stage=True,
+        )
+        sender.set_receiver_info(info)
+        assert sender.poll() is KVPoll.WaitingForInput, sender.failure_reason
+        if before_send is not None:
+            before_send()
+        sender.send(local, TOKEN)
+        state = wait_done(sender, timeout=30)
+        return sender, peer.result(rid, state is KVPoll.Success, sender.failure_reason)
+
+    def close(self) -> None:
+        self.endpoint.close()
+
+
+@pytest.fixture(scope="module")
+def peer() -> Iterator[GpuDecodePeer]:
+    p = GpuDecodePeer(SHAPE)
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="module")
+def stage() -> Iterator[GpuStage]:
+    s = GpuStage()
+    yield s
+    s.close()
+
+
+def assert_arrived(stage: GpuStage, peer: GpuDecodePeer, local: list[int], remote: list[int]):
+    got = peer.layers()
+    for src, dst in zip(stage.cache.layers, got, strict=True):
+        s = src.view(torch.uint8).cpu()
+        for lp, rp in zip(local, remote, strict=True):
+            assert torch.equal(dst[:, rp], s[:, lp]), (lp, rp)
+        untouched = [p for p in range(SHAPE.num_pages) if p not in remote]
+        assert bool((dst[:, untouched] == FILL).all())
+
+
+def test_receiver_info_offers_this_node_and_the_decode_gpu(peer: GpuDecodePeer) -> None:
+    info = peer.receive("offer", 1, [0, 1])
+    assert info.cuda_ipc is not None
+    assert info.cuda_ipc.node_id == node_id()
+    assert info.cuda_ipc.device_uuid == str(torch.cuda.get_device_properties(0).uuid)
+    for layer in info.layers:  # every layer lies inside an exported allocation
+        assert any(
+            a.base <= layer.base and layer.base + layer.nbytes <= a.base + a.nbytes
+            for a in info.cuda_ipc.allocations
+        )
+
+
+def test_kv_moves_by_cuda_ipc_byte_exact_with_the_first_token(
+    stage: GpuStage, peer: GpuDecodePeer
+) -> None:
+    peer.fill()
+    local, remote = [*range(3, 13), 40, 2, 50], [*range(20, 30), 7, 60, 1]
+    sender, (state, reason, first) = stage.send(peer, local, remote)
+    assert sender.mover is not None and sender.mover.name == "cuda_ipc", sender.mover.why
+    assert sender.poll() is KVPoll.Success, sender.failure_reason
+    assert KVPoll(state) is KVPoll.Success, reason
+    assert first == TOKEN
+    assert_arrived(stage, peer, local, remote)
+    assert stage.endpoint.metadata.num_held == 0
+    assert stage.endpoint.cuda_ipc is not None
+    assert stage.endpoint.cuda_ipc.mapped_sessions == {peer.session_id}
+    assert isinstance(stage.endpoint.cuda_ipc.backend, CudaIpc)
+    assert stage.endpoint.cuda_ipc.backend.kernel_in_use  # one launch, not a memcpy per run
+
+
+def test_the_copy_waits_for_kv_still_being_computed_on_the_stage_stream(
+    stage: GpuStage, peer: GpuDecodePeer
+) -> None:
+    """KV queued on the current stream right before `send` is what arrives, not older bytes."""
+    peer.fill()
+    local, remote = list(range(0, 16)), list(range(16, 32))
+
+    def compute_late() -> None:
+        torch.cuda._sleep(100_000_000)  # ~50 ms of GPU time ahead of the writes below
+        for i, layer in enumerate(stage.cache.layers):
+            layer[:, local[0] : local[-1] + 1].fill_(float(i + 1))  # a view, in place
+
+    sender, (state, reason, _) = stage.send(peer, local, remote, before_send=compute_late)
+    assert sender.stats.mover == "cuda_ipc" and KVPoll(state) is KVPoll.Success, reason
+    assert torch.equal(peer.checksums(remote), page_checksums(stage.cache.layers, local))
+    assert_arrived(stage, peer, local, remote)
+
+
+def test_fast_path_off_moves_gpu_kv_by_mooncake(peer: GpuDecodePeer) -> None:
+    peer.fill()
+    off = GpuStage(TransportConfig(hostname=LOOPBACK, cuda_ipc=False))
+    try:
+        local, remote = [0, 1, 2, 9], [4, 5, 6, 33]
+        sender, (state, reason, _) = off.send(peer, local, remote)
+        assert sender.stats.mover == "mooncake" and KVPoll(state) is KVPoll.Success, reason
+        assert_arrived(off, peer, local, remote)
+    finally:
+        off.close()
+
+
+def test_mappings_close_when_the_decode_process_goes_away() -> None:
+    peer = GpuDecodePeer(SHAPE)
+    stage = GpuStage(TransportConfig(hostname=LOOPBACK, liveness_interval_s=0.2))
+    try:
+        sender, (state, reason, _) = stage.send(peer, [0, 1], [2, 3])
+        assert sender.stats.mover == "cuda_ipc" and KVPoll(state) is KVPoll.Success, reason
+        path = stage.endpoint.cuda_ipc
+        assert path is not None and path.mapped_sessions == {peer.session_id}
+        peer.kill()
+        deadline = time.monotonic() + 15
+        while path.mapped_sessions:
+            assert time.monotonic() < deadline, "mapping of a dead peer still open"
+            time.sleep(0.05)
+        assert not stage.endpoint.liveness.watched
+        torch.cuda.synchronize()
+    finally:
+        stage.close()
+        peer.stop()
+
+
+def test_a_handle_that_does_not_open_falls_back_to_mooncake(peer: GpuDecodePeer) -> None:
+    peer.fill()
+    fresh = GpuStage()  # its own endpoint, so the good mapping of `stage` is not reused
+    try:
+        info = peer.receive("bad-handle", TOKEN.room, [5, 6])
+        assert info.cuda_ipc is not None
+        zeroed = tuple(
+            a.model_copy(update={"handle": "00" * 64}) for a in info.cuda_ipc.allocations
+        )
+        sender = KVSender(
+            fresh.endpoint,
+            rid="bad-handle",
+            room=TOKEN.room,
+            regions=fresh.cache.regions(),
+            layout=SHAPE.layout(),
+            is_last_stage=True,
+        )
+        sender.set_receiver_info(
+            info.model_copy(
+                update={"cuda_ipc": info.cuda_ipc.model_copy(update={"allocations": zeroed})}
+            )
+        )
+        assert sender.mover is not None and sender.mover.name == "mooncake"
+        assert "CUDA IPC open failed" in sender.mover.why
+        sender.send([1, 2], TOKEN)
+        assert wait_done(sender, timeout=30) is KVPoll.Success, sender.failure_reason
+        state, reason, _ = peer.result("bad-handle", True)
+        assert KVPoll(state) is KVPoll.Success, reason
+        assert_arrived(fresh, peer, [1, 2], [5, 6])
+        torch.cuda.synchronize()  # the failed open left no CUDA error behind
+    finally:
+        fresh.close()

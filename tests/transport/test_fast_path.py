@@ -1,0 +1,411 @@
+"""The same-node fast path: which mover a sender gets, what it accepts, and what it leaves open.
+
+CI has no GPU, so the CUDA calls are replaced by FAKE CUDA IPC (tests/transport/fake_ipc.py:
+CPU tensors of this process stand in for GPU memory and IPC handles). Everything else is the
+real code: receiver info and its validation, the choice between the CUDA IPC mover and Mooncake,
+the sender's state machine, mappings and their closing, and the first-token record, which goes
+over Mooncake tcp on loopback. tests/gpu/test_fast_path_gpu.py runs the real CUDA path.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from engine.kv_cache import PagedKVCache
+from tests.transport.fake_ipc import FAKE_GPU, FakeIpc
+from tests.transport.peer import FILL, CacheShape, DecodePeer
+from tests.transport.test_transfer import wait_done
+from transport import FirstToken, KVPoll, KVReceiver, KVSender, TransferEndpoint, TransportConfig
+from transport.cuda_ipc import IpcBackend, PeerMapping, node_id
+from transport.receiver_info import CudaIpcInfo, IpcAllocation, ReceiverInfo
+from transport.segments import Segments
+
+SHAPE = CacheShape()
+TOKEN = FirstToken(room=7, token_id=3, logprob=-0.25, num_prompt_tokens=9)
+
+
+class Side:
+    """One process's transport in this test process: an endpoint and a KV cache it registered."""
+
+    def __init__(
+        self, backend: IpcBackend | None, config: TransportConfig | None = None, fill: bool = False
+    ) -> None:
+        self.backend = backend
+        self.endpoint = TransferEndpoint(config or TransportConfig(), ipc_backend=backend)
+        self.cache = PagedKVCache(SHAPE.spec(), first_layer=0, num_layers=SHAPE.num_layers)
+        gen = torch.Generator().manual_seed(id(self) % 2**31)
+        for layer in self.cache.layers:
+            if fill:
+                layer.view(torch.uint8).fill_(FILL)
+            else:
+                layer.copy_(torch.randn(layer.shape, generator=gen))
+        self.endpoint.register_cache(self.cache)
+
+    def receiver(self, rid: str, pages: list[int]) -> KVReceiver:
+        return KVReceiver(
+            self.endpoint,
+            rid=rid,
+            room=TOKEN.room,
+            regions=self.cache.regions(),
+            layout=SHAPE.layout(),
+            page_indices=pages,
+            num_stages=1,
+        )
+
+    def sender(self, rid: str) -> KVSender:
+        return KVSender(
+            self.endpoint,
+            rid=rid,
+            room=TOKEN.room,
+            regions=self.cache.regions(),
+            layout=SHAPE.layout(),
+            is_last_stage=True,
+        )
+
+    def refill(self) -> None:
+        for layer in self.cache.layers:
+            layer.view(torch.uint8).fill_(FILL)
+
+    def close(self) -> None:
+        self.endpoint.close()
+
+
+@pytest.fixture(scope="module")
+def decode() -> Iterator[Side]:
+    """A decode side whose (fake) GPU KV is offered over (fake) CUDA IPC."""
+    side = Side(FakeIpc(), fill=True)
+    yield side
+    side.close()
+
+
+@pytest.fixture(scope="module")
+def stage() -> Iterator[Side]:
+    """A prefill stage holding every layer in (fake) GPU memory that sees the decode's GPU."""
+    side = Side(FakeIpc())
+    yield side
+    side.close()
+
+
+@pytest.fixture
+def fresh_decode(decode: Side) -> Side:
+    decode.refill()
+    return decode
+
+
+_n = 0
+
+
+def transfer(
+    stage: Side,
+    decode: Side,
+    local: list[int],
+    remote: list[int],
+    tamper: Callable[[ReceiverInfo], ReceiverInfo] = lambda info: info,
+) -> tuple[KVSender, KVReceiver]:
+    """One request through the real sender and receiver; returns both, finished."""
+    global _n
+    _n += 1
+    receiver = decode.receiver(f"fp{_n}", remote)
+    sender = stage.sender(f"fp{_n}")
+    sender.set_receiver_info(tamper(receiver.publish()))
+    if sender.poll() is KVPoll.WaitingForInput:
+        sender.send(local, TOKEN)
+    state = wait_done(sender)
+    receiver.on_stage_result(0, state is KVPoll.Success, sender.failure_reason)
+    receiver.poll()
+    return sender, receiver
+
+
+def assert_arrived(stage: Side, decode: Side, local: list[int], remote: list[int]) -> None:
+    """Addressed pages equal their source; every other decode page still holds the fill."""
+    for src, dst in zip(stage.cache.layers, decode.cache.layers, strict=True):
+        s, d = src.view(torch.uint8), dst.view(torch.uint8)
+        for lp, rp in zip(local, remote, strict=True):
+            assert torch.equal(d[:, rp], s[:, lp])
+        untouched = [p for p in range(SHAPE.num_pages) if p not in remote]
+        assert bool((d[:, untouched] == FILL).all())
+
+
+def assert_untouched(decode: Side) -> None:
+    assert all(bool((layer.view(torch.uint8) == FILL).all()) for layer in decode.cache.layers)
+
+
+# -- which mover ---------------------------------------------------------------------------------
+
+
+def test_same_node_gpu_memory_moves_by_ipc_and_arrives_byte_exact(
+    stage: Side, fresh_decode: Side
+) -> None:
+    local, remote = [5, 6, 7, 20, 2], [10, 11, 12, 40, 3]  # a run of three, then scattered
+    sender, receiver = transfer(stage, fresh_decode, local, remote)
+    assert sender.mover is not None and sender.mover.name == "cuda_ipc", sender.mover
+    assert sender.poll() is KVPoll.Success and sender.stats.mover == "cuda_ipc"
+    # 4 layers x (K, V) x 3 runs, plus the first-token record, which went by Mooncake.
+    assert sender.stats.segments == 4 * 2 * 3 + 1
+    assert isinstance(stage.backend, FakeIpc) and stage.backend.launches >= 1
+    assert receiver.poll() is KVPoll.Success and receiver.first_token == TOKEN
+    assert_arrived(stage, fresh_decode, local, remote)
+    assert stage.endpoint.metadata.num_held == 0 and fresh_decode.endpoint.metadata.num_held == 0
+    assert stage.endpoint.cuda_ipc is not None
+    assert stage.endpoint.cuda_ipc.mapped_sessions == {fresh_decode.endpoint.session_id}
+
+
+def test_receiver_info_offers_node_gpu_and_an_allocation_per_layer(decode: Side) -> None:
+    info = decode.receiver("offer", [0]).publish()
+    assert info.cuda_ipc is not None
+    assert info.cuda_ipc.node_id == node_id() and info.cuda_ipc.device_uuid == FAKE_GPU
+    assert len(info.cuda_ipc.allocations) == SHAPE.num_layers  # one tensor per layer here
+    sliced = info.for_layers(1, 3)
+    assert sliced.cuda_ipc is not None
+    kept = {a.base for a in sliced.cuda_ipc.allocations}
+    assert (
+        kept
+        == {a.base for a in sliced.layers}
+        == {r.base_address for r in decode.cache.regions()[1:3]}
+    )
+
+
+@pytest.mark.parametrize(
+    ("tamper", "why"),
+    [
+        (
+            lambda info: info.model_copy(
+                update={"cuda_ipc": info.cuda_ipc.model_copy(update={"node_id": "elsewhere/0"})}
+            ),
+            "another node",
+        ),
+        (
+            lambda info: info.model_copy(
+                update={"cuda_ipc": info.cuda_ipc.model_copy(update={"device_uuid": "GPU-other"})}
+            ),
+            "not visible",
+        ),
+        (lambda info: info.model_copy(update={"cuda_ipc": None}), "offers no CUDA IPC"),
+    ],
+)
+def test_a_peer_the_fast_path_cannot_reach_gets_mooncake_and_the_bytes_still_arrive(
+    tamper: Callable[[ReceiverInfo], ReceiverInfo], why: str, stage: Side, fresh_decode: Side
+) -> None:
+    local, remote = [1, 2, 3], [30, 31, 32]
+    sender, receiver = transfer(stage, fresh_decode, local, remote, tamper)
+    assert sender.mover is not None and sender.mover.name == "mooncake"
+    assert why in sender.mover.why
+    assert sender.poll() is KVPoll.Success and sender.stats.mover == "mooncake"
+    assert receiver.poll() is KVPoll.Success and receiver.first_token == TOKEN
+    assert_arrived(stage, fresh_decode, local, remote)
+
+
+def test_an_ipc_open_failure_falls_back_to_mooncake_once_and_for_all(fresh_decode: Side) -> None:
+    backend = FakeIpc(fail_open=True)
+    stage = Side(backend)
+    try:
+        for remote in ([8, 9], [50, 51]):
+            sender, receiver = transfer(stage, fresh_decode, [0, 1], remote)
+            assert sender.mover is not None and sender.mover.name == "mooncake"
+            assert "CUDA IPC open failed" in sender.mover.why
+            assert sender.poll() is KVPoll.Success and receiver.poll() is KVPoll.Success
+        assert_arrived(stage, fresh_decode, [0, 1, 0, 1], [8, 9, 50, 51])
+        assert stage.endpoint.cuda_ipc is not None
+        assert stage.endpoint.cuda_ipc.mapped_sessions == set()
+        assert not stage.endpoint.liveness.watched
+    finally:
+        stage.close()
+
+
+def test_cpu_memory_on_either_side_gets_mooncake(fresh_decode: Side) -> None:
+    # The real CUDA backend on CPU tensors: nothing to export, nothing to copy from.
+    cpu_stage = Side(None)
+    cpu_decode = Side(None, fill=True)
+    try:
+        info = cpu_decode.receiver("cpu", [0]).publish()
+        assert info.cuda_ipc is None
+        sender, _ = transfer(cpu_stage, fresh_decode, [4, 5], [60, 61])  # decode offers, we can't
+        assert sender.mover is not None and sender.mover.name == "mooncake"
+        assert "CPU memory" in sender.mover.why
+        assert sender.poll() is KVPoll.Success
+        assert_arrived(cpu_stage, fresh_decode, [4, 5], [60, 61])
+    finally:
+        cpu_stage.close()
+        cpu_decode.close()
+
+
+def test_turning_the_fast_path_off_uses_mooncake_on_both_sides(fresh_decode: Side) -> None:
+    off = TransportConfig(cuda_ipc=False)
+    stage = Side(FakeIpc(), off)
+    decode_off = Side(FakeIpc(), off, fill=True)
+    try:
+        assert decode_off.receiver("off", [0]).publish().cuda_ipc is None
+        sender, _ = transfer(stage, fresh_decode, [2, 3], [1, 2])
+        assert sender.mover is not None and sender.mover.name == "mooncake"
+        assert "turned off" in sender.mover.why
+        assert sender.poll() is KVPoll.Success
+        assert_arrived(stage, fresh_decode, [2, 3], [1, 2])
+    finally:
+        stage.close()
+        decode_off.close()
+
+
+# -- what it accepts -----------------------------------------------------------------------------
+
+
+def _ipc(info: ReceiverInfo, **update: object) -> ReceiverInfo:
+    assert info.cuda_ipc is not None
+    return info.model_copy(update={"cuda_ipc": info.cuda_ipc.model_copy(update=update)})
+
+
+def _allocs(info: ReceiverInfo) -> tuple[IpcAllocation, ...]:
+    assert info.cuda_ipc is not None
+    return info.cuda_ipc.allocations
+
+
+def _first_handle(info: ReceiverInfo, handle: str) -> ReceiverInfo:
+    first, *rest = _allocs(info)
+    return _ipc(info, allocations=(first.model_copy(update={"handle": handle}), *rest))
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason"),
+    [
+        (
+            lambda i: _first_handle(i, "zz" * 64),
+            "not 128 hex digits",
+        ),
+        (
+            lambda i: _first_handle(i, "ab"),
+            "not 128 hex digits",
+        ),
+        (lambda i: _ipc(i, allocations=()), "no CUDA IPC handle covers"),
+        (
+            # Each fake allocation is exactly one layer: leave out layer 0's.
+            lambda i: _ipc(
+                i, allocations=tuple(a for a in _allocs(i) if a.base != i.layers[0].base)
+            ),
+            "layer 0: no CUDA IPC handle covers",
+        ),
+        (
+            lambda i: _ipc(
+                i,
+                allocations=tuple(
+                    a.model_copy(update={"nbytes": a.nbytes // 2}) for a in _allocs(i)
+                ),
+            ),
+            "no CUDA IPC handle covers",
+        ),
+        (
+            lambda i: _ipc(
+                i,
+                allocations=(
+                    *_allocs(i),
+                    _allocs(i)[0].model_copy(update={"base": _allocs(i)[0].base + 8}),
+                ),
+            ),
+            "overlap",
+        ),
+    ],
+)
+def test_bad_ipc_handles_fail_the_request_like_bad_addresses_and_write_nothing(
+    tamper: Callable[[ReceiverInfo], ReceiverInfo], reason: str, stage: Side, fresh_decode: Side
+) -> None:
+    sender, receiver = transfer(stage, fresh_decode, [0, 1], [3, 4], tamper)
+    assert sender.poll() is KVPoll.Failed
+    assert "invalid receiver info" in (sender.failure_reason or "")
+    assert reason in (sender.failure_reason or ""), sender.failure_reason
+    sender.send([0, 1], TOKEN)  # the scheduler may still call send: it must do nothing
+    assert sender.poll() is KVPoll.Failed and sender.mover is None
+    assert receiver.poll() is KVPoll.Failed
+    assert_untouched(fresh_decode)
+
+
+# -- what it leaves open -------------------------------------------------------------------------
+
+
+def _wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def test_a_peer_that_goes_away_has_its_mappings_closed() -> None:
+    """A real decode process (Mooncake tcp) whose offer maps, by FAKE IPC, onto local tensors."""
+    peer = DecodePeer(SHAPE)
+    backend = FakeIpc()
+    stage = Side(backend, TransportConfig(liveness_interval_s=0.1))
+    try:
+        info = peer.receive("gone", TOKEN.room, [0, 1], num_stages=1)
+        stand_ins = [torch.zeros(a.nbytes, dtype=torch.uint8) for a in info.layers]
+        offer = CudaIpcInfo(
+            node_id=node_id(),
+            device_uuid=FAKE_GPU,
+            allocations=tuple(
+                FakeIpc.export_as(t, a.base) for t, a in zip(stand_ins, info.layers, strict=True)
+            ),
+        )
+        sender = stage.sender("gone")
+        sender.set_receiver_info(info.model_copy(update={"cuda_ipc": offer}))
+        assert sender.mover is not None and sender.mover.name == "cuda_ipc"
+        path = stage.endpoint.cuda_ipc
+        assert path is not None and path.mapped_sessions == {peer.session_id}
+        assert backend.opened == SHAPE.num_layers and backend.closed == 0
+        peer.kill()
+        _wait_until(lambda: not path.mapped_sessions)
+        assert backend.closed == backend.opened
+        assert wait_done(sender) is KVPoll.Failed  # and the request waiting on it fails
+        sender.abort()
+        _wait_until(lambda: not stage.endpoint.liveness.watched)
+    finally:
+        stage.close()
+        peer.stop()
+
+
+def test_a_mapping_closed_during_a_copy_unmaps_when_the_copy_ends() -> None:
+    backend = FakeIpc()
+    tensor = torch.zeros(64, dtype=torch.uint8)
+    mapping = PeerMapping("peer:1", torch.device("cpu"), backend, same_device=True)
+    mapping.open_all([backend.export(tensor)])
+    start, length = np.array([tensor.data_ptr() + 8]), np.array([8])
+    assert mapping.acquire()
+    mapping.close()
+    assert backend.closed == 0  # the copy still uses it
+    assert not mapping.acquire()  # no new copy starts on a closed mapping
+    assert mapping.translate(start, length)[1].all()
+    mapping.release()
+    assert backend.closed == 1 and not mapping.translate(start, length)[1].any()
+
+
+def test_only_runs_inside_local_device_memory_and_a_mapped_allocation_are_copied(
+    stage: Side,
+) -> None:
+    """Planning a write: the rest (CPU memory, or past the mapped allocation) goes by Mooncake."""
+    path = stage.endpoint.cuda_ipc
+    assert path is not None
+    peer_memory = torch.zeros(1024, dtype=torch.uint8)
+    backend = FakeIpc()
+    mapping = PeerMapping("peer:2", torch.device("cpu"), backend, same_device=True)
+    remote_base = 1 << 40  # where the allocation lives in the (pretend) peer process
+    mapping.open_all([FakeIpc.export_as(peer_memory, remote_base)])
+    layer = stage.cache.regions()[1].base_address
+    segments = Segments()
+    segments.add(layer + 256, remote_base + 512, 256)  # copied
+    segments.add(layer, remote_base + 1000, 256)  # runs past the allocation's end
+    segments.add(stage.endpoint.metadata.base_address, remote_base, 64)  # CPU metadata
+    copies, rest = path.plan(segments, mapping)
+    assert copies.srcs.tolist() == [layer + 256]
+    assert copies.dsts.tolist() == [peer_memory.data_ptr() + 512]
+    assert copies.lengths.tolist() == [256]
+    assert rest.dsts == [remote_base + 1000, remote_base]
+
+
+def test_closing_the_endpoint_unmaps_every_peer(fresh_decode: Side) -> None:
+    backend = FakeIpc()
+    stage = Side(backend)
+    sender, _ = transfer(stage, fresh_decode, [0], [0])
+    assert sender.poll() is KVPoll.Success and backend.opened == SHAPE.num_layers
+    stage.close()
+    assert backend.closed == backend.opened
+    assert stage.endpoint.cuda_ipc is not None and not stage.endpoint.cuda_ipc.mapped_sessions
