@@ -1,4 +1,9 @@
-"""The building blocks of a Llama/Qwen2 decoder layer, named after what they are."""
+"""The building blocks of a Llama/Qwen2 decoder layer, named after what they are.
+
+On CUDA the element-wise steps (residual add + norm, rotary + KV write, SwiGLU's activation)
+run as one Triton kernel each (engine/kernels.py); on the CPU as the torch ops below. Layers
+pass the residual stream beside their output, so its add fuses into the next norm.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention import AttentionMetadata, paged_attention
+from engine.attention import AttentionMetadata, attend, paged_attention
 from engine.config import ModelConfig
 from engine.linear import Linear
 from engine.rotary import RotaryEmbedding
@@ -18,12 +23,21 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual); without a residual, (norm(x), x)."""
+        if x.is_cuda:
+            from engine import kernels  # Triton: CUDA only
+
+            return kernels.rms_norm(x, self.weight, self.eps, residual)
+        if residual is not None:
+            x = x + residual
         if x.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps), x
         # Half precision: normalise in float32 as the reference implementations do.
         normed = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
-        return self.weight * normed.to(x.dtype)
+        return self.weight * normed.to(x.dtype), x
 
 
 class SelfAttention(nn.Module):
@@ -49,7 +63,19 @@ class SelfAttention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         tokens = x.shape[0]
-        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        if qkv.is_cuda:
+            from engine import kernels  # Triton: CUDA only
+
+            kernels.rotary_store(
+                qkv, cos, sin, kv[0], kv[1], meta.slot_mapping, self.num_heads, self.num_kv_heads
+            )
+            q, k, v = qkv.view(tokens, -1, self.head_dim).split(
+                [self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1
+            )
+            out = attend(q, k, v, kv[0], kv[1], meta)
+            return self.o_proj(out.reshape(tokens, self.q_size))
+        qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         # q and k heads sit side by side in the fused projection: rotate them in one go.
         qk = RotaryEmbedding.apply(
             qk.view(tokens, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin
@@ -69,7 +95,12 @@ class SwiGLU(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if gate_up.is_cuda:
+            from engine import kernels  # Triton: CUDA only
+
+            return self.down_proj(kernels.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -81,6 +112,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, h, cos, sin, kv, meta: AttentionMetadata) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(
+        self, h, residual, cos, sin, kv, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hidden state is `h + residual` (`residual` None: `h`); returns the same pair."""
+        x, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(x, cos, sin, kv, meta)
+        x, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(x), residual

@@ -106,7 +106,7 @@ class LLM:
             )
         self.kv_cache = PagedKVCache(spec, 0, num_layers, device=self.device)
         self.allocator = PageAllocator(spec.num_pages)
-        self.runner = StageRunner(stage, self.kv_cache)
+        self.runner = StageRunner(stage, self.kv_cache, max_decode_batch=config.max_num_seqs)
         self.scheduler = Scheduler(
             self.allocator, config.max_num_seqs, config.max_num_batched_tokens
         )

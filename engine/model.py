@@ -75,12 +75,14 @@ class DecoderStage(nn.Module):
         self, inputs: torch.Tensor, meta: AttentionMetadata, kv_cache: PagedKVCache
     ) -> torch.Tensor:
         h = self.embed_tokens(inputs) if self.is_first else inputs
-        cos, sin = self.rotary.cos_sin(meta.positions, h.dtype)
+        # The Triton rotary kernel takes float32 cos/sin; the torch path rotates in h's dtype.
+        cos, sin = self.rotary.cos_sin(meta.positions, torch.float32 if h.is_cuda else h.dtype)
+        residual = None
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, kv_cache.flat_kv(i), meta)
+            h, residual = layer(h, residual, cos, sin, kv_cache.flat_kv(i), meta)
         if not self.is_last:
-            return h
+            return h + residual
         # Logit rows are increasing, so as many as there are tokens means every row (decode).
         if meta.logits_indices.shape[0] != h.shape[0]:
-            h = h[meta.logits_indices]
-        return self.lm_head(self.norm(h)).float()
+            h, residual = h[meta.logits_indices], residual[meta.logits_indices]
+        return self.lm_head(self.norm(h, residual)[0]).float()

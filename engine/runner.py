@@ -1,5 +1,7 @@
 """Runs one stage's forward over its paged KV cache: the piece a PP stage actor and the
-whole-model engine share."""
+whole-model engine share. On CUDA, decode steps and short fresh-prompt prefill steps replay
+CUDA graphs (engine/cuda_graphs.py); on the CPU, decode attends through a dense mirror of the
+batch's KV (engine/decode_mirror.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.attention import AttentionMetadata, SeqChunk
+from engine.attention import AttentionMetadata, SeqChunk, is_decode_step
+from engine.decode_mirror import DecodeKVMirror
 from engine.kv_cache import KVCacheSpec, PagedKVCache
 from engine.model import DecoderStage
 
@@ -39,7 +42,15 @@ def page_bytes(spec: KVCacheSpec, num_layers: int) -> int:
 
 
 class StageRunner:
-    def __init__(self, stage: DecoderStage, kv_cache: PagedKVCache) -> None:
+    def __init__(
+        self,
+        stage: DecoderStage,
+        kv_cache: PagedKVCache,
+        max_decode_batch: int = 128,
+        cuda_graphs: bool = True,
+    ) -> None:
+        """`max_decode_batch`: the largest decode batch replayed from a CUDA graph (larger ones
+        run eagerly); `cuda_graphs=False` runs every CUDA step eagerly."""
         if kv_cache.num_layers != len(stage.layers):
             raise ValueError(
                 f"KV cache holds {kv_cache.num_layers} layers, the stage {len(stage.layers)}"
@@ -47,6 +58,14 @@ class StageRunner:
         self.stage = stage
         self.kv_cache = kv_cache
         self.device = next(stage.parameters()).device
+        self.cuda_graphs = None
+        self.decode_mirror = None
+        if self.device.type == "cpu":
+            self.decode_mirror = DecodeKVMirror(kv_cache.num_layers)
+        elif self.device.type == "cuda":
+            from engine.cuda_graphs import CudaGraphRunner
+
+            self.cuda_graphs = CudaGraphRunner(stage, kv_cache, max_decode_batch, cuda_graphs)
 
     @property
     def page_size(self) -> int:
@@ -55,8 +74,21 @@ class StageRunner:
     def forward(
         self, chunks: Sequence[SeqChunk], inputs: torch.Tensor, all_logits: bool = False
     ) -> torch.Tensor:
-        """Token ids [T] (first stage) or hidden states [T, H] in; hidden states or logits out."""
+        """Token ids [T] (first stage) or hidden states [T, H] in; hidden states or logits out.
+
+        On CUDA the result of a step replayed from a graph is a view of the graphs' output
+        buffer, valid until the next step: consume it (sample, copy) first."""
+        if self.cuda_graphs is not None:
+            if is_decode_step(chunks):
+                return self.cuda_graphs.decode(chunks, inputs)
+            if not all_logits and (out := self.cuda_graphs.prefill(chunks, inputs)) is not None:
+                return out
         meta = AttentionMetadata.build(chunks, self.page_size, self.device, all_logits)
+        if self.decode_mirror is not None:
+            if meta.is_decode:
+                self.decode_mirror.begin(chunks, meta)
+            else:
+                self.decode_mirror.invalidate()
         if inputs.shape[0] != meta.num_tokens:
             raise ValueError(f"{inputs.shape[0]} input rows for a step of {meta.num_tokens} tokens")
         return self.stage(inputs.to(self.device, non_blocking=True), meta, self.kv_cache)

@@ -2,7 +2,9 @@
 
 No model hub is reachable from our machines, so tests, `make serve` and benchmarks use a model
 the project writes itself: Llama or Qwen2 architecture, deterministic for a seed, written in
-seconds, loadable by pdserve and by `transformers` alike.
+seconds, loadable by pdserve and by `transformers` alike. For GPU benchmarks of realistic size,
+`random_stage` builds a stage of one of `REALISTIC_SHAPES` with random weights made on the
+device itself (no checkpoint: 16 GB of weights would take longer to write than to run).
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ from tokenizers import (
     processors,
     trainers,
 )
+
+from engine.config import ModelConfig, RopeConfig
+from engine.model import DecoderStage, LayerRange
+from engine.rotary import RotaryEmbedding
 
 Family = Literal["llama", "qwen2"]
 
@@ -237,3 +243,74 @@ def make_test_model(
         gen_cfg["bos_token_id"] = cfg["bos_token_id"]
     (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
     return out
+
+
+REALISTIC_SHAPES: dict[str, ModelConfig] = {
+    # Qwen2-1.5B: tied embeddings, q/k/v biases, 6 query heads per KV head.
+    "qwen2-1.5b": ModelConfig(
+        family="qwen2",
+        architecture="Qwen2ForCausalLM",
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        head_dim=128,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        rope=RopeConfig(theta=1000000.0),
+        attention_bias=True,
+        tie_word_embeddings=True,
+    ),
+    # Llama-3-8B: llama3 rope scaling as Llama-3.1 ships it.
+    "llama3-8b": ModelConfig(
+        family="llama",
+        architecture="LlamaForCausalLM",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        rope=RopeConfig(
+            theta=500000.0, rope_type="llama3", factor=8.0, original_max_position_embeddings=8192
+        ),
+    ),
+}
+
+
+@torch.no_grad()
+def random_stage(
+    config: ModelConfig,
+    layer_range: LayerRange | None = None,
+    device: torch.device | str = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+) -> DecoderStage:
+    """A stage of `config` with random weights drawn on `device` in `dtype` (tied embeddings
+    share one tensor), scaled as `random_weights` scales them."""
+    with torch.device("meta"):
+        stage = DecoderStage(config, layer_range).to(dtype)
+    stage = stage.to_empty(device=device)
+    stage.rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
+    stage.rotary.to(device)
+    gen = torch.Generator(device).manual_seed(seed)
+    hidden = config.hidden_size
+    for name, param in stage.named_parameters():
+        if name.endswith("norm.weight"):
+            param.normal_(1.0, 0.1, generator=gen)
+        elif name.endswith(".bias"):
+            param.normal_(0.0, 0.1, generator=gen)
+        elif name.startswith("embed_tokens."):
+            param.normal_(0.0, 0.25 if config.tie_word_embeddings else 1.0, generator=gen)
+        else:
+            param.normal_(
+                0.0, param.shape[1] ** -0.5 if param.dim() == 2 else hidden**-0.5, generator=gen
+            )
+    if config.tie_word_embeddings and stage.is_first and stage.is_last:
+        stage.lm_head.weight = stage.embed_tokens.weight
+    return stage.eval()
