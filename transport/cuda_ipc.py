@@ -2,11 +2,18 @@
 
 A decode process exports each device allocation that holds its KV once (`cudaIpcGetMemHandle`)
 and offers the handles in its receiver info, with the node it runs on and its GPU's UUID. A
-prefill stage on the same node that can see that GPU opens the handles once per peer and
-copies its page runs device to device on a side stream, after the KV it computed (an event of
-the caller's stream), waiting for the copy to finish before the write counts as done. The runs
-are the tcp path's segments; all of them go in one kernel launch (a table of source, mapped
-destination and length), so a request costs one launch however its pages are scattered.
+prefill stage on the same node that can see that GPU opens the handles once per peer.
+
+Per peer and layer set, a `PageRoute` is worked out once: where K and V of every layer start
+on both sides (the peer's as mapped here), uploaded to the GPU as a small table. A request then
+costs its page runs (a few numpy operations on its page list), one upload of those runs from a
+reused pinned buffer and one kernel launch over (layer x K/V, run, block), issued by `send` on
+the thread and stream that computed the KV (queued behind it; no thread hop). The copy's end is
+an event that the sender's `poll` queries; the write is done only once it has passed.
+
+Whatever a route cannot take (strided pages, the receiver on another GPU of the node, pages
+outside the cache) goes the general way: the tcp path's segments, planned against the mapping,
+copied on a side stream from the transfer pool, the rest by Mooncake.
 
 This module only moves bytes and decides whether it can: the sender's state machine,
 validation, timeouts and the first-token record (CPU memory, so still Mooncake) are the tcp
@@ -32,8 +39,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from engine.kv_cache import PagedKVCache
-from transport.receiver_info import CudaIpcInfo, IpcAllocation, ReceiverInfo
+from engine.kv_cache import KVLayerRegion, PagedKVCache
+from transport.receiver_info import CudaIpcInfo, IpcAllocation, LayerAddress, ReceiverInfo
 from transport.segments import Segments
 
 log = logging.getLogger(__name__)
@@ -194,8 +201,160 @@ def _copy_kernel() -> Any:
     return copy_runs
 
 
+@cache
+def _page_kernel() -> Any:
+    """The route's copy: a program per (layer x K/V row, page run, block of the run)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def copy_pages(bases, runs, BLOCK: tl.constexpr):
+        # bases: per row the source and (mapped) destination start of one layer's K or V, in
+        # bytes, 8-byte aligned. runs: per run the source offset, destination offset and
+        # length, in 8-byte elements. No integer arguments: nothing to specialise or recompile.
+        row = bases + tl.program_id(0) * 2
+        src = tl.load(row).to(tl.pointer_type(tl.int64))
+        dst = tl.load(row + 1).to(tl.pointer_type(tl.int64))
+        run = runs + 1 + tl.program_id(1) * 3  # runs[0] is the count (see `_work`)
+        n = tl.load(run + 2)
+        offs = tl.program_id(2).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n  # programs past a shorter run's end do nothing
+        values = tl.load(src + tl.load(run) + offs, mask=mask)
+        tl.store(dst + tl.load(run + 1) + offs, values, mask=mask)
+
+    return copy_pages
+
+
+@cache
+def _graph_kernel() -> Any:
+    """The route's copy on a fixed grid (layer x K/V row, GROUP), for a CUDA graph: how many runs
+    and how long each is comes from the table at run time, so one captured launch serves every
+    request; run r's blocks go to programs r, r + 1, ... (mod GROUP) so short runs spread."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def copy_pages_fixed(bases, work, BLOCK: tl.constexpr, GROUP: tl.constexpr):
+        row = bases + tl.program_id(0) * 2
+        src = tl.load(row).to(tl.pointer_type(tl.int64))
+        dst = tl.load(row + 1).to(tl.pointer_type(tl.int64))
+        g = tl.program_id(1).to(tl.int64)
+        count = tl.load(work)
+        for r in range(0, count):
+            run = work + 1 + r * 3
+            s_off = tl.load(run)
+            d_off = tl.load(run + 1)
+            n = tl.load(run + 2)
+            first = (g - r % GROUP + GROUP) % GROUP
+            for part in range(first, (n + BLOCK - 1) // BLOCK, GROUP):
+                offs = part * BLOCK + tl.arange(0, BLOCK)
+                mask = offs < n
+                values = tl.load(src + s_off + offs, mask=mask)
+                tl.store(dst + d_off + offs, values, mask=mask)
+
+    return copy_pages_fixed
+
+
 _BLOCK = 4096  # elements per program: 32 KiB of 8-byte elements
 _MAX_PARTS = 65535  # the grid's second dimension: runs up to 2 GiB (one layer's K is far less)
+_MAX_RUNS = 65535  # a route's grid: runs in the second dimension
+_GROUP = 64  # the graph kernel's programs per row
+_GRAPH_RUNS = 64  # requests of up to this many runs replay the route's graph
+
+
+class _OnDevice:
+    """A route on the GPU: its rows, and (when capture worked) a CUDA graph of one launch of
+    the fixed-grid kernel over the route's own run table, which each request overwrites."""
+
+    def __init__(self, bases: torch.Tensor) -> None:
+        self.bases = bases
+        self.work = torch.zeros(1 + 3 * _GRAPH_RUNS, dtype=torch.int64, device=bases.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.lock = threading.Lock()  # one upload + replay at a time (one run table)
+        self.last_done: torch.cuda.Event | None = None
+        self.last_stream = -1
+
+
+@dataclass
+class PageRoute:
+    """How one sender's layers reach one peer's layers, worked out once and reused per request.
+
+    Rows are (layer, K or V) in the sender's layer order; both sides hold pages contiguously
+    (page stride = page size), so a run of pages is one range per row on each side.
+    """
+
+    src_bases: np.ndarray  # int64 per row: where K or V of the layer starts here
+    dst_bases: np.ndarray  # int64 per row: where it starts on the peer, as mapped here
+    page_words: int  # 8-byte elements per page of K or V
+    local_pages: int  # pages each local layer holds (page indices must be below)
+    remote_pages: int  # likewise on the peer
+    table: Any = None  # the backend's copy of (src_bases, dst_bases): a device tensor on CUDA
+
+    @property
+    def rows(self) -> int:
+        return len(self.src_bases)
+
+
+def plan_runs(route: PageRoute, local_pages: list[int], remote: np.ndarray) -> np.ndarray | None:
+    """Page runs as rows (source offset, destination offset, length) in 8-byte elements, for
+    local page `local_pages[i]` to go to `remote[i]`; None when the route cannot take them."""
+    n = len(local_pages)
+    if n > len(remote):
+        return None
+    if n == 0:
+        return np.empty((0, 3), np.int64)
+    local = np.array(local_pages, np.int64)
+    theirs = remote[:n]
+    if local.min() < 0 or local.max() >= route.local_pages:
+        return None
+    if theirs.min() < 0 or theirs.max() >= route.remote_pages:
+        return None
+    # A run continues while both sides step by one page.
+    breaks = np.flatnonzero((np.diff(local) != 1) | (np.diff(theirs) != 1)) + 1
+    if len(breaks) >= _MAX_RUNS:
+        return None
+    starts = np.concatenate(([0], breaks))
+    runs = np.empty((len(starts), 3), np.int64)
+    runs[:, 0] = local[starts] * route.page_words
+    runs[:, 1] = theirs[starts] * route.page_words
+    runs[:, 2] = np.diff(np.concatenate((starts, [n]))) * route.page_words
+    return runs
+
+
+def _work(runs: np.ndarray) -> np.ndarray:
+    """A run table as the kernels read it: the count, then the runs' rows."""
+    return np.concatenate(([len(runs)], runs.reshape(-1))).astype(np.int64)
+
+
+class _Staging:
+    """Pinned host slots and device slots for per-request run tables, reused round robin.
+
+    A slot is written again only after the copy that read it has finished (its event), so an
+    upload never races a copy still queued behind the caller's compute.
+    """
+
+    SLOTS = 16
+    ROWS = 4096  # runs per request that fit a slot; more take a one-off pinned upload
+
+    def __init__(self, device: torch.device) -> None:
+        shape = (self.SLOTS, 1 + 3 * self.ROWS)  # a count, then the runs (`_work`)
+        self.host = torch.empty(shape, dtype=torch.int64, pin_memory=True)
+        self.host_np = self.host.numpy()
+        self.device = torch.empty(shape, dtype=torch.int64, device=device)
+        self.device_slots = [self.device[i] for i in range(self.SLOTS)]
+        self.host_ptrs = [self.host[i].data_ptr() for i in range(self.SLOTS)]
+        self.events: list[torch.cuda.Event | None] = [None] * self.SLOTS
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> int:
+        with self._lock:
+            i = self._next
+            self._next = (i + 1) % self.SLOTS
+            event, self.events[i] = self.events[i], None
+        if event is not None and not event.query():
+            event.synchronize()  # 16 requests still queued behind compute: wait for the oldest
+        return i
 
 
 # -- backends: the real CUDA one, and (in tests) a fake over CPU tensors -------------------------
@@ -214,6 +373,10 @@ class IpcBackend(Protocol):
     def record(self, device: torch.device) -> Any: ...
     def launch(self, copies: Copies, after: Any, device: torch.device, peer: bool) -> Any: ...
     def wait(self, done: Any) -> None: ...
+    # The per-request path (optional: a backend without it gets the general path only).
+    def prepare_route(self, route: PageRoute, device: torch.device) -> Any: ...
+    def launch_pages(self, route: PageRoute, runs: np.ndarray, device: torch.device) -> Any: ...
+    def query(self, done: Any) -> bool: ...
 
 
 class CudaIpc:
@@ -222,7 +385,9 @@ class CudaIpc:
     def __init__(self) -> None:
         self._runtime: CudaRuntime | None = None
         self._streams: dict[int, torch.cuda.Stream] = {}
+        self._staging: dict[int, _Staging] = {}
         self._kernel_ok = True
+        self._graphs_ok = True  # turned off if the graph kernel fails its check at warm-up
         self._lock = threading.Lock()
 
     @property
@@ -236,6 +401,11 @@ class CudaIpc:
     def kernel_in_use(self) -> bool:
         """False once the batched copy kernel failed here and copies went one memcpy a run."""
         return self._kernel_ok
+
+    @property
+    def graphs_in_use(self) -> bool:
+        """Requests of up to `_GRAPH_RUNS` runs replay a CUDA graph (else: a Triton launch)."""
+        return self._graphs_ok and self._kernel_ok
 
     def is_device_memory(self, tensor: torch.Tensor) -> bool:
         return tensor.is_cuda
@@ -283,11 +453,145 @@ class CudaIpc:
             return stream
 
     def warm_up(self, device: torch.device) -> None:
-        """Compile the copy kernel now (about half a second), not on the first request."""
+        """Compile the copy kernels, pin the staging and check the graph path now, not on the
+        first request. The graph path is used only if it copies a test pattern exactly."""
         scratch = torch.zeros(64, dtype=torch.int64, device=device)
         src, dst = scratch.data_ptr(), scratch.data_ptr() + 256
         copies = Copies(*(np.array([v], np.int64) for v in (src, dst, 256)))
         self.wait(self.launch(copies, None, device, peer=False))
+        with torch.cuda.device(device):
+            self._check_page_copies(device)
+
+    def _check_page_copies(self, device: torch.device) -> None:
+        # Two rows of three 4-word pages: row k's page p at words 12k + 4p.
+        pages = torch.zeros(24, dtype=torch.int64, device=device)
+        rows = np.array([pages.data_ptr(), pages.data_ptr() + 96], np.int64)
+        route = PageRoute(rows, rows, 4, 3, 3)
+        route.table = self.prepare_route(route, device)
+        pattern = torch.arange(24, device=device)
+        pages.copy_(pattern)
+        graph, route.table.graph = route.table.graph, None  # the direct launch first
+        self.wait(self.launch_pages(route, np.array([[0, 8, 4]], np.int64), device))
+        want = pattern.view(2, 3, 4).clone()
+        want[:, 2] = want[:, 0]
+        if not torch.equal(pages.view(2, 3, 4), want):
+            log.error("the page copy kernel failed its check; one memcpy per run instead")
+            self._kernel_ok = False
+            return
+        route.table.graph = graph
+        if graph is None:
+            self._graphs_ok = False
+            return
+        pages.copy_(pattern)
+        self.wait(self.launch_pages(route, np.array([[4, 8, 4]], np.int64), device))
+        want = pattern.view(2, 3, 4).clone()
+        want[:, 2] = want[:, 1]
+        if not torch.equal(pages.view(2, 3, 4), want):
+            log.warning("the CUDA graph copy failed its check; launching per request instead")
+            self._graphs_ok = False
+
+    def prepare_route(self, route: PageRoute, device: torch.device) -> _OnDevice:
+        """The route's rows on the device, uploaded once (per peer and layer set), and a CUDA
+        graph of its copy (when graphs passed the warm-up check)."""
+        rows = np.stack([route.src_bases, route.dst_bases], 1)
+        with torch.cuda.device(device):
+            on_device = _OnDevice(torch.from_numpy(np.ascontiguousarray(rows)).to(device))
+            if self._graphs_ok and self._kernel_ok:
+                try:
+                    on_device.graph = self._capture(on_device, len(rows), device)
+                except Exception:
+                    log.warning("no CUDA graph for the copy; launching per request", exc_info=True)
+                    self._graphs_ok = False
+        return on_device
+
+    def _capture(self, on_device: _OnDevice, rows: int, device: torch.device) -> Any:
+        kernel = _graph_kernel()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            # Compiled and loaded outside the capture (the table says 0 runs: nothing moves).
+            kernel[(rows, _GROUP)](
+                on_device.bases, on_device.work, BLOCK=_BLOCK, GROUP=_GROUP, num_warps=4
+            )
+            side.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                kernel[(rows, _GROUP)](
+                    on_device.bases, on_device.work, BLOCK=_BLOCK, GROUP=_GROUP, num_warps=4
+                )
+            finally:
+                graph.capture_end()
+        return graph
+
+    def _staging_for(self, device: torch.device) -> _Staging:
+        staging = self._staging.get(device.index)
+        if staging is None:
+            with self._lock:
+                staging = self._staging.get(device.index)
+                if staging is None:
+                    with torch.cuda.device(device):
+                        staging = self._staging[device.index] = _Staging(device)
+        return staging
+
+    def launch_pages(
+        self, route: PageRoute, runs: np.ndarray, device: torch.device
+    ) -> torch.cuda.Event:
+        """Queue the copy of `runs` (rows of source offset, destination offset, length, in
+        8-byte elements) for every row of `route` on the caller's current stream, so it runs
+        after the KV queued there; returns the event that ends it."""
+        if torch.cuda.current_device() != device.index:
+            with torch.cuda.device(device):
+                return self.launch_pages(route, runs, device)
+        stream = torch.cuda.current_stream(device)
+        raw = stream.cuda_stream
+        staging = self._staging_for(device)
+        n = len(runs)
+        slot = staging.take()
+        on_device: _OnDevice = route.table
+        if on_device.graph is not None and n <= _GRAPH_RUNS:
+            # The count and runs into the route's own table, then its graph: in stream order
+            # after the previous request's copy, which read the same table.
+            staging.host_np[slot, 0] = n
+            staging.host_np[slot, 1 : 1 + 3 * n] = runs.reshape(-1)
+            with on_device.lock:
+                if on_device.last_done is not None and on_device.last_stream != raw:
+                    stream.wait_event(on_device.last_done)
+                self.runtime.memcpy_async(
+                    on_device.work.data_ptr(), staging.host_ptrs[slot], 8 + 24 * n, raw
+                )
+                on_device.graph.replay()
+                done = stream.record_event()
+                on_device.last_done, on_device.last_stream = done, raw
+            staging.events[slot] = done
+            return done
+        if n <= staging.ROWS:
+            staging.host_np[slot, 0] = n
+            staging.host_np[slot, 1 : 1 + 3 * n] = runs.reshape(-1)
+            table = staging.device_slots[slot]
+            self.runtime.memcpy_async(table.data_ptr(), staging.host_ptrs[slot], 8 + 24 * n, raw)
+        else:  # a one-off pinned buffer: torch's host allocator keeps it until the copy ran
+            table = torch.from_numpy(_work(runs)).pin_memory().to(device, non_blocking=True)
+        parts = -(-int(runs[:, 2].max()) // _BLOCK)
+        if self._kernel_ok:
+            try:
+                _page_kernel()[(route.rows, n, parts)](
+                    on_device.bases, table, BLOCK=_BLOCK, num_warps=4
+                )
+            except Exception:  # no Triton, or it cannot compile here: the memcpy loop
+                log.warning("page copy kernel unavailable, one memcpy per run", exc_info=True)
+                self._kernel_ok = False
+        if not self._kernel_ok:
+            for src, dst in zip(route.src_bases.tolist(), route.dst_bases.tolist(), strict=True):
+                for s_off, d_off, length in runs.tolist():
+                    self.runtime.memcpy_async(dst + 8 * d_off, src + 8 * s_off, 8 * length, raw)
+        done = stream.record_event()
+        staging.events[slot] = done
+        return done
+
+    def query(self, done: torch.cuda.Event) -> bool:
+        """Whether the copy ending at `done` has finished (never blocks)."""
+        return done.query()
 
     def record(self, device: torch.device) -> torch.cuda.Event:
         """An event after the work queued so far on the caller's stream (the KV it computed)."""
@@ -351,6 +655,7 @@ class PeerMapping:
         self._bases = np.empty(0, np.int64)  # the peer's allocation bases, sorted
         self._ends = np.empty(0, np.int64)
         self._mapped = np.empty(0, np.int64)  # where each is mapped here
+        self.routes: dict[tuple, PageRoute | None] = {}  # worked out once per layer set
         self._users = 0
         self._closed = False
         self._lock = threading.Lock()
@@ -358,6 +663,11 @@ class PeerMapping:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def users(self) -> int:
+        """Copies holding the mapping open (it unmaps after the last, once closed)."""
+        return self._users
 
     def open_all(self, allocations: Iterable[IpcAllocation]) -> None:
         """Open what is not open yet; on failure nothing new stays open."""
@@ -419,6 +729,7 @@ class PeerMapping:
         with self._lock:
             opened, self._opened = list(self._opened.values()), {}
             self._index()
+            self.routes.clear()
         for _, address in opened:
             self._close_one(address)
 
@@ -450,6 +761,7 @@ class CudaIpcPath:
         self._device_of: dict[int, torch.device] = {}  # layer base -> device
         self._mappings: dict[str, PeerMapping] = {}
         self._broken: dict[str, str] = {}  # sessions whose handles would not open, and why
+        self._copies: set[IpcCopy] = set()  # launched and not yet released
         self._lock = threading.Lock()
 
     # receiver side ---------------------------------------------------------------------------
@@ -534,6 +846,101 @@ class CudaIpcPath:
                 log.info("fast path to %s: KV moves by CUDA IPC", session)
         return mapping, "same node, receiver's GPU visible"
 
+    def route(
+        self,
+        mapping: PeerMapping,
+        regions: list[KVLayerRegion],
+        remote: dict[int, LayerAddress],
+        page_nbytes: int,
+    ) -> PageRoute | None:
+        """The per-request path from `regions` to the peer's layers, or None where it cannot
+        serve them (then every request takes the general path). Worked out once per peer and
+        layer set; the receiver info it comes from is validated (each layer inside a mapped
+        allocation), and it is checked again here against what is mapped and local."""
+        if not mapping.same_device or not hasattr(self.backend, "launch_pages"):
+            return None  # a peer GPU: copy engines, one memcpy per run (general path)
+        try:
+            theirs = [remote[r.layer] for r in regions]
+        except KeyError:
+            return None
+        key = (
+            page_nbytes,
+            tuple((r.base_address, r.nbytes, r.kv_stride, r.page_stride) for r in regions),
+            tuple((a.base, a.nbytes, a.kv_stride, a.page_stride) for a in theirs),
+        )
+        if key in mapping.routes:
+            return mapping.routes[key]
+        route = self._make_route(mapping, regions, theirs, page_nbytes)
+        if route is not None:
+            try:
+                route.table = self.backend.prepare_route(route, mapping.device)
+            except Exception:
+                log.warning("fast path route to %s not prepared", mapping.session, exc_info=True)
+                route = None
+        mapping.routes[key] = route
+        return route
+
+    def _make_route(
+        self,
+        mapping: PeerMapping,
+        regions: list[KVLayerRegion],
+        theirs: list[LayerAddress],
+        page_nbytes: int,
+    ) -> PageRoute | None:
+        if not regions or page_nbytes % 8:
+            return None
+        if any(r.page_stride != page_nbytes or r.kv_stride % 8 for r in regions):
+            return None
+        if any(a.page_stride != page_nbytes or a.kv_stride % 8 for a in theirs):
+            return None
+        bases = np.array([r.base_address for r in regions], np.int64)
+        sizes = np.array([r.nbytes for r in regions], np.int64)
+        i = np.searchsorted(self._local_bases, bases, side="right") - 1
+        if (i < 0).any() or (bases + sizes > self._local_ends[np.maximum(i, 0)]).any():
+            return None  # not all in this process's device KV
+        remote_bases = np.array([a.base for a in theirs], np.int64)
+        mapped, inside = mapping.translate(
+            remote_bases, np.array([a.nbytes for a in theirs], np.int64)
+        )
+        if not inside.all():
+            return None
+        kv_here = np.array([r.kv_stride for r in regions], np.int64)
+        kv_there = np.array([a.kv_stride for a in theirs], np.int64)
+        src = np.stack([bases, bases + kv_here], 1).reshape(-1)  # rows: layer 0 K, V, layer 1..
+        dst = np.stack([mapped, mapped + kv_there], 1).reshape(-1)
+        if ((src | dst) & 7).any():
+            return None
+
+        def pages(nbytes: int, kv_stride: int) -> int:
+            # Page p of K ends at p * size + size <= kv_stride; of V at kv_stride + ... <= nbytes.
+            return min(kv_stride, nbytes - kv_stride) // page_nbytes
+
+        return PageRoute(
+            src_bases=src,
+            dst_bases=dst,
+            page_words=page_nbytes // 8,
+            local_pages=min(pages(r.nbytes, r.kv_stride) for r in regions),
+            remote_pages=min(pages(a.nbytes, a.kv_stride) for a in theirs),
+        )
+
+    def launch(self, route: PageRoute, runs: np.ndarray, mapping: PeerMapping) -> IpcCopy:
+        """Queue one request's runs on the caller's stream; the copy holds the mapping open."""
+        if not mapping.acquire():
+            raise IpcOpenError(f"CUDA IPC mapping of {mapping.session} closed: the peer went away")
+        try:
+            done = self.backend.launch_pages(route, runs, mapping.device)
+        except BaseException:
+            mapping.release()
+            raise
+        copy = IpcCopy(self, mapping, done)
+        with self._lock:
+            self._copies.add(copy)
+        return copy
+
+    def _forget(self, copy: IpcCopy) -> None:
+        with self._lock:
+            self._copies.discard(copy)
+
     def plan(self, segments: Segments, mapping: PeerMapping) -> tuple[Copies, Segments]:
         """The segments in device memory on both sides as copies, and the rest (for Mooncake)."""
         srcs = np.asarray(segments.srcs, np.int64)
@@ -567,12 +974,50 @@ class CudaIpcPath:
             log.info("fast path to %s closed: peer gone", session)
 
     def close(self) -> None:
+        """Wait for the copies still running (nobody polled them to the end), then unmap."""
+        with self._lock:
+            copies = list(self._copies)
+        for copy in copies:
+            try:
+                copy.wait()
+            except Exception:
+                log.warning("a CUDA IPC copy failed while closing", exc_info=True)
+            copy.release()
         for session in list(self.mapped_sessions):
             self.drop_peer(session)
 
 
+class IpcCopy:
+    """One request's launched copy: finished when its event has passed; holds the peer's
+    mapping open until released (after it finished, or at the endpoint's close)."""
+
+    def __init__(self, path: CudaIpcPath, mapping: PeerMapping, done: Any) -> None:
+        self._path = path
+        self.mapping = mapping
+        self.done = done
+        self._released = False
+        self._lock = threading.Lock()
+
+    def landed(self) -> bool:
+        """Every byte is in the peer's pages (never blocks)."""
+        return self._path.backend.query(self.done)
+
+    def wait(self) -> None:
+        self._path.backend.wait(self.done)
+
+    def release(self) -> None:
+        """Give the mapping back (idempotent). Only once the copy finished or cannot run."""
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        self._path._forget(self)
+        self.mapping.release()
+
+
 class CudaIpcMover:
-    """Writes one request's segments: device runs by IPC copy, the rest by Mooncake."""
+    """Writes one request's KV by IPC copy: launched from `send` over the route when there is
+    one (`plan_pages`, `launch`), else the general way (`prepare`, `write` on the pool)."""
 
     name = "cuda_ipc"
 
@@ -582,11 +1027,47 @@ class CudaIpcMover:
         mapping: PeerMapping,
         write_rest: Callable[[str, list[int], list[int], list[int]], int],
         why: str,
+        route: PageRoute | None = None,
+        remote_pages: Iterable[int] = (),
     ) -> None:
         self.path = path
         self.mapping = mapping
         self.why = why
+        self.route = route
+        self._remote: np.ndarray | None = None
+        self._remote_start = -1  # the receiver's pages run from here, one after another
+        if route is not None:
+            self._remote = np.asarray(list(remote_pages), np.int64)
+            if len(self._remote) and (np.diff(self._remote) == 1).all():
+                self._remote_start = int(self._remote[0])
         self._write_rest = write_rest
+
+    def plan_pages(self, local_pages: list[int]) -> np.ndarray | None:
+        """The request's page runs over the route (`plan_runs`), or None: the general path."""
+        route = self.route
+        if route is None or self._remote is None:
+            return None
+        n = len(local_pages)
+        if self._remote_start >= 0 and 0 < n <= len(self._remote):
+            # The usual case, without numpy: both sides one run (checked at C speed).
+            first = local_pages[0]
+            if (
+                first >= 0
+                and first + n <= route.local_pages
+                and self._remote_start + n <= route.remote_pages
+                and local_pages[-1] == first + n - 1
+                and list(local_pages) == list(range(first, first + n))
+            ):
+                words = route.page_words
+                return np.array([[first * words, self._remote_start * words, n * words]])
+        return plan_runs(route, local_pages, self._remote)
+
+    def launch(self, runs: np.ndarray) -> IpcCopy | None:
+        """Queue `runs` behind the KV on the caller's stream; None when there is nothing."""
+        if not len(runs):
+            return None
+        assert self.route is not None
+        return self.path.launch(self.route, runs, self.mapping)
 
     def prepare(self) -> Any:
         """On the thread that computed the KV: mark where on its stream the KV is complete."""

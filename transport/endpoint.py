@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +51,15 @@ class KVMover(Protocol):
     name: str
     why: str  # why this mover was chosen, for logs and tests
 
+    def plan_pages(self, local_pages: list[int]) -> Any | None:
+        """The fast path's plan for `local_pages`, when `send` can launch the write itself
+        (`CudaIpcMover.launch`, finished in `poll`); None: segments, written on the pool."""
+        ...
+
+    def launch(self, plan: Any) -> Any:
+        """Queue the planned write from `send`; a handle `KVSender` polls (`IpcCopy`)."""
+        ...
+
     def prepare(self) -> Any:
         """Called by `send` on the thread that computed the KV, before the write is queued."""
         ...
@@ -68,11 +78,50 @@ class MooncakeMover:
         self.endpoint = endpoint
         self.why = why
 
+    def plan_pages(self, local_pages: list[int]) -> None:
+        return None  # never launched from `send`: every write goes by `write` on the pool
+
+    def launch(self, plan: Any) -> Any:
+        raise NotImplementedError("Mooncake writes run on the pool")
+
     def prepare(self) -> None:
         return None
 
     def write(self, session: str, segments: Segments, ticket: Any) -> int:
         return self.endpoint.write(session, segments.srcs, segments.dsts, segments.lengths)
+
+
+class PendingWrite:
+    """One Mooncake write submitted without waiting (the fast path's first-token record).
+
+    `poll()` never blocks: None while it runs, then 0 once it landed or Mooncake's negative rc.
+    Mooncake frees the batch when it reports an end, so the end is kept and asked only once.
+    """
+
+    def __init__(self, engine: Any, batch: int | None, error: str | None = None) -> None:
+        self._engine = engine
+        self._batch = batch
+        self._rc: int | None = -1 if batch is None else None
+        self.error = error
+        self._lock = threading.Lock()
+
+    def poll(self) -> int | None:
+        with self._lock:
+            if self._rc is None:
+                status = self._engine.transfer_check_status(self._batch)
+                if status == 1:
+                    self._rc = 0
+                elif status != 0:
+                    self._rc = status if status < 0 else -1
+                    self.error = f"first-token record rc={status}"
+            return self._rc
+
+    def wait(self, timeout_s: float) -> int | None:
+        """Block (on a pool thread) until it ended or `timeout_s` passed (then None)."""
+        deadline = time.monotonic() + timeout_s
+        while (rc := self.poll()) is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return rc
 
 
 class TransferEndpoint:
@@ -146,11 +195,30 @@ class TransferEndpoint:
         mapping, why = self.cuda_ipc.select(info, [r.base_address for r in regions])
         if mapping is None:
             return MooncakeMover(self, why)
-        return CudaIpcMover(self.cuda_ipc, mapping, self.write, why)
+        by_layer = {a.layer: a for a in info.layers}
+        route = self.cuda_ipc.route(mapping, regions, by_layer, info.layout.page_nbytes)
+        return CudaIpcMover(self.cuda_ipc, mapping, self.write, why, route, info.page_indices)
 
     def write(self, session: str, srcs: list[int], dsts: list[int], lengths: list[int]) -> int:
         """One batch write to `session`, blocking; 0 on success, Mooncake's negative rc if not."""
         return self._engine.batch_transfer_sync_write(session, srcs, dsts, lengths)
+
+    def write_async(self, session: str, src: int, dst: int, length: int) -> PendingWrite:
+        """Submit one write to `session` without waiting for it (never raises)."""
+        try:
+            batch = self._engine.transfer_submit_write(session, src, dst, length)
+        except Exception as exc:
+            return PendingWrite(self._engine, None, f"first-token record not submitted ({exc!r})")
+        if not 0 < batch < 2**63:  # 0 or (uint64) -1: the submit failed
+            return PendingWrite(self._engine, None, "first-token record not submitted")
+        return PendingWrite(self._engine, batch)
+
+    def run_soon(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the transfer pool, outside any peer's order (inline once it is shut)."""
+        try:
+            self._pool.submit(fn)
+        except RuntimeError:  # shut down: the endpoint is closing
+            fn()
 
     def submit(self, session: str, fn: Callable[[], None]) -> None:
         """Run the write `fn` to `session` on the transfer pool, after earlier ones to it.

@@ -1,22 +1,33 @@
 """`KVSender`: one prefill stage's side of one request's KV transfer.
 
 Life: `Bootstrapping` until valid receiver info arrives, `WaitingForInput` until the stage has
-computed the request's KV and calls `send`, `Transferring` while the write runs on the
-endpoint's pool, then `Success` or `Failed` with a reason. `poll()` is where time passes: it
-applies the bootstrap and transfer timeouts and the peer's liveness. `abort()` works from any
-state and is idempotent. Which mover carries the bytes (Mooncake, or CUDA IPC on one node) is
-chosen with the receiver info and changes nothing else.
+computed the request's KV and calls `send`, `Transferring` while the write runs, then `Success`
+or `Failed` with a reason. `poll()` is where time passes: it applies the bootstrap and transfer
+timeouts and the peer's liveness. `abort()` works from any state and is idempotent. Which mover
+carries the bytes (Mooncake, or CUDA IPC on one node) is chosen with the receiver info and
+changes nothing else.
+
+Where the writes run: Mooncake's (and the fast path's general case) on the endpoint's pool,
+which moves the state when they return. The fast path's common case is launched by `send`
+itself, on the thread and stream that computed the KV, with the first-token record submitted
+to Mooncake without waiting; `poll()` (or `in_flight`) finds both finished (an event query and
+a status check, no thread hop) and only then reports `Success`. A sender that fails or is
+aborted with such a write still running hands it to the pool, which waits for it and then
+gives back the metadata slot and the peer's mapping.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from engine.kv_cache import KVLayerRegion
-from transport.endpoint import KVMover, TransferEndpoint
+from transport.cuda_ipc import IpcCopy
+from transport.endpoint import KVMover, PendingWrite, TransferEndpoint
 from transport.metadata import SLOT_NBYTES, FirstToken
 from transport.poll import KVPoll, PollState
 from transport.receiver_info import (
@@ -32,12 +43,38 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TransferStats:
-    """What one finished write moved, for metrics."""
+    """What one finished write moved, for metrics.
+
+    `seconds`: on the pool, the write's own time; for a write `send` launched, from `send` to
+    the poll that found it finished (so it includes how often the caller polls).
+    """
 
     nbytes: int = 0
     segments: int = 0
     seconds: float = 0.0
     mover: str = ""
+
+
+class _Launched:
+    """A write `send` launched itself: the IPC copy and the first-token record in flight."""
+
+    def __init__(
+        self,
+        copy: IpcCopy | None,
+        record: PendingWrite | None,
+        slot: int | None,
+        start: float,
+        stats: TransferStats,
+    ) -> None:
+        self.copy = copy
+        self.record = record
+        self.slot = slot
+        self.start = start
+        self.stats = stats
+        self.settled = False  # neither runs any more and both are given back
+        self.handed_off = False  # the pool waits for it (the sender failed first)
+        self.lock = threading.Lock()  # held while settling
+        self.hand_off_lock = threading.Lock()
 
 
 class KVSender:
@@ -68,6 +105,7 @@ class KVSender:
         self._watching: str | None = None
         self._watch_lock = threading.Lock()
         self._in_flight = False
+        self._launched: _Launched | None = None
 
     # -- state -------------------------------------------------------------------------------
 
@@ -78,6 +116,8 @@ class KVSender:
     @property
     def in_flight(self) -> bool:
         """A write is still running and reads this stage's pages: do not reuse them yet."""
+        if self._in_flight and self._launched is not None:
+            self._settle(block=False)
         return self._in_flight
 
     @property
@@ -94,6 +134,8 @@ class KVSender:
         state = self._state.state
         if state in (KVPoll.Success, KVPoll.Failed):
             return state
+        if state is KVPoll.Transferring and self._launched is not None and self._settle(False):
+            return self._state.state
         waited = time.monotonic() - self._state.since
         config = self.endpoint.config
         if state is KVPoll.Bootstrapping and waited > config.bootstrap_timeout_s:
@@ -139,6 +181,7 @@ class KVSender:
         A sender failed meanwhile (abort, timeout, dead peer) ignores the call: the decision to
         drop the request is already made elsewhere. The last stage must pass `first_token`.
         """
+        start = time.perf_counter()
         if self._state.state is KVPoll.Failed:
             return
         if self.is_last_stage and first_token is None:
@@ -152,6 +195,14 @@ class KVSender:
             self._fail(
                 f"request needs {len(page_indices)} pages, receiver offered {len(info.page_indices)}"
             )
+            return
+        try:
+            runs = mover.plan_pages(page_indices)
+        except Exception as exc:
+            self._fail(f"KV write to {info.session_id} could not start ({exc!r})")
+            return
+        if runs is not None:
+            self._launch(info, mover, runs, first_token, start)
             return
         remote = {address.layer: address for address in info.layers}
         segments = kv_segments(
@@ -197,6 +248,107 @@ class KVSender:
 
         self.endpoint.submit(info.session_id, write)
 
+    def _launch(
+        self,
+        info: ReceiverInfo,
+        mover: KVMover,
+        runs: Any,
+        first_token: FirstToken | None,
+        start: float,
+    ) -> None:
+        """The fast path from `send`: record submitted, copy queued behind the KV, no waiting.
+
+        The record goes first: its tcp round trip then overlaps the launch and the copy.
+        """
+        metadata = self.endpoint.metadata
+        slot = record = None
+        if first_token is not None:
+            slot = metadata.acquire()
+            ctypes.memmove(metadata.address(slot), first_token.pack(), SLOT_NBYTES)
+            record = self.endpoint.write_async(
+                info.session_id, metadata.address(slot), info.metadata.address, SLOT_NBYTES
+            )
+        rows = len(self.regions) * 2  # (layer, K or V): a run is one range on each
+        stats = TransferStats(
+            rows * 8 * int(runs[:, 2].sum()) + (SLOT_NBYTES if record else 0),
+            rows * len(runs) + (1 if record else 0),
+            0.0,
+            mover.name,
+        )
+        try:
+            copy = mover.launch(runs)
+        except Exception as exc:  # the peer went away (mapping closed), or a CUDA error
+            self._in_flight = record is not None  # the record may still read the slot
+            self._launched = _Launched(None, record, slot, start, stats)
+            self._fail(f"KV write to {info.session_id} failed ({exc!r})")
+            return
+        self._in_flight = True
+        self._launched = _Launched(copy, record, slot, start, stats)
+        if self._state.state is KVPoll.Failed:  # aborted meanwhile: nobody will poll it through
+            self._hand_off()
+
+    def _settle(self, block: bool) -> bool:
+        """Finish the launched write if it ended: give back what it held, move the state.
+
+        Returns False while the copy or the record still runs (only when not `block`).
+        """
+        launched = self._launched
+        if launched is None:
+            return True
+        error = None
+        # Whoever holds the lock is settling it (the pool, blocking): others do not wait.
+        if not launched.lock.acquire(blocking=block):
+            return False
+        try:
+            if launched.settled:
+                return True
+            try:
+                if launched.copy is not None:
+                    if block:
+                        launched.copy.wait()
+                    elif not launched.copy.landed():
+                        return False
+            except Exception as exc:  # a CUDA error: the copy will not run any more
+                error = f"IPC copy failed ({exc!r})"
+            if launched.record is not None:
+                if block:
+                    rc = launched.record.wait(self.endpoint.config.transfer_timeout_s)
+                else:
+                    rc = launched.record.poll()
+                if rc is None and not block:
+                    return False
+                if rc != 0:
+                    error = error or launched.record.error or "first-token record unfinished"
+            launched.settled = True
+        finally:
+            launched.lock.release()
+        if launched.copy is not None:
+            launched.copy.release()
+        if launched.slot is not None:
+            self.endpoint.metadata.release(launched.slot)
+        launched.stats.seconds = time.perf_counter() - launched.start
+        self.stats = launched.stats
+        self._in_flight = False
+        assert self._info is not None
+        if error is None:
+            if self._state.advance_unless_failed(KVPoll.Success):
+                self._unwatch()
+        else:
+            self._fail(f"KV write to {self._info.session_id} failed ({error})")
+        return True
+
+    def _hand_off(self) -> None:
+        """Failed with a launched write still running: the pool waits for it and gives back
+        the slot and the mapping (a failed sender is not polled through to the end)."""
+        launched = self._launched
+        if launched is None:
+            return
+        with launched.hand_off_lock:  # not launched.lock: a settle in progress may hold it
+            if launched.settled or launched.handed_off:
+                return
+            launched.handed_off = True
+        self.endpoint.run_soon(lambda: self._settle(block=True))
+
     def abort(self, reason: str = "aborted") -> None:
         """Fail unless already finished, and stop watching the peer. Safe to call repeatedly."""
         self._fail(reason)
@@ -208,6 +360,8 @@ class KVSender:
         if self._state.fail(reason):
             log.warning("KV sender failed: %s", reason, extra=self._log_extra())
         self._unwatch()
+        if self._launched is not None:
+            self._hand_off()
 
     def _unwatch(self) -> None:
         with self._watch_lock:

@@ -6,19 +6,27 @@ side is this process (one `KVSender` holding every layer, the project's real sen
 side is a spawned process with its cache on the same GPU (tests/gpu/decode_peer.py, the real
 `KVReceiver`). Timed:
 
-- `fast path`: the sender with the CUDA IPC mover; `write` is the mover's time (copies queued,
-  the first-token record written by Mooncake meanwhile, copies waited for), `send->Success` adds
-  the pool hop and polling. Last stage (KV + first-token record) and a middle stage (KV only).
-- `mooncake tcp`: the same sender with the fast path off (Mooncake tcp on loopback).
-- `device copy`: in this process, one `copy_` of as many contiguous bytes (the ceiling), and
-  the sender's exact segments through the fast path's own batched copy, launch to done (what
-  the copy itself costs, without the sender, the other process or the first-token record).
-- a breakdown of the fast path's write: planning (address translation), launching the copy,
-  waiting for it (`plan_ms`, `launch_ms`, `wait_ms`, medians of the KV-only runs).
+- `fast path`: the sender with the CUDA IPC mover. `write` = `send->Success`: from entering
+  `send` (which plans the runs, launches the copy on this thread's stream and submits the
+  first-token record) to the `poll` that reports Success, polling back to back (a scheduler
+  polls once per iteration instead). `send_ms`: the host time inside `send`. Last stage (KV +
+  first-token record) and a middle stage (KV only).
+- `mooncake tcp`: the same sender with the fast path off (Mooncake tcp on loopback, written on
+  the pool; polled every 20 us so the pool thread gets the GIL).
+- `device copy`: in this process, one `copy_` of as many contiguous bytes (GPU time: the
+  ceiling), and the fast path's own page copy of the request's runs (GPU time between events,
+  and host time from launch to done).
+- a breakdown of the fast path's `send` (medians of the KV-only runs): planning the runs
+  (`plan_ms`), the launch (`launch_ms`: run-table upload, CUDA graph replay, event), the record's
+  submit (`record_ms`, last stage only), and `wait_ms` = write - send (GPU copy and polling);
+  `cold_*_ms`: each runtime call inside the launch in this flow, `hot_*_ms` the same calls in a
+  loop of launches alone (the last row); `busy_*`: KV-only writes with this thread kept busy for
+  1 ms before `send` instead of coming from a sleep on the pipe to the decode process.
 
 Target: fast path (write) >= 0.5x the one-copy bandwidth. Bandwidth counts bytes moved once
 (a copy reads and writes each: 1.5 TB/s here is 3.0 TB/s read+write). Pages are checked by
-checksum after the first transfer of each kind.
+checksum after the first transfer of each kind. Also probed: whether host memory can be
+exported with CUDA IPC (the first-token slot is host memory).
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ from engine.kv_cache import PagedKVCache
 from tests.gpu.decode_peer import GpuDecodePeer, page_checksums
 from tests.transport.peer import CacheShape
 from transport import FirstToken, KVPoll, KVSender, TransferEndpoint, TransportConfig
-from transport.cuda_ipc import Copies, CudaIpc
+from transport.cuda_ipc import Copies, CudaIpc, CudaIpcMover, PageRoute, plan_runs
 from transport.receiver_info import LayerAddress
 from transport.segments import kv_segments
 
@@ -54,12 +62,15 @@ SHAPE = CacheShape(
 OFFSET = 32  # decode pages start here: runs are contiguous on both sides, just not aligned
 
 
-def _wait(sender: KVSender, timeout: float = 120.0) -> None:
+def _wait(sender: KVSender, busy: bool, timeout: float = 120.0) -> None:
+    """Poll until done: back to back (`busy`: the fast path needs no other thread), or every
+    20 us (a write on the pool needs the GIL now and then)."""
     deadline = time.monotonic() + timeout
     while (state := sender.poll()) not in (KVPoll.Success, KVPoll.Failed):
         if time.monotonic() > deadline:
             raise TimeoutError(f"{sender.rid} stuck in {state.name}")
-        time.sleep(20e-6)
+        if not busy:
+            time.sleep(20e-6)
     if state is KVPoll.Failed:
         raise RuntimeError(sender.failure_reason)
 
@@ -78,8 +89,13 @@ class Prefill:
         torch.cuda.synchronize()
         self._n = 0
 
-    def transfer(self, local: list[int], remote: list[int], last: bool) -> tuple[KVSender, float]:
-        """One request; returns the finished sender and its send->Success seconds."""
+    def transfer(
+        self, local: list[int], remote: list[int], last: bool, spin_s: float = 0.0
+    ) -> tuple[KVSender, float, float]:
+        """One request; returns the finished sender, its send->Success and in-send seconds.
+
+        `spin_s`: keep this thread busy that long right before `send` (as a scheduler loop
+        is), instead of coming straight from sleeping on the pipe to the decode process."""
         self._n += 1
         rid = f"{self.tag}{self._n}"
         info = self.peer.receive(rid, self._n, remote)
@@ -95,12 +111,17 @@ class Prefill:
         if sender.poll() is not KVPoll.WaitingForInput:
             raise RuntimeError(sender.failure_reason)
         token = FirstToken(self._n, 1, 0.0, len(local) * SHAPE.page_size) if last else None
+        busy = sender.mover is not None and sender.mover.name == "cuda_ipc"
+        start = time.perf_counter()
+        while time.perf_counter() - start < spin_s:
+            pass
         start = time.perf_counter()
         sender.send(local, token)
-        _wait(sender)
+        sent = time.perf_counter()
+        _wait(sender, busy)
         wall = time.perf_counter() - start
         self.peer.result(rid, True)  # frees the receiver (a middle stage's lacks the record)
-        return sender, wall
+        return sender, wall, sent - start
 
     def check(self, local: list[int], remote: list[int]) -> bool:
         return torch.equal(self.peer.checksums(remote), page_checksums(self.cache.layers, local))
@@ -125,10 +146,32 @@ class Timed:
             self.seconds.append(time.perf_counter() - start)
 
 
-def _gpu_time(fn, reps: int) -> list[float]:
+class TimedMethod:
+    """Wraps a method of a class (every instance) and keeps the seconds of each call."""
+
+    def __init__(self, cls: type, name: str) -> None:
+        fn = getattr(cls, name)
+        self.seconds: list[float] = []
+        seconds = self.seconds
+
+        def timed(obj, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(obj, *args, **kwargs)
+            finally:
+                seconds.append(time.perf_counter() - start)
+
+        setattr(cls, name, timed)
+
+
+def _gpu_time(fn, reps: int, busy: bool = False) -> list[float]:
+    """GPU seconds between events around `fn`'s work. `busy`: the GPU is kept busy while the
+    host launches, so only the work itself counts (else an idle GPU waits for the launch)."""
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if busy:
+            torch.cuda._sleep(1_000_000)  # ~0.5 ms, longer than any launch
         start.record()
         fn()
         end.record()
@@ -140,83 +183,187 @@ def _gpu_time(fn, reps: int) -> list[float]:
 def device_copies(
     cache: PagedKVCache, local: list[int], remote: list[int], reps: int
 ) -> dict[str, float]:
-    """Median seconds, in this process, of one contiguous copy of as many bytes (GPU time), and
-    of the sender's exact segments through the fast path's copy (host time: launch to done)."""
+    """Median seconds, in this process: one contiguous copy of as many bytes (GPU time); the
+    fast path's page copy of the request's runs (GPU time, and host time launch to done); the
+    general path's segment copy (host time, launch to done)."""
     scratch = PagedKVCache(SHAPE.spec(), 0, SHAPE.num_layers, device="cuda")
+    page = SHAPE.layout().page_nbytes
     segments = kv_segments(
         cache.regions(),
         {r.layer: LayerAddress.from_region(r) for r in scratch.regions()},
         local,
         remote,
-        SHAPE.layout().page_nbytes,
+        page,
     )
     as_array = partial(np.asarray, dtype=np.int64)
     copies = Copies(as_array(segments.srcs), as_array(segments.dsts), as_array(segments.lengths))
     backend, device = CudaIpc(), torch.device("cuda", 0)
+    backend.warm_up(device)
+
+    def starts(c: PagedKVCache) -> np.ndarray:  # a route's rows: layer 0 K, V, layer 1 K, ...
+        return np.array([r.base_address + k * r.kv_stride for r in c.regions() for k in (0, 1)])
+
+    route = PageRoute(starts(cache), starts(scratch), page // 8, SHAPE.num_pages, SHAPE.num_pages)
+    route.table = backend.prepare_route(route, device)
+    runs = plan_runs(route, local, np.array(remote, np.int64))
+    assert runs is not None
     src_one = torch.empty(segments.nbytes, dtype=torch.uint8, device="cuda").random_(0, 255)
     dst_one = torch.empty_like(src_one)
 
-    def fast_copy() -> float:
+    def segments_copy() -> float:
         start = time.perf_counter()
         backend.wait(backend.launch(copies, None, device, peer=False))
         return time.perf_counter() - start
 
+    def pages_copy() -> float:
+        start = time.perf_counter()
+        backend.wait(backend.launch_pages(route, runs, device))
+        return time.perf_counter() - start
+
     for _ in range(3):
         dst_one.copy_(src_one)
-        fast_copy()
+        segments_copy()
+        pages_copy()
     torch.cuda.synchronize()
     one = statistics.median(_gpu_time(lambda: dst_one.copy_(src_one), reps))
-    kernel = statistics.median(fast_copy() for _ in range(reps))
-    return {"one_copy": one, "segments_kernel": kernel}
+    one_busy = statistics.median(_gpu_time(lambda: dst_one.copy_(src_one), reps, busy=True))
+    pages_gpu = statistics.median(
+        _gpu_time(lambda: backend.launch_pages(route, runs, device), reps, busy=True)
+    )
+    pages_host = statistics.median(pages_copy() for _ in range(reps))
+    kernel = statistics.median(segments_copy() for _ in range(reps))
+    ok = all(
+        torch.equal(d[:, r], s[:, lp])
+        for s, d in zip(cache.layers, scratch.layers, strict=True)
+        for lp, r in ((local[0], remote[0]), (local[-1], remote[-1]))
+    )
+    if not ok:
+        raise RuntimeError("the page copy moved the wrong bytes")
+    return {
+        "one_copy": one,  # as measured before (GPU idle until the launch lands)
+        "one_copy_busy": one_busy,  # the copy alone
+        "pages_kernel_gpu": pages_gpu,
+        "pages_kernel_host": pages_host,
+        "segments_kernel": kernel,
+    }
 
 
-def profile_launch(fast: Prefill, path) -> dict:
-    """The fast path's plan + launch + wait for 2k tokens, in this thread alone (no pool hop,
-    no polling thread), with cProfile's top entries in the log: where per-request time goes."""
+def host_memory_ipc() -> dict[str, str]:
+    """Can the first-token slot (host memory) go by CUDA IPC? Try exporting host memory."""
+    import ctypes
+
+    rt = CudaIpc().runtime
+    out = {}
+    pinned = torch.empty(4096, dtype=torch.uint8, pin_memory=True)  # cudaHostAlloc
+    plain = np.zeros(8192, np.uint8)
+    base = (plain.ctypes.data + 4095) & ~4095
+    lib = rt._rt
+    lib.cudaHostRegister.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint)
+    lib.cudaHostUnregister.argtypes = (ctypes.c_void_p,)
+    lib.cudaHostGetDevicePointer.argtypes = (
+        ctypes.POINTER(ctypes.c_void_p),
+        ctypes.c_void_p,
+        ctypes.c_uint,
+    )
+    rc = lib.cudaHostRegister(base, 4096, 1 | 2)  # portable | mapped
+    out["cudaHostRegister"] = f"rc={rc}"
+    dev = ctypes.c_void_p()
+    rc = lib.cudaHostGetDevicePointer(ctypes.byref(dev), base, 0)
+    out["cudaHostGetDevicePointer"] = f"rc={rc}"
+    for name, ptr in (
+        ("cudaHostAlloc'd (torch pinned)", pinned.data_ptr()),
+        ("cudaHostRegister'd", base),
+        ("its device pointer", dev.value or 0),
+    ):
+        try:
+            rt.get_mem_handle(ptr)
+            out[name] = "exported"
+        except RuntimeError as exc:
+            out[name] = str(exc)
+    lib.cudaHostUnregister(base)
+    lib.cudaGetLastError()
+    print("host memory by CUDA IPC:", out, file=sys.stderr, flush=True)
+    return out
+
+
+def phase_probes(fast: Prefill) -> dict[str, object]:
+    """Timers on each call `launch_pages` makes (bench-only, after the route and the staging
+    exist): where its time goes in the sender's flow and in a loop of launches alone."""
+    path = fast.endpoint.cuda_ipc
+    assert path is not None and isinstance(path.backend, CudaIpc)
+    backend = path.backend
+    (mapping,) = path._mappings.values()
+    (on_device,) = [r.table for r in mapping.routes.values() if r is not None]
+    return {
+        "current_device": Timed(torch.cuda, "current_device"),
+        "current_stream": Timed(torch.cuda, "current_stream"),
+        "take": Timed(backend._staging_for(torch.device("cuda", 0)), "take"),
+        "memcpy_async": Timed(backend.runtime, "memcpy_async"),
+        "replay": Timed(on_device.graph, "replay"),
+        "record_event": TimedMethod(torch.cuda.Stream, "record_event"),
+    }
+
+
+def phase_medians(probes: dict, prefix: str) -> dict[str, float]:
+    """Median ms of each probe since the last call (then cleared); probes not called: none."""
+    out = {
+        f"{prefix}{k}_ms": 1e3 * statistics.median(p.seconds)
+        for k, p in probes.items()
+        if p.seconds
+    }
+    for probe in probes.values():
+        probe.seconds.clear()
+    return out
+
+
+def profile_launch(fast: Prefill, phases: dict | None = None) -> dict:
+    """The fast path's plan + launch + wait for 2k tokens in this thread alone, without the
+    sender, the record or polling; cProfile's top entries go to the log (where time goes)."""
     n = 2048 // SHAPE.page_size
     info = fast.peer.receive("profile", 0, list(range(OFFSET, OFFSET + n)))
-    mapping, _ = path.select(info, [r.base_address for r in fast.cache.regions()])
-    assert mapping is not None
-    segments = kv_segments(
-        fast.cache.regions(),
-        {a.layer: a for a in info.layers},
-        list(range(n)),
-        list(info.page_indices),
-        SHAPE.layout().page_nbytes,
-    )
-    device = torch.device("cuda", 0)
+    mover = fast.endpoint.mover_for(info, fast.cache.regions())
+    assert isinstance(mover, CudaIpcMover) and mover.route is not None, mover.why
+    local = list(range(n))
 
     def once() -> tuple[float, float, float]:
         t0 = time.perf_counter()
-        copies, _ = path.plan(segments, mapping)
+        runs = mover.plan_pages(local)
         t1 = time.perf_counter()
-        done = path.backend.launch(copies, None, device, False)
+        copy = mover.launch(runs)
         t2 = time.perf_counter()
-        path.backend.wait(done)
+        assert copy is not None
+        while not copy.landed():
+            pass
+        copy.release()
         return t1 - t0, t2 - t1, time.perf_counter() - t2
 
     for _ in range(5):
         once()
+    if phases:
+        phase_medians(phases, "")
     times = [once() for _ in range(50)]
+    hot = phase_medians(phases, "hot_") if phases else {}
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(50):
         once()
     profiler.disable()
     out = io.StringIO()
-    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(15)
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(20)
     print(out.getvalue(), file=sys.stderr, flush=True)
     fast.peer.result("profile", False, "profile only")
     med = [1e3 * statistics.median(t[k] for t in times) for k in range(3)]
-    nbytes = segments.nbytes
+    nbytes = 2 * SHAPE.num_layers * n * SHAPE.layout().page_nbytes
     return {
-        "case": "2k, copy alone in one thread",
+        "case": "2k, plan + launch + wait alone",
         "MiB": nbytes / 2**20,
-        "segments": len(segments),
+        "segments": 2 * SHAPE.num_layers,
         "plan_ms": med[0],
         "launch_ms": med[1],
         "wait_ms": med[2],
+        "fast_kv_only_write_ms": sum(med),
         "fast_kv_only_GB_s": nbytes / (sum(med) / 1e3) / 1e9,
+        **hot,
     }
 
 
@@ -246,10 +393,12 @@ def main() -> None:
     path = fast.endpoint.cuda_ipc
     assert path is not None
     probes = {
-        "plan": Timed(path, "plan"),
-        "launch": Timed(path.backend, "launch"),
-        "wait": Timed(path.backend, "wait"),
+        "plan": TimedMethod(CudaIpcMover, "plan_pages"),
+        "launch": Timed(path, "launch"),
+        "launch_pages": Timed(path.backend, "launch_pages"),
+        "record": Timed(fast.endpoint, "write_async"),
     }
+    phases: dict = {}
     try:
         for name, tokens, run in cases:
             n = tokens // SHAPE.page_size
@@ -259,32 +408,56 @@ def main() -> None:
             row: dict = {"case": name, "MiB": nbytes / 2**20}
 
             peer.fill()
-            sender, first_wall = fast.transfer(local, remote, last=True)
+            sender, first_wall, _ = fast.transfer(local, remote, last=True)
             row["first_transfer_ms"] = 1e3 * first_wall  # includes opening the mappings
             row["mover"] = sender.stats.mover
             row["segments"] = sender.stats.segments
             checks[f"{name}: fast path"] = fast.check(local, remote)
+            if not phases:
+                phases = phase_probes(fast)
+            phase_medians(phases, "")
             for last, key in ((True, "fast"), (False, "fast_kv_only")):
                 for probe in probes.values():
                     probe.seconds.clear()
-                writes, walls = [], []
+                walls, sends = [], []
                 for _ in range(args.reps):
-                    sender, wall = fast.transfer(local, remote, last=last)
+                    sender, wall, in_send = fast.transfer(local, remote, last=last)
                     assert sender.stats.mover == "cuda_ipc", sender.mover
-                    writes.append(sender.stats.seconds)
                     walls.append(wall)
-                row[f"{key}_write_ms"] = 1e3 * statistics.median(writes)
-                row[f"{key}_send_to_success_ms"] = 1e3 * statistics.median(walls)
-                row[f"{key}_GB_s"] = nbytes / statistics.median(writes) / 1e9
-            for phase, probe in probes.items():  # of the KV-only runs
-                row[f"{phase}_ms"] = 1e3 * statistics.median(probe.seconds)
+                    sends.append(in_send)
+                write = statistics.median(walls)
+                row[f"{key}_write_ms"] = 1e3 * write
+                row[f"{key}_send_ms"] = 1e3 * statistics.median(sends)
+                row[f"{key}_GB_s"] = nbytes / write / 1e9
+                if last:
+                    row["record_ms"] = 1e3 * statistics.median(probes["record"].seconds)
+            # Of the KV-only runs:
+            row["plan_ms"] = 1e3 * statistics.median(probes["plan"].seconds)
+            row["launch_ms"] = 1e3 * statistics.median(probes["launch"].seconds)
+            row["launch_pages_ms"] = 1e3 * statistics.median(probes["launch_pages"].seconds)
+            row.update(phase_medians(phases, "cold_"))  # of the last-stage and KV-only runs
+            row["wait_ms"] = row["fast_kv_only_write_ms"] - row["fast_kv_only_send_ms"]
+            # The same KV-only writes from a thread that was busy (not asleep) before `send`.
+            for probe in probes.values():
+                probe.seconds.clear()
+            walls, sends = [], []
+            for _ in range(args.reps):
+                sender, wall, in_send = fast.transfer(local, remote, last=False, spin_s=1e-3)
+                walls.append(wall)
+                sends.append(in_send)
+            row["busy_kv_only_write_ms"] = 1e3 * statistics.median(walls)
+            row["busy_kv_only_send_ms"] = 1e3 * statistics.median(sends)
+            row["busy_kv_only_GB_s"] = nbytes / statistics.median(walls) / 1e9
+            row["busy_plan_ms"] = 1e3 * statistics.median(probes["plan"].seconds)
+            row["busy_launch_ms"] = 1e3 * statistics.median(probes["launch"].seconds)
+            row["busy_launch_pages_ms"] = 1e3 * statistics.median(probes["launch_pages"].seconds)
 
             peer.fill()
-            sender, _ = slow.transfer(local, remote, last=True)
+            sender, _, _ = slow.transfer(local, remote, last=True)
             checks[f"{name}: mooncake"] = slow.check(local, remote)
             writes = []
             for _ in range(args.mooncake_reps):
-                sender, _ = slow.transfer(local, remote, last=True)
+                sender, _, _ = slow.transfer(local, remote, last=True)
                 assert sender.stats.mover == "mooncake"
                 writes.append(sender.stats.seconds)
             row["mooncake_write_ms"] = 1e3 * statistics.median(writes)
@@ -293,14 +466,23 @@ def main() -> None:
             copies = device_copies(fast.cache, local, remote, args.reps)
             torch.cuda.empty_cache()
             row["copy_one_GB_s"] = nbytes / copies["one_copy"] / 1e9
+            row["copy_one_ms"] = 1e3 * copies["one_copy"]
+            row["copy_one_alone_ms"] = 1e3 * copies["one_copy_busy"]
+            row["pages_kernel_gpu_ms"] = 1e3 * copies["pages_kernel_gpu"]
+            row["pages_kernel_GB_s"] = nbytes / copies["pages_kernel_gpu"] / 1e9
+            row["pages_launch_to_done_GB_s"] = nbytes / copies["pages_kernel_host"] / 1e9
             row["copy_segments_GB_s"] = nbytes / copies["segments_kernel"] / 1e9
             row["fast_vs_copy"] = row["fast_GB_s"] / row["copy_one_GB_s"]
             row["fast_kv_only_vs_copy"] = row["fast_kv_only_GB_s"] / row["copy_one_GB_s"]
+            row["busy_kv_only_vs_copy"] = row["busy_kv_only_GB_s"] / row["copy_one_GB_s"]
             row["fast_vs_mooncake"] = row["fast_GB_s"] / row["mooncake_GB_s"]
             row["target_vs_copy"] = 0.5
             rows.append(row)
             print(row, file=sys.stderr, flush=True)
-        rows.append(profile_launch(fast, path))
+        for probe in phases.values():
+            probe.seconds.clear()
+        rows.append(profile_launch(fast, phases))
+        host_ipc = host_memory_ipc()
         columns = [
             "case",
             "MiB",
@@ -309,24 +491,41 @@ def main() -> None:
             "fast_kv_only_GB_s",
             "mooncake_GB_s",
             "copy_one_GB_s",
-            "copy_segments_GB_s",
+            "pages_kernel_GB_s",
             "fast_vs_copy",
             "fast_kv_only_vs_copy",
+            "busy_kv_only_vs_copy",
             "target_vs_copy",
             "fast_write_ms",
-            "fast_send_to_success_ms",
+            "fast_send_ms",
+            "fast_kv_only_write_ms",
+            "fast_kv_only_send_ms",
             "plan_ms",
             "launch_ms",
+            "launch_pages_ms",
+            "busy_kv_only_write_ms",
+            "busy_kv_only_send_ms",
+            "busy_launch_ms",
+            "record_ms",
             "wait_ms",
+            "copy_one_ms",
+            "copy_one_alone_ms",
+            "pages_kernel_gpu_ms",
             "first_transfer_ms",
         ]
         write_report(
             "kv_transfer_gpu",
             rows,
             columns,
-            {"shape": SHAPE.__dict__, "checksums_equal": checks, "reps": args.reps},
+            {
+                "shape": SHAPE.__dict__,
+                "checksums_equal": checks,
+                "reps": args.reps,
+                "host_memory_by_cuda_ipc": host_ipc,
+                "graphs_in_use": isinstance(path.backend, CudaIpc) and path.backend.graphs_in_use,
+            },
         )
-        print("checksums equal:", checks)
+        print("checksums equal:", checks, "graphs in use:", path.backend.graphs_in_use)
         if not all(checks.values()):
             sys.exit("KV arrived corrupted")
     finally:

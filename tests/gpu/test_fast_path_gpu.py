@@ -19,8 +19,15 @@ from engine.kv_cache import PagedKVCache  # noqa: E402
 from tests.gpu.decode_peer import GpuDecodePeer, page_checksums  # noqa: E402
 from tests.transport.peer import FILL, CacheShape  # noqa: E402
 from tests.transport.test_transfer import wait_done  # noqa: E402
-from transport import FirstToken, KVPoll, KVSender, TransferEndpoint, TransportConfig  # noqa: E402
-from transport.cuda_ipc import CudaIpc, node_id  # noqa: E402
+from transport import (  # noqa: E402
+    FirstToken,
+    KVPoll,
+    KVSender,
+    TransferEndpoint,
+    TransportConfig,
+    cuda_ipc,
+)
+from transport.cuda_ipc import CudaIpc, CudaIpcMover, node_id  # noqa: E402
 
 SHAPE = CacheShape(
     num_layers=4, num_pages=64, page_size=16, num_kv_heads=2, head_dim=128, dtype="bfloat16"
@@ -41,9 +48,8 @@ class GpuStage:
         torch.cuda.synchronize()
         self._n = 0
 
-    def send(
-        self, peer: GpuDecodePeer, local: list[int], remote: list[int], before_send=None
-    ) -> tuple[KVSender, tuple]:
+    def sender(self, peer: GpuDecodePeer, remote: list[int]) -> KVSender:
+        """A last-stage sender with receiver info for `remote`, waiting for input."""
         self._n += 1
         rid = f"g{self._n}"
         info = peer.receive(rid, TOKEN.room, remote)
@@ -57,11 +63,25 @@ class GpuStage:
         )
         sender.set_receiver_info(info)
         assert sender.poll() is KVPoll.WaitingForInput, sender.failure_reason
+        return sender
+
+    def send(
+        self,
+        peer: GpuDecodePeer,
+        local: list[int],
+        remote: list[int],
+        before_send=None,
+        general: bool = False,
+    ) -> tuple[KVSender, tuple]:
+        sender = self.sender(peer, remote)
+        if general:  # no route: the general path (segments, side stream, from the pool)
+            assert isinstance(sender.mover, CudaIpcMover)
+            sender.mover.route = None
         if before_send is not None:
             before_send()
         sender.send(local, TOKEN)
         state = wait_done(sender, timeout=30)
-        return sender, peer.result(rid, state is KVPoll.Success, sender.failure_reason)
+        return sender, peer.result(sender.rid, state is KVPoll.Success, sender.failure_reason)
 
     def close(self) -> None:
         self.endpoint.close()
@@ -110,15 +130,30 @@ def test_kv_moves_by_cuda_ipc_byte_exact_with_the_first_token(
     local, remote = [*range(3, 13), 40, 2, 50], [*range(20, 30), 7, 60, 1]
     sender, (state, reason, first) = stage.send(peer, local, remote)
     assert sender.mover is not None and sender.mover.name == "cuda_ipc", sender.mover.why
+    assert isinstance(sender.mover, CudaIpcMover) and sender.mover.route is not None
     assert sender.poll() is KVPoll.Success, sender.failure_reason
     assert KVPoll(state) is KVPoll.Success, reason
     assert first == TOKEN
+    assert sender.stats.segments == SHAPE.num_layers * 2 * 4 + 1  # 4 runs, + the record
     assert_arrived(stage, peer, local, remote)
     assert stage.endpoint.metadata.num_held == 0
     assert stage.endpoint.cuda_ipc is not None
     assert stage.endpoint.cuda_ipc.mapped_sessions == {peer.session_id}
     assert isinstance(stage.endpoint.cuda_ipc.backend, CudaIpc)
     assert stage.endpoint.cuda_ipc.backend.kernel_in_use  # one launch, not a memcpy per run
+    assert stage.endpoint.cuda_ipc.backend.graphs_in_use  # and a graph replay, not a launch
+
+
+def test_requests_of_more_runs_than_the_graph_takes_launch_the_kernel(
+    stage: GpuStage, peer: GpuDecodePeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cuda_ipc, "_GRAPH_RUNS", 2)  # so 4 runs take the per-request launch
+    peer.fill()
+    local, remote = [*range(3, 13), 40, 2, 50], [*range(20, 30), 7, 60, 1]
+    sender, (state, reason, first) = stage.send(peer, local, remote)
+    assert sender.stats.mover == "cuda_ipc" and KVPoll(state) is KVPoll.Success, reason
+    assert first == TOKEN
+    assert_arrived(stage, peer, local, remote)
 
 
 def test_the_copy_waits_for_kv_still_being_computed_on_the_stage_stream(
@@ -133,10 +168,48 @@ def test_the_copy_waits_for_kv_still_being_computed_on_the_stage_stream(
         for i, layer in enumerate(stage.cache.layers):
             layer[:, local[0] : local[-1] + 1].fill_(float(i + 1))  # a view, in place
 
-    sender, (state, reason, _) = stage.send(peer, local, remote, before_send=compute_late)
+    sender = stage.sender(peer, remote)
+    compute_late()
+    sender.send(local, TOKEN)
+    # The copy sits behind ~50 ms of GPU work: no Success (and the pages stay held) until then.
+    assert sender.poll() is KVPoll.Transferring and sender.in_flight
+    state = wait_done(sender, timeout=30)
+    state, reason, _ = peer.result(sender.rid, state is KVPoll.Success, sender.failure_reason)
     assert sender.stats.mover == "cuda_ipc" and KVPoll(state) is KVPoll.Success, reason
+    assert not sender.in_flight
     assert torch.equal(peer.checksums(remote), page_checksums(stage.cache.layers, local))
     assert_arrived(stage, peer, local, remote)
+
+
+def test_the_general_path_still_copies_byte_exact(stage: GpuStage, peer: GpuDecodePeer) -> None:
+    """Without a route (strided pages, a peer GPU): segments, one launch from the pool."""
+    peer.fill()
+    local, remote = [*range(3, 13), 40, 2, 50], [*range(20, 30), 7, 60, 1]
+    sender, (state, reason, first) = stage.send(peer, local, remote, general=True)
+    assert sender.stats.mover == "cuda_ipc" and KVPoll(state) is KVPoll.Success, reason
+    assert first == TOKEN
+    assert_arrived(stage, peer, local, remote)
+
+
+def test_abort_with_the_copy_behind_compute_holds_the_mapping_until_it_ran(
+    stage: GpuStage, peer: GpuDecodePeer
+) -> None:
+    peer.fill()
+    sender = stage.sender(peer, [8, 9])
+    path = stage.endpoint.cuda_ipc
+    assert path is not None
+    mapping = path._mappings[peer.session_id]
+    torch.cuda._sleep(100_000_000)  # the copy queues behind ~50 ms of GPU work
+    sender.send([0, 1], TOKEN)
+    sender.abort()
+    assert sender.poll() is KVPoll.Failed and sender.in_flight and mapping.users == 1
+    deadline = time.monotonic() + 15
+    while sender.in_flight:
+        assert time.monotonic() < deadline, "the aborted copy was never released"
+        time.sleep(0.005)
+    assert mapping.users == 0 and stage.endpoint.metadata.num_held == 0
+    peer.result(sender.rid, False, "aborted")
+    torch.cuda.synchronize()
 
 
 def test_fast_path_off_moves_gpu_kv_by_mooncake(peer: GpuDecodePeer) -> None:

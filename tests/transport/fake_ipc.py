@@ -4,24 +4,42 @@
 "exported" tensor goes into a process-wide registry under a random 64-byte handle, "opening"
 the handle returns the same memory's address, and "copies" are `memmove`s in this process. Everything
 around it is the real code: receiver info, validation, the choice of mover, the sender's state
-machine, mappings and their closing, and the first-token record over Mooncake tcp. The real
-CUDA path is tested in tests/gpu/test_fast_path_gpu.py (skipped without CUDA).
+machine, routes, mappings and their closing, and the first-token record over Mooncake tcp. The
+real CUDA path is tested in tests/gpu/test_fast_path_gpu.py (skipped without CUDA).
+
+`FakeIpc(hold=True)` stands in for a copy still queued on the GPU: launched copies move no
+byte and their event does not pass until `finish()`.
 """
 
 from __future__ import annotations
 
 import ctypes
 import secrets
+import threading
 from typing import Any
 
+import numpy as np
 import torch
 
-from transport.cuda_ipc import Copies, IpcOpenError
+from transport.cuda_ipc import Copies, IpcOpenError, PageRoute
 from transport.receiver_info import IpcAllocation
 
 FAKE_GPU = "FAKE-GPU-0000"
 
 _REGISTRY: dict[str, torch.Tensor] = {}  # handle -> uint8 view, shared by every FakeIpc
+
+
+class FakeDone:
+    """A copy's "event": it passes once the copy ran."""
+
+    def __init__(self, run: Any) -> None:
+        self.run = run
+        self.passed = threading.Event()
+
+    def finish(self) -> None:
+        if not self.passed.is_set():
+            self.run()
+            self.passed.set()
 
 
 class FakeIpc:
@@ -32,13 +50,19 @@ class FakeIpc:
         device_uuid: str = FAKE_GPU,
         visible: tuple[str, ...] = (FAKE_GPU,),
         fail_open: bool = False,
+        hold: bool = False,
     ) -> None:
         self.uuid = device_uuid
         self.visible = set(visible)
         self.fail_open = fail_open
+        self.hold = hold
         self.opened = 0
         self.closed = 0
-        self.launches = 0
+        self.launches = 0  # the general path (segments, from the pool)
+        self.page_launches = 0  # the route (runs, from `send`)
+        self.routes_prepared = 0
+        self.launch_threads: list[int] = []
+        self._held: list[FakeDone] = []
 
     def is_device_memory(self, tensor: torch.Tensor) -> bool:
         return True  # pretend every tensor is GPU memory
@@ -76,10 +100,49 @@ class FakeIpc:
     def record(self, device: torch.device) -> None:
         return None
 
-    def launch(self, copies: Copies, after: Any, device: Any, peer: bool) -> None:
+    def launch(self, copies: Copies, after: Any, device: Any, peer: bool) -> FakeDone:
         self.launches += 1
-        for dst, src, n in zip(copies.dsts, copies.srcs, copies.lengths, strict=True):
-            ctypes.memmove(int(dst), int(src), int(n))
+        self.launch_threads.append(threading.get_ident())
 
-    def wait(self, done: Any) -> None:
-        return None
+        def run() -> None:
+            for dst, src, n in zip(copies.dsts, copies.srcs, copies.lengths, strict=True):
+                ctypes.memmove(int(dst), int(src), int(n))
+
+        return self._queue(run)
+
+    def prepare_route(self, route: PageRoute, device: Any) -> None:
+        self.routes_prepared += 1
+
+    def launch_pages(self, route: PageRoute, runs: np.ndarray, device: Any) -> FakeDone:
+        self.page_launches += 1
+        self.launch_threads.append(threading.get_ident())
+        rows = list(zip(route.src_bases.tolist(), route.dst_bases.tolist(), strict=True))
+        table = runs.tolist()  # copied now, as the real backend uploads it now
+
+        def run() -> None:
+            for src, dst in rows:
+                for s_off, d_off, n in table:
+                    ctypes.memmove(dst + 8 * d_off, src + 8 * s_off, 8 * n)
+
+        return self._queue(run)
+
+    def _queue(self, run: Any) -> FakeDone:
+        done = FakeDone(run)
+        if self.hold:
+            self._held.append(done)
+        else:
+            done.finish()
+        return done
+
+    def finish(self) -> None:
+        """Run every held copy (the GPU caught up)."""
+        held, self._held = self._held, []
+        for done in held:
+            done.finish()
+
+    def query(self, done: FakeDone) -> bool:
+        return done.passed.is_set()
+
+    def wait(self, done: FakeDone) -> None:
+        if not done.passed.wait(30):
+            raise TimeoutError("fake copy never finished")

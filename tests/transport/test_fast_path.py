@@ -9,6 +9,7 @@ over Mooncake tcp on loopback. tests/gpu/test_fast_path_gpu.py runs the real CUD
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -21,7 +22,8 @@ from tests.transport.fake_ipc import FAKE_GPU, FakeIpc
 from tests.transport.peer import FILL, CacheShape, DecodePeer
 from tests.transport.test_transfer import wait_done
 from transport import FirstToken, KVPoll, KVReceiver, KVSender, TransferEndpoint, TransportConfig
-from transport.cuda_ipc import IpcBackend, PeerMapping, node_id
+from transport.cuda_ipc import CudaIpcMover, IpcBackend, PeerMapping, node_id
+from transport.endpoint import PendingWrite
 from transport.receiver_info import CudaIpcInfo, IpcAllocation, ReceiverInfo
 from transport.segments import Segments
 
@@ -147,7 +149,7 @@ def test_same_node_gpu_memory_moves_by_ipc_and_arrives_byte_exact(
     assert sender.poll() is KVPoll.Success and sender.stats.mover == "cuda_ipc"
     # 4 layers x (K, V) x 3 runs, plus the first-token record, which went by Mooncake.
     assert sender.stats.segments == 4 * 2 * 3 + 1
-    assert isinstance(stage.backend, FakeIpc) and stage.backend.launches >= 1
+    assert isinstance(stage.backend, FakeIpc) and stage.backend.page_launches >= 1
     assert receiver.poll() is KVPoll.Success and receiver.first_token == TOKEN
     assert_arrived(stage, fresh_decode, local, remote)
     assert stage.endpoint.metadata.num_held == 0 and fresh_decode.endpoint.metadata.num_held == 0
@@ -409,3 +411,225 @@ def test_closing_the_endpoint_unmaps_every_peer(fresh_decode: Side) -> None:
     stage.close()
     assert backend.closed == backend.opened
     assert stage.endpoint.cuda_ipc is not None and not stage.endpoint.cuda_ipc.mapped_sessions
+
+
+# -- launched from `send`: no pool hop, finished by `poll` ---------------------------------------
+
+
+def _sender(side: Side, rid: str, last: bool = True) -> KVSender:
+    return KVSender(
+        side.endpoint,
+        rid=rid,
+        room=TOKEN.room,
+        regions=side.cache.regions(),
+        layout=SHAPE.layout(),
+        is_last_stage=last,
+    )
+
+
+def test_send_launches_the_copy_on_its_own_thread_and_the_pool_is_not_used(
+    fresh_decode: Side, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = FakeIpc()
+    stage = Side(backend)
+    try:
+
+        def no_pool(*args: object) -> None:
+            raise AssertionError("the fast path went through the transfer pool")
+
+        monkeypatch.setattr(stage.endpoint, "submit", no_pool)
+        monkeypatch.setattr(stage.endpoint, "run_soon", no_pool)
+        for n, (local, remote) in enumerate((([0, 1, 2], [7, 8, 9]), ([3, 9], [20, 22]))):
+            receiver = fresh_decode.receiver(f"own{n}", remote)
+            sender = _sender(stage, f"own{n}", last=n == 0)  # a last and a middle stage
+            sender.set_receiver_info(receiver.publish())
+            sender.send(local, TOKEN if n == 0 else None)
+            assert wait_done(sender) is KVPoll.Success, sender.failure_reason
+            assert sender.stats.mover == "cuda_ipc" and not sender.in_flight
+            runs = 1 if n == 0 else 2
+            assert sender.stats.segments == SHAPE.num_layers * 2 * runs + (n == 0)
+            receiver.abort("test done")
+        assert backend.page_launches == 2 and backend.launches == 0
+        assert set(backend.launch_threads) == {threading.get_ident()}
+        # The route (both sides' layer starts, on the device) was worked out once per peer.
+        assert backend.routes_prepared == 1
+        assert_arrived(stage, fresh_decode, [0, 1, 2, 3, 9], [7, 8, 9, 20, 22])
+        assert stage.endpoint.metadata.num_held == 0
+    finally:
+        stage.close()
+
+
+def _mapping(side: Side, decode: Side) -> PeerMapping:
+    path = side.endpoint.cuda_ipc
+    assert path is not None
+    return path._mappings[decode.endpoint.session_id]
+
+
+def test_success_waits_until_the_copy_and_the_record_have_landed(fresh_decode: Side) -> None:
+    backend = FakeIpc(hold=True)  # the copy sits queued behind compute on the "GPU"
+    stage = Side(backend)
+    try:
+        local, remote = [4, 5], [33, 34]
+        receiver = fresh_decode.receiver("held", remote)
+        sender = stage.sender("held")
+        sender.set_receiver_info(receiver.publish())
+        sender.send(local, TOKEN)
+        for _ in range(5):
+            assert sender.poll() is KVPoll.Transferring
+            time.sleep(0.01)
+        assert sender.in_flight and _mapping(stage, fresh_decode).users == 1
+        assert stage.endpoint.metadata.num_held == 1  # the record's source slot
+        assert_untouched(fresh_decode)
+        backend.finish()
+        assert sender.poll() is KVPoll.Success, sender.failure_reason
+        assert not sender.in_flight and _mapping(stage, fresh_decode).users == 0
+        assert stage.endpoint.metadata.num_held == 0
+        receiver.on_stage_result(0, True)
+        assert receiver.poll() is KVPoll.Success and receiver.first_token == TOKEN
+        assert_arrived(stage, fresh_decode, local, remote)
+    finally:
+        stage.close()
+
+
+def test_abort_with_a_copy_still_queued_holds_pages_and_mapping_until_it_ends(
+    fresh_decode: Side,
+) -> None:
+    backend = FakeIpc(hold=True)
+    stage = Side(backend)
+    try:
+        receiver = fresh_decode.receiver("gone-mid", [1, 2])
+        sender = stage.sender("gone-mid")
+        sender.set_receiver_info(receiver.publish())
+        sender.send([6, 7], TOKEN)
+        sender.abort()
+        sender.abort()
+        assert sender.poll() is KVPoll.Failed and sender.failure_reason == "aborted"
+        assert sender.in_flight  # the GPU may still read this stage's pages
+        path = stage.endpoint.cuda_ipc
+        assert path is not None
+        path.drop_peer(fresh_decode.endpoint.session_id)  # and the peer goes away
+        assert backend.closed == 0  # a copy still uses the mapping: not unmapped yet
+        backend.finish()
+        _wait_until(lambda: not sender.in_flight)
+        assert backend.closed == backend.opened == SHAPE.num_layers
+        assert stage.endpoint.metadata.num_held == 0
+        assert sender.poll() is KVPoll.Failed  # a late completion does not revive it
+        receiver.abort("test done")
+    finally:
+        stage.close()
+
+
+def test_a_transfer_timeout_with_a_copy_still_queued_fails_then_releases(
+    fresh_decode: Side,
+) -> None:
+    backend = FakeIpc(hold=True)
+    stage = Side(backend, TransportConfig(transfer_timeout_s=0.2))
+    try:
+        receiver = fresh_decode.receiver("slow-ipc", [3])
+        sender = stage.sender("slow-ipc")
+        sender.set_receiver_info(receiver.publish())
+        sender.send([0], TOKEN)
+        assert wait_done(sender) is KVPoll.Failed
+        assert "transfer timeout" in (sender.failure_reason or "")
+        assert sender.in_flight and _mapping(stage, fresh_decode).users == 1
+        backend.finish()
+        _wait_until(lambda: not sender.in_flight)
+        assert _mapping(stage, fresh_decode).users == 0
+        assert stage.endpoint.metadata.num_held == 0
+        receiver.abort("test done")
+    finally:
+        stage.close()
+
+
+def test_a_failed_first_token_record_fails_the_write(
+    stage: Side, fresh_decode: Side, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refused(*args: object) -> PendingWrite:
+        return PendingWrite(None, None, "first-token record not submitted")
+
+    monkeypatch.setattr(stage.endpoint, "write_async", refused)
+    sender, receiver = transfer(stage, fresh_decode, [0], [5])
+    assert sender.poll() is KVPoll.Failed
+    assert "first-token record not submitted" in (sender.failure_reason or "")
+    assert not sender.in_flight and stage.endpoint.metadata.num_held == 0
+    assert _mapping(stage, fresh_decode).users == 0
+    assert receiver.poll() is KVPoll.Failed
+
+
+def test_pages_a_route_cannot_take_go_the_general_way_and_arrive(
+    stage: Side, fresh_decode: Side
+) -> None:
+    """Receiver pages spaced two apart (a page stride of two pages): no route, segments."""
+    assert isinstance(stage.backend, FakeIpc)
+    before = stage.backend.launches
+
+    def spaced(info: ReceiverInfo) -> ReceiverInfo:
+        layers = tuple(a.model_copy(update={"page_stride": 2 * a.page_stride}) for a in info.layers)
+        return info.model_copy(update={"layers": layers})
+
+    local, remote = [1, 2], [3, 4]
+    sender, receiver = transfer(stage, fresh_decode, local, remote, spaced)
+    assert isinstance(sender.mover, CudaIpcMover) and sender.mover.route is None
+    assert sender.poll() is KVPoll.Success and sender.stats.mover == "cuda_ipc"
+    assert stage.backend.launches == before + 1
+    assert sender.stats.segments == SHAPE.num_layers * 2 * 2 + 1  # a segment per page
+    assert receiver.poll() is KVPoll.Success
+    assert_arrived(stage, fresh_decode, local, [6, 8])
+
+
+def test_page_runs_are_planned_per_run_and_out_of_range_pages_are_not(
+    stage: Side, decode: Side
+) -> None:
+    sender = stage.sender("plan")
+    sender.set_receiver_info(decode.receiver("plan", [10, 11, 12, 40, 3, 4]).publish())
+    mover = sender.mover
+    assert isinstance(mover, CudaIpcMover) and mover.route is not None
+    words = SHAPE.layout().page_nbytes // 8
+    runs = mover.plan_pages([5, 6, 7, 20, 2, 3])
+    assert runs is not None
+    assert (runs // words).tolist() == [[5, 10, 3], [20, 40, 1], [2, 3, 2]]
+    assert mover.plan_pages([]) is not None and len(mover.plan_pages([])) == 0
+    assert mover.plan_pages([SHAPE.num_pages]) is None  # not a page of this cache
+    assert mover.plan_pages([-1]) is None
+    sender.abort()
+
+
+def test_a_peer_gone_between_bootstrap_and_send_fails_the_write_and_frees_the_slot(
+    fresh_decode: Side,
+) -> None:
+    backend = FakeIpc()
+    stage = Side(backend)
+    try:
+        receiver = fresh_decode.receiver("gone-before", [9])
+        sender = stage.sender("gone-before")
+        sender.set_receiver_info(receiver.publish())
+        path = stage.endpoint.cuda_ipc
+        assert path is not None
+        path.drop_peer(fresh_decode.endpoint.session_id)  # unmapped: no copy may start
+        sender.send([1], TOKEN)
+        assert sender.poll() is KVPoll.Failed
+        assert "the peer went away" in (sender.failure_reason or "")
+        _wait_until(lambda: not sender.in_flight)  # the record, submitted first, has ended
+        assert stage.endpoint.metadata.num_held == 0 and backend.page_launches == 0
+        receiver.abort("test done")
+    finally:
+        stage.close()
+
+
+def test_contiguous_pages_plan_as_one_run_and_anything_else_as_several(
+    stage: Side, decode: Side
+) -> None:
+    sender = stage.sender("plan1")
+    sender.set_receiver_info(decode.receiver("plan1", [10, 11, 12, 13]).publish())
+    mover = sender.mover
+    assert isinstance(mover, CudaIpcMover) and mover.route is not None
+    words = SHAPE.layout().page_nbytes // 8
+    one = mover.plan_pages([5, 6, 7, 8])
+    assert one is not None and (one // words).tolist() == [[5, 10, 4]]
+    prefix = mover.plan_pages([5, 6])  # fewer pages than offered: the first ones
+    assert prefix is not None and (prefix // words).tolist() == [[5, 10, 2]]
+    split = mover.plan_pages([5, 7, 8, 9])
+    assert split is not None and (split // words).tolist() == [[5, 10, 1], [7, 11, 3]]
+    assert mover.plan_pages([SHAPE.num_pages - 2, SHAPE.num_pages - 1, SHAPE.num_pages]) is None
+    assert mover.plan_pages([0, 1, 2, 3, 4]) is None  # more pages than the receiver offered
+    sender.abort()
