@@ -44,17 +44,16 @@ class Probe:
         }
 
 
-def test_ray_leaves_the_nodes_gpus_visible_to_pdserve_actors() -> None:
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)
+def test_ray_leaves_the_nodes_gpus_visible_to_pdserve_actors(ray_cluster) -> None:
+    narrowed = Probe.options(num_gpus=1).remote()
+    opened = Probe.options(num_gpus=1, runtime_env=all_gpus_visible_runtime_env()).remote()
     try:
-        narrowed = Probe.options(num_gpus=1).remote()
-        opened = Probe.options(num_gpus=1, runtime_env=all_gpus_visible_runtime_env()).remote()
-        plain, ours = ray.get([narrowed.seen.remote(), opened.seen.remote()])
-        assert plain["visible"] == plain["gpu_ids"][0]  # Ray's default: only its own GPU
-        assert ours["noset"] == "1" and ours["visible"] is None  # the node's view, unnarrowed
-        assert len(ours["gpu_ids"]) == 1 and ours["gpu_ids"] != plain["gpu_ids"]
-        for seen in (plain, ours):
-            assert cuda_index(seen["gpu_ids"], seen["visible"]) in (0, int(seen["gpu_ids"][0]))
-        assert cuda_index(ours["gpu_ids"], ours["visible"]) == int(ours["gpu_ids"][0])
+        plain, ours = ray.get([narrowed.seen.remote(), opened.seen.remote()], timeout=60)
     finally:
-        ray.shutdown()
+        ray.kill(narrowed)
+        ray.kill(opened)
+    assert plain["visible"] == plain["gpu_ids"][0]  # Ray's default: only its own GPU
+    assert ours["noset"] == "1" and ours["visible"] is None  # the node's view, unnarrowed
+    assert len(ours["gpu_ids"]) == 1
+    assert cuda_index(plain["gpu_ids"], plain["visible"]) == 0
+    assert cuda_index(ours["gpu_ids"], ours["visible"]) == int(ours["gpu_ids"][0])
