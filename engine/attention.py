@@ -56,6 +56,8 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None
     seq_lens: torch.Tensor | None = None
     page_size: int = 0
+    # CPU decode: the step's chunks, from which `_decode_tables` builds the gather tables.
+    _decode_chunks: Sequence[SeqChunk] | None = field(default=None, repr=False)
     _decode_gather: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     _decode_bias: dict[tuple[int, torch.dtype], torch.Tensor] = field(
         default_factory=dict, repr=False
@@ -74,6 +76,7 @@ class AttentionMetadata:
         """
         index = self._decode_gather.get(kv_heads)
         if index is None:
+            self._decode_tables()
             assert self.decode_slots is not None
             heads = torch.arange(kv_heads, device=self.decode_slots.device)
             index = (self.decode_slots[:, None, :] * kv_heads + heads[None, :, None]).view(-1)
@@ -85,6 +88,7 @@ class AttentionMetadata:
         key = (kv_heads, dtype)
         bias = self._decode_bias.get(key)
         if bias is None:
+            self._decode_tables()
             assert self.decode_mask is not None
             batch, span = self.decode_mask.shape[0], self.decode_mask.shape[-1]
             mask = self.decode_mask.view(batch, 1, span).expand(batch, kv_heads, span)
@@ -141,38 +145,52 @@ class AttentionMetadata:
     def _build_decode(
         cls, chunks: Sequence[SeqChunk], page_size: int, device: torch.device
     ) -> AttentionMetadata:
-        """One new token per request. Slots come from Python ints and a single page table
-        tensor: at decode sizes per-request tensor ops would cost more than the model."""
+        """One new token per request. Slots come from Python ints: at decode sizes per-request
+        tensor ops would cost more than the model. The padded page table, slots and mask for
+        gathering pages are built on first use (`decode_gather_index`, `decode_bias`): a step
+        that attends through the dense mirror needs them only when the mirror is rebuilt."""
         starts = [c.start for c in chunks]
-        span = max(starts) + 1
+        slots = [
+            c.pages[s // page_size] * page_size + s % page_size
+            for c, s in zip(chunks, starts, strict=True)
+        ]
+        both = torch.tensor([starts, slots], dtype=torch.int64).to(device)
+        batch = len(chunks)
+        return cls(
+            positions=both[0],
+            slot_mapping=both[1],
+            is_decode=True,
+            query_lens=[1] * batch,
+            prefix_lens=starts,
+            prefix_slots=[],
+            decode_slots=None,
+            decode_mask=None,
+            # Every row wants logits: the model skips the row gather when R == T.
+            logits_indices=torch.arange(batch, device=device),
+            page_size=page_size,
+            _decode_chunks=chunks,
+        )
+
+    def _decode_tables(self) -> None:
+        """Fills `decode_slots` [B, span] and `decode_mask` [B, 1, 1, span] of a CPU decode
+        step from its chunks' page lists (one page table tensor, no per-request tensors)."""
+        if self.decode_slots is not None or self._decode_chunks is None:
+            return
+        chunks, page_size = self._decode_chunks, self.page_size
+        device = self.positions.device
+        span = max(self.prefix_lens) + 1
         num_pages = -(-span // page_size)
         rows = []
         for c in chunks:
             pages = list(c.pages[:num_pages])
             rows.append(pages + [0] * (num_pages - len(pages)))
         table = torch.tensor(rows, dtype=torch.int64)
-        positions = torch.tensor(starts, dtype=torch.int64)
-        slots = [
-            c.pages[s // page_size] * page_size + s % page_size
-            for c, s in zip(chunks, starts, strict=True)
-        ]
-        slot_mapping = torch.tensor(slots, dtype=torch.int64)
+        positions = torch.tensor(self.prefix_lens, dtype=torch.int64)
         offsets = torch.arange(page_size)
         decode_slots = (table[:, :, None] * page_size + offsets).view(len(chunks), -1)[:, :span]
         decode_mask = (torch.arange(span)[None, :] <= positions[:, None])[:, None, None, :]
-        batch = len(chunks)
-        return cls(
-            positions=positions.to(device),
-            slot_mapping=slot_mapping.to(device),
-            is_decode=True,
-            query_lens=[1] * batch,
-            prefix_lens=starts,
-            prefix_slots=[],
-            decode_slots=decode_slots.to(device),
-            decode_mask=decode_mask.to(device),
-            # Every row wants logits: the model skips the row gather when R == T.
-            logits_indices=torch.arange(batch, device=device),
-        )
+        self.decode_slots = decode_slots.to(device)
+        self.decode_mask = decode_mask.to(device)
 
     @classmethod
     def _build_prefill(

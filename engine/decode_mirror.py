@@ -53,7 +53,7 @@ class DecodeKVMirror:
             self._capacity = -(-span // GROWTH) * GROWTH
             self._layers = {key: (k, v, False) for key, (k, v, _) in self._layers.items()}
         self._span = span
-        self._positions = torch.tensor([c.start for c in chunks])
+        self._positions = meta.positions  # CPU: every chunk's start, as a tensor
         self._append_index = None
         self._bias: dict[int, torch.Tensor] = {}
         meta.mirror = self

@@ -196,14 +196,20 @@ class LLM:
         ]
 
     def _append(self, seq: Sequence, token: int, logprob: float) -> RequestOutput:
-        seq.output_token_ids.append(token)
+        # Runs once per request per step: kept to plain attribute and list work.
+        outputs = seq.output_token_ids
+        outputs.append(token)
         seq.output_logprobs.append(logprob)
-        reason = self._stop_reason(seq, token)
-        if token not in seq.stop_token_ids and seq.decoder is not None:
-            before = len(seq.text)
-            seq.text += seq.decoder.step(token)
-            if seq.params.stop:
-                reason = self._check_stop_strings(seq, before) or reason
+        params = seq.params
+        if token in seq.stop_token_ids:
+            reason: FinishReason | None = FinishReason.STOP
+        else:
+            reason = self._stop_reason(seq, token)
+            if seq.decoder is not None and (piece := seq.decoder.step(token)):
+                before = len(seq.text)
+                seq.text += piece
+                if params.stop:
+                    reason = self._check_stop_strings(seq, before) or reason
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self._seqs.pop(seq.rid, None)
@@ -214,8 +220,8 @@ class LLM:
             text=seq.take_text_delta(),
             finished=seq.is_finished,
             finish_reason=seq.finish_reason,
-            num_prompt_tokens=seq.num_prompt_tokens,
-            num_output_tokens=len(seq.output_token_ids),
+            num_prompt_tokens=len(seq.prompt_token_ids),
+            num_output_tokens=len(outputs),
         )
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:

@@ -24,6 +24,8 @@ class ScheduledStep:
     is_prefill: bool
 
     def input_token_ids(self) -> list[int]:
+        if not self.is_prefill:  # decode: each request's newest token, whose K/V is not cached
+            return [seq.last_token_id for seq in self.seqs]
         ids: list[int] = []
         for seq, chunk in zip(self.seqs, self.chunks, strict=True):
             ids.extend(seq.token_ids(chunk.start, chunk.start + chunk.num_new))
@@ -99,16 +101,22 @@ class Scheduler:
 
     def _schedule_decode(self) -> ScheduledStep | None:
         scheduled: list[Sequence] = []
-        running = list(self.running)
+        running = deque(self.running)
+        allocator = self.allocator
         while running:
-            seq = running.pop(0)
-            while not self.allocator.can_allocate(seq.page_table.pages_to_grow(seq.num_tokens)):
+            seq = running.popleft()
+            table = seq.page_table
+            # The common case first: the next token still fits in the pages held.
+            if seq.num_tokens <= table.capacity:
+                scheduled.append(seq)
+                continue
+            while not allocator.can_allocate(table.pages_to_grow(seq.num_tokens)):
                 victim = running.pop() if running else seq
                 self._preempt(victim)
                 if victim is seq:
                     break
             else:
-                seq.page_table.grow_to(seq.num_tokens, self.allocator)
+                table.grow_to(seq.num_tokens, allocator)
                 scheduled.append(seq)
         if not scheduled:
             return None
