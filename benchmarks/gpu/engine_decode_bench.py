@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from benchmarks.gpu.common import write_report
+from benchmarks.report import write_report
 from engine.attention import SeqChunk
 from engine.kv_cache import KVCacheSpec, PagedKVCache
 from engine.runner import StageRunner

@@ -20,7 +20,7 @@ import statistics
 
 import torch
 
-from benchmarks.gpu.common import write_report
+from benchmarks.report import write_report
 from engine.attention import SeqChunk
 from engine.kv_cache import KVCacheSpec, PagedKVCache
 from engine.runner import StageRunner

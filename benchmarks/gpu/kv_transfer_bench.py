@@ -47,7 +47,7 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 import numpy as np
 import torch
 
-from benchmarks.gpu.common import write_report
+from benchmarks.report import write_report
 from engine.kv_cache import PagedKVCache
 from tests.gpu.decode_peer import GpuDecodePeer, page_checksums
 from tests.transport.peer import CacheShape

@@ -33,53 +33,23 @@ from typing import Any
 
 import torch
 
-from benchmarks.gpu.common import write_report
+from benchmarks.report import write_report
 
 LENGTHS = (512, 1024, 2048, 4096, 8192)
 PAGE = 16
 
 
 def qwen2_1p5b_like() -> Any:
-    from engine.config import ModelConfig, RopeConfig
+    from engine.testmodel import REALISTIC_SHAPES
 
-    return ModelConfig(
-        family="qwen2",
-        architecture="Qwen2ForCausalLM",
-        vocab_size=151936,
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        head_dim=128,
-        max_position_embeddings=32768,
-        rms_norm_eps=1e-6,
-        rope=RopeConfig(theta=1000000.0),
-        attention_bias=True,
-        tie_word_embeddings=True,
-        torch_dtype="bfloat16",
-    )
+    return REALISTIC_SHAPES["qwen2-1.5b"]
 
 
 def random_stage(config: Any, layers: Any, seed: int) -> Any:
-    """A `DecoderStage` of `layers` with N(0, 0.02) weights (norms 1) made on the GPU."""
-    from engine.model import DecoderStage
+    """The stage of `layers`, random bf16 weights drawn on the GPU (the same for one seed)."""
+    from engine.testmodel import random_stage as draw
 
-    with torch.device("meta"):
-        stage = DecoderStage(config, layers)
-    stage = stage.to_empty(device="cuda")
-    stage.rotary = type(stage.rotary)(config.rope, config.head_dim, config.max_position_embeddings)
-    stage.rotary.to("cuda")
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    with torch.no_grad():
-        for name, param in stage.named_parameters():
-            if "norm" in name and param.dim() == 1:
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, 0.02, generator=gen)
-    stage.to(torch.bfloat16)
-    stage.rotary.inv_freq = stage.rotary.inv_freq.float()
-    return stage.eval()
+    return draw(config, layers, device="cuda", dtype=torch.bfloat16, seed=seed).eval()
 
 
 def kv_cache(config: Any, layers: Any, max_tokens: int) -> Any:
