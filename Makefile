@@ -22,10 +22,12 @@ PYTEST_ARGS ?=
 install: $(STAMP)
 
 # The Mooncake wheel links against libibverbs.so.1 even for tcp transfers; the metrics tests
-# and `make dashboards-snapshot` run Debian's prometheus (and its promtool).
+# and `make dashboards-snapshot` run Debian's prometheus (and its promtool); the engine builds
+# its CPU kernels with gcc on first use.
 sysdeps:
 	@missing=; \
 	/sbin/ldconfig -p 2>/dev/null | grep -q 'libibverbs\.so\.1' || missing="$$missing libibverbs1"; \
+	command -v cc >/dev/null || command -v gcc >/dev/null || missing="$$missing gcc libc6-dev"; \
 	command -v prometheus >/dev/null && command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 	  echo "pdserve: installing Debian packages:$$missing"; \

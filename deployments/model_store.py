@@ -9,7 +9,6 @@ it is already there. `resolve_model` turns a model id into that path and leaves 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from engine.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,6 @@ KNOWN_MODELS: dict[str, KnownModel] = {
 
 class PullError(RuntimeError):
     """A known model could not be fetched; the message says how to use a local file instead."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("PDSERVE_CACHE", Path.home() / ".cache" / "pdserve"))
 
 
 def model_path(name: str) -> Path:

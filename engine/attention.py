@@ -5,8 +5,9 @@ holds) or all-decode (one new token per request). The metadata is built once per
 tables, on the host, uploaded in one copy and shared by every layer; it holds flat slot indices
 into a layer's `[num_pages * page_size, heads, dim]` view of K and V.
 
-Decode reads KV in place on CUDA (engine/kernels.py walks the page table); on the CPU it attends
-to a dense mirror of the batch's KV (engine/decode_mirror.py), or to pages gathered per layer.
+Decode reads KV in place, walking the page table: on CUDA in a Triton kernel (engine/kernels.py),
+on the CPU in a native one that also applies rotary and writes the new K/V (engine/cpu_kernels.py;
+without it, the pages are gathered per layer with torch ops).
 Prefill attends with SDPA to the chunk's own K/V, or to the gathered prefix when the chunk
 continues a prompt; on CUDA several fresh prompts go to one variable-length flash call.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate, chain
-from typing import Any
 
 import numpy as np
 import torch
@@ -49,10 +49,8 @@ class AttentionMetadata:
     # Fresh prompts only (CUDA, half precision): attend with one variable-length flash call,
     # its longest query this (a captured prefill's token bucket).
     varlen_max: int | None = None
-    # CPU decode: the stage's `DecodeKVMirror` when this step attends through it.
-    mirror: Any = None
-    # CUDA decode: page ids [B, >= pages] and context lengths [B] (padding rows: 0) for the
-    # paged kernel, which reads KV in place instead of gathering it.
+    # Decode read in place (CUDA; CPU with the native kernels): page ids [B, >= pages] and
+    # context lengths [B] (padding rows: 0), instead of gathering pages per layer.
     block_tables: torch.Tensor | None = None
     seq_lens: torch.Tensor | None = None
     page_size: int = 0
@@ -104,13 +102,16 @@ class AttentionMetadata:
         page_size: int,
         device: torch.device | str = "cpu",
         all_logits: bool = False,
+        paged_decode: bool | None = None,
     ) -> AttentionMetadata:
-        """`all_logits` asks for every token's logits (reference checks, prompt logprobs)."""
+        """`all_logits` asks for every token's logits (reference checks, prompt logprobs).
+        `paged_decode`: a decode step's attention reads pages in place from block tables
+        (default: on CUDA; the CPU runner asks for it when its native kernels are built)."""
         if not chunks:
             raise ValueError("a step needs at least one request")
         device = torch.device(device)
         if is_decode_step(chunks):
-            if device.type == "cuda":
+            if device.type == "cuda" if paged_decode is None else paged_decode:
                 rows = len(chunks)
                 packed = torch.from_numpy(pack_decode_step(chunks, page_size, rows)).to(device)
                 scalars, table = packed[: 4 * rows].view(4, rows), packed[4 * rows :]
@@ -147,8 +148,7 @@ class AttentionMetadata:
     ) -> AttentionMetadata:
         """One new token per request. Slots come from Python ints: at decode sizes per-request
         tensor ops would cost more than the model. The padded page table, slots and mask for
-        gathering pages are built on first use (`decode_gather_index`, `decode_bias`): a step
-        that attends through the dense mirror needs them only when the mirror is rebuilt."""
+        gathering pages are built on first use (`decode_gather_index`, `decode_bias`)."""
         starts = [c.start for c in chunks]
         slots = [
             c.pages[s // page_size] * page_size + s % page_size
@@ -379,10 +379,6 @@ def attend(q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.page_size
         )
     if meta.is_decode:
-        if meta.mirror is not None:
-            kv = meta.mirror.keys_values(k_cache, v_cache, k, v, meta)
-            if kv is not None:
-                return _decode_cpu(q, *kv, meta.mirror.bias(k.shape[1]))
         return _decode(q, k_cache, v_cache, meta)
     return _prefill(q, k, v, k_cache, v_cache, meta)
 

@@ -1,8 +1,9 @@
 """The building blocks of a Llama/Qwen2 decoder layer, named after what they are.
 
 On CUDA the element-wise steps (residual add + norm, rotary + KV write, SwiGLU's activation)
-run as one Triton kernel each (engine/kernels.py); on the CPU as the torch ops below. Layers
-pass the residual stream beside their output, so its add fuses into the next norm.
+run as one Triton kernel each (engine/kernels.py); on the CPU in float32 as native kernels
+(engine/cpu_kernels.py; decode's rotary, KV write and attention in one), else as the torch ops
+below. Layers pass the residual stream beside their output, so its add fuses into the next norm.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import cpu_kernels
 from engine.attention import AttentionMetadata, attend, paged_attention
 from engine.config import ModelConfig
 from engine.linear import Linear
@@ -31,6 +33,8 @@ class RMSNorm(nn.Module):
             from engine import kernels  # Triton: CUDA only
 
             return kernels.rms_norm(x, self.weight, self.eps, residual)
+        if cpu_kernels.usable(x):
+            return cpu_kernels.rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
             x = x + residual
         if x.dtype == torch.float32:
@@ -75,6 +79,18 @@ class SelfAttention(nn.Module):
             )
             out = attend(q, k, v, kv[0], kv[1], meta)
             return self.o_proj(out.reshape(tokens, self.q_size))
+        if meta.block_tables is not None:  # CPU decode, native: pages read in place
+            out = cpu_kernels.decode_attention(
+                qkv,
+                cos,
+                sin,
+                *kv,
+                meta.positions,
+                meta.block_tables,
+                meta.page_size,
+                self.num_heads,
+            )
+            return self.o_proj(out.view(tokens, self.q_size))
         qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         # q and k heads sit side by side in the fused projection: rotate them in one go.
         qk = RotaryEmbedding.apply(
@@ -100,6 +116,8 @@ class SwiGLU(nn.Module):
             from engine import kernels  # Triton: CUDA only
 
             return self.down_proj(kernels.silu_mul(gate_up))
+        if cpu_kernels.usable(gate_up):
+            return self.down_proj(cpu_kernels.silu_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 

@@ -1,16 +1,17 @@
 """Runs one stage's forward over its paged KV cache: the piece a PP stage actor and the
 whole-model engine share. On CUDA, decode steps and short fresh-prompt prefill steps replay
-CUDA graphs (engine/cuda_graphs.py); on the CPU, decode attends through a dense mirror of the
-batch's KV (engine/decode_mirror.py)."""
+CUDA graphs (engine/cuda_graphs.py); on the CPU, float32 decode steps read pages in place with
+the native kernels (engine/cpu_kernels.py)."""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 
 import torch
 
+from engine import cpu_kernels
 from engine.attention import AttentionMetadata, SeqChunk, is_decode_step
-from engine.decode_mirror import DecodeKVMirror
 from engine.kv_cache import KVCacheSpec, PagedKVCache
 from engine.model import DecoderStage
 
@@ -59,10 +60,15 @@ class StageRunner:
         self.kv_cache = kv_cache
         self.device = next(stage.parameters()).device
         self.cuda_graphs = None
-        self.decode_mirror = None
-        if self.device.type == "cpu":
-            self.decode_mirror = DecodeKVMirror(kv_cache.num_layers)
-        elif self.device.type == "cuda":
+        # Decode reads pages in place on CUDA, and on the CPU when the native kernels take the
+        # cache's dtype; otherwise each layer gathers the batch's pages with torch ops.
+        self.paged_decode = self.device.type == "cuda" or cpu_kernels.usable(kv_cache.layers[0])
+        # What is loaded by now (modules, parameters, tokenizer) lives as long as the process:
+        # freeze it out of the garbage collector's sight, so the collections that serving's
+        # per-step objects trigger stop rescanning it (a few % of a CPU decode step).
+        gc.collect()
+        gc.freeze()
+        if self.device.type == "cuda":
             from engine.cuda_graphs import CudaGraphRunner
 
             self.cuda_graphs = CudaGraphRunner(stage, kv_cache, max_decode_batch, cuda_graphs)
@@ -83,12 +89,9 @@ class StageRunner:
                 return self.cuda_graphs.decode(chunks, inputs)
             if not all_logits and (out := self.cuda_graphs.prefill(chunks, inputs)) is not None:
                 return out
-        meta = AttentionMetadata.build(chunks, self.page_size, self.device, all_logits)
-        if self.decode_mirror is not None:
-            if meta.is_decode:
-                self.decode_mirror.begin(chunks, meta)
-            else:
-                self.decode_mirror.invalidate()
+        meta = AttentionMetadata.build(
+            chunks, self.page_size, self.device, all_logits, paged_decode=self.paged_decode
+        )
         if inputs.shape[0] != meta.num_tokens:
             raise ValueError(f"{inputs.shape[0]} input rows for a step of {meta.num_tokens} tokens")
         return self.stage(inputs.to(self.device, non_blocking=True), meta, self.kv_cache)
