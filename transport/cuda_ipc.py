@@ -5,11 +5,13 @@ and offers the handles in its receiver info, with the node it runs on and its GP
 prefill stage on the same node that can see that GPU opens the handles once per peer.
 
 Per peer and layer set, a `PageRoute` is worked out once: where K and V of every layer start
-on both sides (the peer's as mapped here), uploaded to the GPU as a small table. A request then
-costs its page runs (a few numpy operations on its page list), one upload of those runs from a
-reused pinned buffer and one kernel launch over (layer x K/V, run, block), issued by `send` on
-the thread and stream that computed the KV (queued behind it; no thread hop). The copy's end is
-an event that the sender's `poll` queries; the write is done only once it has passed.
+on both sides (the peer's as mapped here), uploaded to the GPU as a small table, and CUDA graphs
+of its copy, one per staging slot. A request then costs its page runs (a list compare when both
+sides are one run), the run table written into its slot of mapped pinned host memory (which the
+GPU reads itself: no upload call) and one `cudaGraphLaunch` on the caller's stream, issued by
+`send` on the thread that computed the KV (queued behind it; no thread hop). The graph ends by
+recording the slot's event, which the sender's `poll` queries; the write is done only once it
+has passed. Every per-request CUDA call is a ctypes function bound once, on raw handles.
 
 Whatever a route cannot take (strided pages, the receiver on another GPU of the node, pages
 outside the cache) goes the general way: the tcp path's segments, planned against the mapping,
@@ -31,6 +33,7 @@ import logging
 import os
 import socket
 import threading
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cache
@@ -77,10 +80,28 @@ class _IpcMemHandle(ctypes.Structure):
 
 _LAZY_ENABLE_PEER_ACCESS = 1  # cudaIpcMemLazyEnablePeerAccess
 _MEMCPY_DEFAULT = 4  # cudaMemcpyDefault
+_HOST_ALLOC_PORTABLE_MAPPED = 1 | 2  # cudaHostAllocPortable | cudaHostAllocMapped
+_EVENT_DISABLE_TIMING = 2  # cudaEventDisableTiming
+_EVENT_RECORD_EXTERNAL = 1  # cudaEventRecordExternal: an event record node when captured
+_NOT_READY = 600  # cudaErrorNotReady
+
+
+def _bind(lib: ctypes.CDLL, name: str, *argtypes: Any) -> Any:
+    fn = getattr(lib, name)
+    fn.argtypes = argtypes
+    fn.restype = ctypes.c_int
+    return fn
 
 
 class CudaRuntime:
-    """The few runtime/driver entry points IPC needs, from the libraries torch already loaded."""
+    """The few runtime/driver entry points IPC needs, from the libraries torch already loaded.
+
+    The per-request ones (`graph_launch`, `event_record`, `event_query`) are bound once with
+    their argument types and called on raw handles. They come through `PyDLL`, so they keep the
+    GIL like torch's own launches do: none of them blocks, and releasing the GIL around a
+    microsecond call only invites another thread to take it for longer. Blocking calls
+    (`event_synchronize`) release it.
+    """
 
     def __init__(self) -> None:
         torch.cuda.init()
@@ -107,6 +128,23 @@ class CudaRuntime:
             ctypes.POINTER(ctypes.c_size_t),
             ctypes.c_uint64,
         )
+        void_p, pp = ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)
+        self._host_alloc = _bind(self._rt, "cudaHostAlloc", pp, ctypes.c_size_t, ctypes.c_uint)
+        self._host_device_pointer = _bind(
+            self._rt, "cudaHostGetDevicePointer", pp, void_p, ctypes.c_uint
+        )
+        self._free_host = _bind(self._rt, "cudaFreeHost", void_p)
+        self._event_create = _bind(self._rt, "cudaEventCreateWithFlags", pp, ctypes.c_uint)
+        self._event_destroy = _bind(self._rt, "cudaEventDestroy", void_p)
+        self._event_synchronize = _bind(self._rt, "cudaEventSynchronize", void_p)
+        self._record_with_flags = _bind(
+            self._rt, "cudaEventRecordWithFlags", void_p, void_p, ctypes.c_uint
+        )
+        hot = ctypes.PyDLL(self._rt._name)  # the same library, called with the GIL held
+        self.graph_launch = _bind(hot, "cudaGraphLaunch", void_p, void_p)
+        self.event_record = _bind(hot, "cudaEventRecord", void_p, void_p)
+        self._event_query = _bind(hot, "cudaEventQuery", void_p)
+        self._get_last_error = _bind(hot, "cudaGetLastError")
 
     @staticmethod
     def _load_cudart() -> ctypes.CDLL:
@@ -125,7 +163,7 @@ class CudaRuntime:
                 errors.append(str(exc))
         raise OSError("cannot load libcudart: " + "; ".join(errors))
 
-    def _check(self, rc: int, what: str) -> None:
+    def check(self, rc: int, what: str) -> None:
         if rc != 0:
             # Clear the runtime's last error, or torch's next launch check would report it.
             self._rt.cudaGetLastError()
@@ -142,23 +180,69 @@ class CudaRuntime:
 
     def get_mem_handle(self, base: int) -> bytes:
         handle = _IpcMemHandle()
-        self._check(self._rt.cudaIpcGetMemHandle(ctypes.byref(handle), base), "cudaIpcGetMemHandle")
+        self.check(self._rt.cudaIpcGetMemHandle(ctypes.byref(handle), base), "cudaIpcGetMemHandle")
         return bytes(handle.reserved)
 
     def open_mem_handle(self, raw: bytes) -> int:
         ptr = ctypes.c_void_p()
         handle = _IpcMemHandle.from_buffer_copy(raw)
         rc = self._rt.cudaIpcOpenMemHandle(ctypes.byref(ptr), handle, _LAZY_ENABLE_PEER_ACCESS)
-        self._check(rc, "cudaIpcOpenMemHandle")
+        self.check(rc, "cudaIpcOpenMemHandle")
         return int(ptr.value or 0)
 
     def close_mem_handle(self, ptr: int) -> None:
-        self._check(self._rt.cudaIpcCloseMemHandle(ptr), "cudaIpcCloseMemHandle")
+        self.check(self._rt.cudaIpcCloseMemHandle(ptr), "cudaIpcCloseMemHandle")
 
     def memcpy_async(self, dst: int, src: int, nbytes: int, stream: int) -> None:
         """cudaMemcpyAsync with cudaMemcpyDefault: unified addressing finds both devices."""
         rc = self._rt.cudaMemcpyAsync(dst, src, nbytes, _MEMCPY_DEFAULT, stream)
-        self._check(rc, "cudaMemcpyAsync")
+        self.check(rc, "cudaMemcpyAsync")
+
+    # mapped host memory and events, for the per-request path ---------------------------------
+
+    def host_alloc_mapped(self, nbytes: int) -> tuple[int, int]:
+        """Pinned host memory the GPU reads in place: its host address and its device address."""
+        host, device = ctypes.c_void_p(), ctypes.c_void_p()
+        rc = self._host_alloc(ctypes.byref(host), nbytes, _HOST_ALLOC_PORTABLE_MAPPED)
+        self.check(rc, "cudaHostAlloc")
+        rc = self._host_device_pointer(ctypes.byref(device), host, 0)
+        if rc != 0:
+            self._free_host(host)
+            self.check(rc, "cudaHostGetDevicePointer")
+        return int(host.value or 0), int(device.value or 0)
+
+    def free_host(self, host: int) -> None:
+        self.check(self._free_host(host), "cudaFreeHost")
+
+    def event_create(self) -> int:
+        """A raw event without timing, on the current device."""
+        event = ctypes.c_void_p()
+        self.check(
+            self._event_create(ctypes.byref(event), _EVENT_DISABLE_TIMING), "cudaEventCreate"
+        )
+        return int(event.value or 0)
+
+    def event_destroy(self, event: int) -> None:
+        self._event_destroy(event)
+
+    def record_external(self, event: int, stream: int) -> None:
+        """Record `event` on a capturing stream as a node of the graph (it records per launch)."""
+        rc = self._record_with_flags(event, stream, _EVENT_RECORD_EXTERNAL)
+        self.check(rc, "cudaEventRecordWithFlags")
+
+    def event_query(self, event: int) -> bool:
+        """Whether the work before the event's last record has finished (never blocks)."""
+        rc = self._event_query(event)
+        if rc == 0:
+            return True
+        if rc == _NOT_READY:
+            self._get_last_error()  # as torch does: "not ready" must not linger as an error
+            return False
+        self.check(rc, "cudaEventQuery")
+        return False
+
+    def event_synchronize(self, event: int) -> None:
+        self.check(self._event_synchronize(event), "cudaEventSynchronize")
 
 
 @dataclass(frozen=True)
@@ -207,15 +291,18 @@ def _page_kernel() -> Any:
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def copy_pages(bases, runs, BLOCK: tl.constexpr):
+    @triton.jit(do_not_specialize=["work_address"])
+    def copy_pages(bases, work_address, BLOCK: tl.constexpr):
         # bases: per row the source and (mapped) destination start of one layer's K or V, in
-        # bytes, 8-byte aligned. runs: per run the source offset, destination offset and
-        # length, in 8-byte elements. No integer arguments: nothing to specialise or recompile.
+        # bytes, 8-byte aligned. work_address: the run table (`_work`), read where it lies:
+        # mapped pinned host memory (a staging slot) or device memory. Per run the source
+        # offset, destination offset and length, in 8-byte elements. An address, not a
+        # tensor, and not specialised: the same compiled kernel for every slot.
+        work = work_address.to(tl.int64).to(tl.pointer_type(tl.int64))
         row = bases + tl.program_id(0) * 2
         src = tl.load(row).to(tl.pointer_type(tl.int64))
         dst = tl.load(row + 1).to(tl.pointer_type(tl.int64))
-        run = runs + 1 + tl.program_id(1) * 3  # runs[0] is the count (see `_work`)
+        run = work + 1 + tl.program_id(1) * 3  # work[0] is the count (see `_work`)
         n = tl.load(run + 2)
         offs = tl.program_id(2).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n  # programs past a shorter run's end do nothing
@@ -223,6 +310,24 @@ def _page_kernel() -> Any:
         tl.store(dst + tl.load(run + 1) + offs, values, mask=mask)
 
     return copy_pages
+
+
+@cache
+def _table_kernel() -> Any:
+    """A graph's first node: its slot's run table from mapped host memory into device memory,
+    in one read over PCIe, so the copy's programs read it from L2: read from host memory by
+    every program, each run would cost each program a dependent PCIe round trip (a scattered
+    request has up to 64 runs)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit(do_not_specialize=["host_address"])
+    def load_table(host_address, table, WORDS: tl.constexpr):
+        host = host_address.to(tl.int64).to(tl.pointer_type(tl.int64))
+        offs = tl.arange(0, WORDS)
+        tl.store(table + offs, tl.load(host + offs))
+
+    return load_table
 
 
 @cache
@@ -259,20 +364,19 @@ _BLOCK = 4096  # elements per program: 32 KiB of 8-byte elements
 _MAX_PARTS = 65535  # the grid's second dimension: runs up to 2 GiB (one layer's K is far less)
 _MAX_RUNS = 65535  # a route's grid: runs in the second dimension
 _GROUP = 64  # the graph kernel's programs per row
-_GRAPH_RUNS = 64  # requests of up to this many runs replay the route's graph
+_GRAPH_RUNS = 64  # requests of up to this many runs replay one of the route's graphs
+_TABLE_WORDS = 256  # what a graph's table node copies: 1 + 3 * _GRAPH_RUNS words fit
 
 
 class _OnDevice:
-    """A route on the GPU: its rows, and (when capture worked) a CUDA graph of one launch of
-    the fixed-grid kernel over the route's own run table, which each request overwrites."""
+    """A route on the GPU: its rows, and (when capture worked) per staging slot a CUDA graph
+    of [slot's run table into device memory, fixed-grid copy over it, (slot's event record)]."""
 
     def __init__(self, bases: torch.Tensor) -> None:
         self.bases = bases
-        self.work = torch.zeros(1 + 3 * _GRAPH_RUNS, dtype=torch.int64, device=bases.device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.lock = threading.Lock()  # one upload + replay at a time (one run table)
-        self.last_done: torch.cuda.Event | None = None
-        self.last_stream = -1
+        self.graphs: list[torch.cuda.CUDAGraph] | None = None  # one per staging slot
+        self.execs: list[int] | None = None  # their cudaGraphExec_t, launched raw (or replay)
+        self.records = False  # the graphs record their slot's event themselves
 
 
 @dataclass
@@ -289,10 +393,18 @@ class PageRoute:
     local_pages: int  # pages each local layer holds (page indices must be below)
     remote_pages: int  # likewise on the peer
     table: Any = None  # the backend's copy of (src_bases, dst_bases): a device tensor on CUDA
+    _numbers: list[int] | None = None  # 0 .. local_pages - 1, built once (`page_numbers`)
 
     @property
     def rows(self) -> int:
         return len(self.src_bases)
+
+    def page_numbers(self, first: int, n: int) -> list[int]:
+        """`list(range(first, first + n))` as a slice of a list built once: comparing a
+        request's pages against it checks one run without creating n int objects."""
+        if self._numbers is None:
+            self._numbers = list(range(self.local_pages))
+        return self._numbers[first : first + n]
 
 
 def plan_runs(route: PageRoute, local_pages: list[int], remote: np.ndarray) -> np.ndarray | None:
@@ -327,34 +439,100 @@ def _work(runs: np.ndarray) -> np.ndarray:
 
 
 class _Staging:
-    """Pinned host slots and device slots for per-request run tables, reused round robin.
+    """Per-request run tables in mapped pinned host memory, one slot each, reused round robin,
+    and per slot a raw event that ends the copy which read it.
 
-    A slot is written again only after the copy that read it has finished (its event), so an
-    upload never races a copy still queued behind the caller's compute.
+    The GPU reads a slot where it lies (a graph's table node, or the direct kernel), so a
+    request writes its table with numpy and makes no upload call. A slot is written again only
+    after the copy that read it has finished (its event), so a table is never overwritten
+    under a copy still queued behind the caller's compute. Generations tell a request's end
+    from a later one on the same slot: `passed` never reports a request done early, and once
+    any poll saw a slot's event pass, taking the slot again costs no CUDA call.
     """
 
     SLOTS = 16
-    ROWS = 4096  # runs per request that fit a slot; more take a one-off pinned upload
+    ROWS = 4096  # runs per request that fit a slot; more take a one-off device table
 
-    def __init__(self, device: torch.device) -> None:
-        shape = (self.SLOTS, 1 + 3 * self.ROWS)  # a count, then the runs (`_work`)
-        self.host = torch.empty(shape, dtype=torch.int64, pin_memory=True)
-        self.host_np = self.host.numpy()
-        self.device = torch.empty(shape, dtype=torch.int64, device=device)
-        self.device_slots = [self.device[i] for i in range(self.SLOTS)]
-        self.host_ptrs = [self.host[i].data_ptr() for i in range(self.SLOTS)]
-        self.events: list[torch.cuda.Event | None] = [None] * self.SLOTS
+    def __init__(self, runtime: Any, device: torch.device) -> None:
+        self._runtime = runtime
+        self.words = 2 * ((1 + 3 * self.ROWS + 1) // 2)  # a slot's stride: 16-byte aligned
+        # One more slot, always zero (no runs): the graphs' kernels are compiled against it.
+        count = self.words * (self.SLOTS + 1)
+        host, mapped = runtime.host_alloc_mapped(8 * count)
+        self.tables = np.frombuffer((ctypes.c_int64 * count).from_address(host), np.int64)
+        self.tables = self.tables.reshape(self.SLOTS + 1, self.words)
+        self.tables[:] = 0
+        self.rows = [self.tables[i] for i in range(self.SLOTS)]
+        self.addresses = [mapped + 8 * self.words * i for i in range(self.SLOTS + 1)]
+        self.empty = self.addresses[self.SLOTS]
+        # The graphs' tables in device memory, a slot each (`_table_kernel` fills them).
+        self.device = torch.zeros((self.SLOTS, _TABLE_WORDS), dtype=torch.int64, device=device)
+        self.device_rows = [self.device[i] for i in range(self.SLOTS)]
+        self.events = [runtime.event_create() for _ in range(self.SLOTS)]
+        self._gens = [0] * self.SLOTS  # requests that took each slot
+        self._passed = [0] * self.SLOTS  # of those, how many are known to have finished
         self._next = 0
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()  # held from `take` to the record: one slot, one request
+        finalizer = weakref.finalize(self, _free_staging, runtime, host, tuple(self.events))
+        finalizer.atexit = False  # at exit the process's memory goes anyway
 
-    def take(self) -> int:
-        with self._lock:
-            i = self._next
-            self._next = (i + 1) % self.SLOTS
-            event, self.events[i] = self.events[i], None
-        if event is not None and not event.query():
-            event.synchronize()  # 16 requests still queued behind compute: wait for the oldest
-        return i
+    def take(self) -> tuple[int, int]:
+        """The next slot and this request's generation on it; the caller holds `lock`."""
+        i = self._next
+        self._next = (i + 1) % self.SLOTS
+        last = self._gens[i]
+        if self._passed[i] < last:
+            self.wait(i, last)  # 16 requests still queued behind compute: wait for the oldest
+        self._gens[i] = last + 1
+        return i, last + 1
+
+    def passed(self, slot: int, gen: int) -> bool:
+        """Whether request `gen` of `slot` has finished (never blocks)."""
+        if self._passed[slot] >= gen:
+            return True
+        # The event's last record is this request's or, if the slot was taken again since,
+        # a later one's (taken only after this one passed): ready means this one is done.
+        if not self._runtime.event_query(self.events[slot]):
+            return False
+        self._note(slot, gen)
+        return True
+
+    def wait(self, slot: int, gen: int) -> None:
+        """Block until request `gen` of `slot` has finished."""
+        if self._passed[slot] < gen:
+            self._runtime.event_synchronize(self.events[slot])
+            self._note(slot, gen)
+
+    def _note(self, slot: int, gen: int) -> None:
+        if self._passed[slot] < gen:
+            self._passed[slot] = gen
+
+
+def _free_staging(runtime: Any, host: int, events: tuple[int, ...]) -> None:
+    try:
+        for event in events:
+            runtime.event_destroy(event)
+        runtime.free_host(host)
+    except Exception:  # freeing at teardown: nothing to keep
+        log.debug("freeing fast-path staging failed", exc_info=True)
+
+
+class SlotDone:
+    """The end of one request's copy launched over a route: its slot's event, this request's
+    generation on it. Duck-types `torch.cuda.Event` (`query`, `synchronize`)."""
+
+    __slots__ = ("gen", "slot", "staging")
+
+    def __init__(self, staging: _Staging, slot: int, gen: int) -> None:
+        self.staging = staging
+        self.slot = slot
+        self.gen = gen
+
+    def query(self) -> bool:
+        return self.staging.passed(self.slot, self.gen)
+
+    def synchronize(self) -> None:
+        self.staging.wait(self.slot, self.gen)
 
 
 # -- backends: the real CUDA one, and (in tests) a fake over CPU tensors -------------------------
@@ -375,8 +553,18 @@ class IpcBackend(Protocol):
     def wait(self, done: Any) -> None: ...
     # The per-request path (optional: a backend without it gets the general path only).
     def prepare_route(self, route: PageRoute, device: torch.device) -> Any: ...
+    # Returns the copy's end: anything with `query()` and `synchronize()`, like an event.
     def launch_pages(self, route: PageRoute, runs: np.ndarray, device: torch.device) -> Any: ...
     def query(self, done: Any) -> bool: ...
+
+
+def _current_device() -> int:
+    return torch._C._cuda_getDevice()
+
+
+def _current_raw_stream(index: int) -> int:
+    """The caller's current stream on device `index`, as a raw handle (no Stream object)."""
+    return torch._C._cuda_getCurrentRawStream(index)
 
 
 class CudaIpc:
@@ -388,10 +576,14 @@ class CudaIpc:
         self._staging: dict[int, _Staging] = {}
         self._kernel_ok = True
         self._graphs_ok = True  # turned off if the graph kernel fails its check at warm-up
+        self._graph_records = True  # graphs record their slot's event (else one more call)
         self._lock = threading.Lock()
 
     @property
     def runtime(self) -> CudaRuntime:
+        runtime = self._runtime
+        if runtime is not None:
+            return runtime
         with self._lock:
             if self._runtime is None:
                 self._runtime = CudaRuntime()
@@ -404,8 +596,13 @@ class CudaIpc:
 
     @property
     def graphs_in_use(self) -> bool:
-        """Requests of up to `_GRAPH_RUNS` runs replay a CUDA graph (else: a Triton launch)."""
+        """Requests of up to `_GRAPH_RUNS` runs launch a CUDA graph (else: a Triton launch)."""
         return self._graphs_ok and self._kernel_ok
+
+    @property
+    def graphs_record_events(self) -> bool:
+        """The graphs end with their slot's event record (one CUDA call per request, not two)."""
+        return self.graphs_in_use and self._graph_records
 
     def is_device_memory(self, tensor: torch.Tensor) -> bool:
         return tensor.is_cuda
@@ -453,8 +650,9 @@ class CudaIpc:
             return stream
 
     def warm_up(self, device: torch.device) -> None:
-        """Compile the copy kernels, pin the staging and check the graph path now, not on the
-        first request. The graph path is used only if it copies a test pattern exactly."""
+        """Compile the copy kernels, set up the staging and check the graph path now, not on
+        the first request. Each path is used only if it copies a test pattern exactly, and a
+        graph's own event record only if it provably waits for work queued before it."""
         scratch = torch.zeros(64, dtype=torch.int64, device=device)
         src, dst = scratch.data_ptr(), scratch.data_ptr() + 256
         copies = Copies(*(np.array([v], np.int64) for v in (src, dst, 256)))
@@ -467,129 +665,193 @@ class CudaIpc:
         pages = torch.zeros(24, dtype=torch.int64, device=device)
         rows = np.array([pages.data_ptr(), pages.data_ptr() + 96], np.int64)
         route = PageRoute(rows, rows, 4, 3, 3)
-        route.table = self.prepare_route(route, device)
         pattern = torch.arange(24, device=device)
-        pages.copy_(pattern)
-        graph, route.table.graph = route.table.graph, None  # the direct launch first
-        self.wait(self.launch_pages(route, np.array([[0, 8, 4]], np.int64), device))
-        want = pattern.view(2, 3, 4).clone()
-        want[:, 2] = want[:, 0]
-        if not torch.equal(pages.view(2, 3, 4), want):
+
+        def copies_exactly(src_page: int, behind_compute: bool = False) -> bool:
+            """Page `src_page` of each row onto page 2; with `behind_compute`, the copy is
+            queued behind ~1 ms of GPU work and must not report done before it ran."""
+            pages.copy_(pattern)
+            if behind_compute:
+                torch.cuda._sleep(2_000_000)
+            done = self.launch_pages(route, np.array([[4 * src_page, 8, 4]], np.int64), device)
+            early = behind_compute and done.query()
+            done.synchronize()
+            want = pattern.view(2, 3, 4).clone()
+            want[:, 2] = want[:, src_page]
+            return not early and torch.equal(pages.view(2, 3, 4), want)
+
+        graphs_ok, self._graphs_ok = self._graphs_ok, False  # the direct launch first
+        route.table = self.prepare_route(route, device)
+        if not (copies_exactly(0) and copies_exactly(1, behind_compute=True)):
             log.error("the page copy kernel failed its check; one memcpy per run instead")
             self._kernel_ok = False
             return
-        route.table.graph = graph
-        if graph is None:
-            self._graphs_ok = False
+        self._graphs_ok = graphs_ok
+        if not self._graphs_ok:
             return
-        pages.copy_(pattern)
-        self.wait(self.launch_pages(route, np.array([[4, 8, 4]], np.int64), device))
-        want = pattern.view(2, 3, 4).clone()
-        want[:, 2] = want[:, 1]
-        if not torch.equal(pages.view(2, 3, 4), want):
-            log.warning("the CUDA graph copy failed its check; launching per request instead")
-            self._graphs_ok = False
+        for records in (True, False):
+            self._graph_records = records
+            route.table = self.prepare_route(route, device)
+            if not self._graphs_ok:  # no capture at all
+                return
+            # Every slot's graph (twice round the ring), then one behind compute.
+            slots = _Staging.SLOTS
+            if all(copies_exactly(k % 2) for k in range(2 * slots)) and copies_exactly(
+                1, behind_compute=True
+            ):
+                return
+            if records:
+                log.warning("a graph's own event record failed its check; recording per request")
+        log.warning("the CUDA graph copy failed its check; launching per request instead")
+        self._graphs_ok = False
 
     def prepare_route(self, route: PageRoute, device: torch.device) -> _OnDevice:
-        """The route's rows on the device, uploaded once (per peer and layer set), and a CUDA
-        graph of its copy (when graphs passed the warm-up check)."""
+        """The route's rows on the device, uploaded once (per peer and layer set), and CUDA
+        graphs of its copy, one per staging slot (when graphs passed the warm-up check)."""
         rows = np.stack([route.src_bases, route.dst_bases], 1)
         with torch.cuda.device(device):
             on_device = _OnDevice(torch.from_numpy(np.ascontiguousarray(rows)).to(device))
             if self._graphs_ok and self._kernel_ok:
                 try:
-                    on_device.graph = self._capture(on_device, len(rows), device)
+                    self._capture(on_device, len(rows), device)
                 except Exception:
                     log.warning("no CUDA graph for the copy; launching per request", exc_info=True)
                     self._graphs_ok = False
         return on_device
 
-    def _capture(self, on_device: _OnDevice, rows: int, device: torch.device) -> Any:
-        kernel = _graph_kernel()
+    def _capture(self, on_device: _OnDevice, rows: int, device: torch.device) -> None:
+        """Per staging slot one graph: [slot's table from host to device memory, the copy over
+        it, the slot's event record]; without the record (one more call per request) if the
+        runtime will not capture it."""
+        if self._graph_records:
+            try:
+                on_device.graphs = self._capture_slots(on_device, rows, device, records=True)
+                on_device.records = True
+            except Exception:
+                log.warning("no event record in the copy's graphs; one per request", exc_info=True)
+                self._graph_records = False
+            else:
+                on_device.execs = self._execs(on_device.graphs)
+                return
+        on_device.graphs = self._capture_slots(on_device, rows, device, records=False)
+        on_device.records = False
+        on_device.execs = self._execs(on_device.graphs)
+
+    @staticmethod
+    def _execs(graphs: list[torch.cuda.CUDAGraph]) -> list[int] | None:
+        """The graphs' raw cudaGraphExec_t, launched by ctypes (an older torch: `replay`)."""
+        try:
+            return [int(g.raw_cuda_graph_exec()) for g in graphs]
+        except (AttributeError, TypeError, RuntimeError):
+            return None
+
+    def _capture_slots(
+        self, on_device: _OnDevice, rows: int, device: torch.device, records: bool
+    ) -> list[torch.cuda.CUDAGraph]:
+        table, copy = _table_kernel(), _graph_kernel()
+        staging = self._staging_for(device)
+        runtime = self.runtime
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
+        graphs = []
         with torch.cuda.stream(side):
-            # Compiled and loaded outside the capture (the table says 0 runs: nothing moves).
-            kernel[(rows, _GROUP)](
-                on_device.bases, on_device.work, BLOCK=_BLOCK, GROUP=_GROUP, num_warps=4
-            )
+            # Compiled and loaded outside the capture (the empty slot's table: nothing moves).
+            zero = torch.zeros(_TABLE_WORDS, dtype=torch.int64, device=device)
+            table[(1,)](staging.empty, zero, WORDS=_TABLE_WORDS, num_warps=4)
+            copy[(rows, _GROUP)](on_device.bases, zero, BLOCK=_BLOCK, GROUP=_GROUP, num_warps=4)
             side.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            graph.capture_begin(capture_error_mode="thread_local")
-            try:
-                kernel[(rows, _GROUP)](
-                    on_device.bases, on_device.work, BLOCK=_BLOCK, GROUP=_GROUP, num_warps=4
-                )
-            finally:
-                graph.capture_end()
-        return graph
+            for slot in range(_Staging.SLOTS):
+                work = staging.device_rows[slot]
+                graph = torch.cuda.CUDAGraph()
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    table[(1,)](staging.addresses[slot], work, WORDS=_TABLE_WORDS, num_warps=4)
+                    copy[(rows, _GROUP)](
+                        on_device.bases, work, BLOCK=_BLOCK, GROUP=_GROUP, num_warps=4
+                    )
+                    if records:
+                        runtime.record_external(staging.events[slot], side.cuda_stream)
+                finally:
+                    graph.capture_end()
+                graphs.append(graph)
+        return graphs
 
     def _staging_for(self, device: torch.device) -> _Staging:
         staging = self._staging.get(device.index)
         if staging is None:
+            runtime = self.runtime
             with self._lock:
                 staging = self._staging.get(device.index)
                 if staging is None:
                     with torch.cuda.device(device):
-                        staging = self._staging[device.index] = _Staging(device)
+                        staging = self._staging[device.index] = _Staging(runtime, device)
         return staging
 
-    def launch_pages(
-        self, route: PageRoute, runs: np.ndarray, device: torch.device
-    ) -> torch.cuda.Event:
+    def launch_pages(self, route: PageRoute, runs: np.ndarray, device: torch.device) -> SlotDone:
         """Queue the copy of `runs` (rows of source offset, destination offset, length, in
         8-byte elements) for every row of `route` on the caller's current stream, so it runs
-        after the KV queued there; returns the event that ends it."""
-        if torch.cuda.current_device() != device.index:
+        after the KV queued there; returns the end of the copy (its slot's event).
+
+        The common case makes one CUDA call: the slot's graph, which reads the table from the
+        slot (host memory) and records the slot's event itself."""
+        index = device.index
+        if _current_device() != index:
             with torch.cuda.device(device):
                 return self.launch_pages(route, runs, device)
-        stream = torch.cuda.current_stream(device)
-        raw = stream.cuda_stream
-        staging = self._staging_for(device)
-        n = len(runs)
-        slot = staging.take()
+        stream = _current_raw_stream(index)
+        staging = self._staging.get(index) or self._staging_for(device)
+        runtime = self._runtime or self.runtime
         on_device: _OnDevice = route.table
-        if on_device.graph is not None and n <= _GRAPH_RUNS:
-            # The count and runs into the route's own table, then its graph: in stream order
-            # after the previous request's copy, which read the same table.
-            staging.host_np[slot, 0] = n
-            staging.host_np[slot, 1 : 1 + 3 * n] = runs.reshape(-1)
-            with on_device.lock:
-                if on_device.last_done is not None and on_device.last_stream != raw:
-                    stream.wait_event(on_device.last_done)
-                self.runtime.memcpy_async(
-                    on_device.work.data_ptr(), staging.host_ptrs[slot], 8 + 24 * n, raw
-                )
-                on_device.graph.replay()
-                done = stream.record_event()
-                on_device.last_done, on_device.last_stream = done, raw
-            staging.events[slot] = done
-            return done
+        n = len(runs)
+        with staging.lock:
+            slot, gen = staging.take()
+            if n <= staging.ROWS:
+                row = staging.rows[slot]
+                row[0] = n
+                row[1 : 1 + 3 * n] = runs.reshape(-1)
+            if on_device.graphs is not None and n <= _GRAPH_RUNS:
+                if on_device.execs is not None:
+                    rc = runtime.graph_launch(on_device.execs[slot], stream)
+                    if rc:
+                        runtime.check(rc, "cudaGraphLaunch")
+                else:
+                    on_device.graphs[slot].replay()
+                if on_device.records:
+                    return SlotDone(staging, slot, gen)
+            else:
+                self._launch_direct(route, runs, staging, slot, stream)
+            rc = runtime.event_record(staging.events[slot], stream)
+            if rc:
+                runtime.check(rc, "cudaEventRecord")
+        return SlotDone(staging, slot, gen)
+
+    def _launch_direct(
+        self, route: PageRoute, runs: np.ndarray, staging: _Staging, slot: int, stream: int
+    ) -> None:
+        """One Triton launch with the runs in the grid (more runs than a graph takes, or no
+        graph); the memcpy loop if the kernel is unavailable."""
+        n = len(runs)
         if n <= staging.ROWS:
-            staging.host_np[slot, 0] = n
-            staging.host_np[slot, 1 : 1 + 3 * n] = runs.reshape(-1)
-            table = staging.device_slots[slot]
-            self.runtime.memcpy_async(table.data_ptr(), staging.host_ptrs[slot], 8 + 24 * n, raw)
-        else:  # a one-off pinned buffer: torch's host allocator keeps it until the copy ran
-            table = torch.from_numpy(_work(runs)).pin_memory().to(device, non_blocking=True)
+            table = staging.addresses[slot]  # read in place, from host memory
+        else:  # a one-off device table: the caching allocator keeps it until the copy ran
+            work = torch.from_numpy(_work(runs)).pin_memory()
+            table = work.to(route.table.bases.device, non_blocking=True).data_ptr()
         parts = -(-int(runs[:, 2].max()) // _BLOCK)
         if self._kernel_ok:
             try:
                 _page_kernel()[(route.rows, n, parts)](
-                    on_device.bases, table, BLOCK=_BLOCK, num_warps=4
+                    route.table.bases, table, BLOCK=_BLOCK, num_warps=4
                 )
             except Exception:  # no Triton, or it cannot compile here: the memcpy loop
                 log.warning("page copy kernel unavailable, one memcpy per run", exc_info=True)
                 self._kernel_ok = False
         if not self._kernel_ok:
+            runtime = self.runtime
             for src, dst in zip(route.src_bases.tolist(), route.dst_bases.tolist(), strict=True):
                 for s_off, d_off, length in runs.tolist():
-                    self.runtime.memcpy_async(dst + 8 * d_off, src + 8 * s_off, 8 * length, raw)
-        done = stream.record_event()
-        staging.events[slot] = done
-        return done
+                    runtime.memcpy_async(dst + 8 * d_off, src + 8 * s_off, 8 * length, stream)
 
-    def query(self, done: torch.cuda.Event) -> bool:
+    def query(self, done: SlotDone | torch.cuda.Event) -> bool:
         """Whether the copy ending at `done` has finished (never blocks)."""
         return done.query()
 
@@ -634,7 +896,7 @@ class CudaIpc:
             raise ValueError(f"a run of {parts} blocks is longer than one launch covers")
         _copy_kernel()[(len(copies), parts)](on_device, BLOCK=_BLOCK, WIDE=wide, num_warps=4)
 
-    def wait(self, done: torch.cuda.Event) -> None:
+    def wait(self, done: SlotDone | torch.cuda.Event) -> None:
         done.synchronize()
 
 
@@ -1056,7 +1318,8 @@ class CudaIpcMover:
                 and first + n <= route.local_pages
                 and self._remote_start + n <= route.remote_pages
                 and local_pages[-1] == first + n - 1
-                and list(local_pages) == list(range(first, first + n))
+                and (local_pages if type(local_pages) is list else list(local_pages))
+                == route.page_numbers(first, n)
             ):
                 words = route.page_words
                 return np.array([[first * words, self._remote_start * words, n * words]])

@@ -268,24 +268,29 @@ class KVSender:
             record = self.endpoint.write_async(
                 info.session_id, metadata.address(slot), info.metadata.address, SLOT_NBYTES
             )
-        rows = len(self.regions) * 2  # (layer, K or V): a run is one range on each
-        stats = TransferStats(
-            rows * 8 * int(runs[:, 2].sum()) + (SLOT_NBYTES if record else 0),
-            rows * len(runs) + (1 if record else 0),
-            0.0,
-            mover.name,
-        )
         try:
-            copy = mover.launch(runs)
+            copy = mover.launch(runs)  # first: what follows is off the copy's critical path
         except Exception as exc:  # the peer went away (mapping closed), or a CUDA error
             self._in_flight = record is not None  # the record may still read the slot
-            self._launched = _Launched(None, record, slot, start, stats)
+            self._launched = _Launched(None, record, slot, start, self._stats(runs, record, mover))
             self._fail(f"KV write to {info.session_id} failed ({exc!r})")
             return
+        stats = self._stats(runs, record, mover)
         self._in_flight = True
         self._launched = _Launched(copy, record, slot, start, stats)
         if self._state.state is KVPoll.Failed:  # aborted meanwhile: nobody will poll it through
             self._hand_off()
+
+    def _stats(self, runs: Any, record: PendingWrite | None, mover: KVMover) -> TransferStats:
+        """What a launched write moves: each run is one range per (layer, K or V) row."""
+        rows = len(self.regions) * 2
+        words = int(runs[0, 2]) if len(runs) == 1 else int(runs[:, 2].sum())  # numpy-free if 1
+        return TransferStats(
+            rows * 8 * words + (SLOT_NBYTES if record else 0),
+            rows * len(runs) + (1 if record else 0),
+            0.0,
+            mover.name,
+        )
 
     def _settle(self, block: bool) -> bool:
         """Finish the launched write if it ended: give back what it held, move the state.

@@ -9,24 +9,39 @@ side is a spawned process with its cache on the same GPU (tests/gpu/decode_peer.
 - `fast path`: the sender with the CUDA IPC mover. `write` = `send->Success`: from entering
   `send` (which plans the runs, launches the copy on this thread's stream and submits the
   first-token record) to the `poll` that reports Success, polling back to back (a scheduler
-  polls once per iteration instead). `send_ms`: the host time inside `send`. Last stage (KV +
-  first-token record) and a middle stage (KV only).
+  polls once per iteration instead), with the GPU idle when `send` is called. `send_ms`: the
+  host time inside `send`. Last stage (KV + first-token record) and a middle stage (KV only).
+  No probes are installed during these runs.
+- `behind a forward` (`added_*`): what the transfer adds when `send` is called right after a
+  forward was queued, as the prefill stage calls it: the copy queues behind the compute on the
+  same stream, so the host part of `send` overlaps the GPU's work as far as the GPU still has
+  work queued. A stand-in forward is queued (`Forward`: model-sized, the MLP matmuls of
+  Qwen2-1.5B over the request's tokens, GPU-bound; `hostbound_*`: a light one whose launches
+  take about as long as its GPU work), then either `send` + polling to Success, or (forward
+  only) an event polled back to back; the two kinds alternate, and `added` = the difference of
+  their medians (each from queuing the forward to done; noisy where the forward is long).
+  `added_GB_s` = bytes / added. Per request and less noisy (`*_done_to_success_ms`): an event
+  recorded after the forward, then `send`, then polling the event and the sender back to back:
+  from the first poll that sees the forward done to Success. Also the GPU's view
+  (`*_gpu_ms`): time between that event and one recorded after `send` on the stream (the copy
+  plus any gap where the GPU waited for the host's launch).
 - `mooncake tcp`: the same sender with the fast path off (Mooncake tcp on loopback, written on
   the pool; polled every 20 us so the pool thread gets the GIL).
 - `device copy`: in this process, one `copy_` of as many contiguous bytes (GPU time: the
   ceiling), and the fast path's own page copy of the request's runs (GPU time between events,
   and host time from launch to done).
-- a breakdown of the fast path's `send` (medians of the KV-only runs): planning the runs
-  (`plan_ms`), the launch (`launch_ms`: run-table upload, CUDA graph replay, event), the record's
-  submit (`record_ms`, last stage only), and `wait_ms` = write - send (GPU copy and polling);
-  `cold_*_ms`: each runtime call inside the launch in this flow, `hot_*_ms` the same calls in a
-  loop of launches alone (the last row); `busy_*`: KV-only writes with this thread kept busy for
-  1 ms before `send` instead of coming from a sleep on the pipe to the decode process.
+- a breakdown of the fast path's `send` (separate KV-only runs with timers on each call, which
+  add ~1-3 us each): planning the runs (`plan_ms`), the launch (`launch_ms`: slot, run table,
+  graph launch, event), the record's submit (`record_ms`, last stage only), `wait_ms` =
+  write - send of the probe-free runs; `cold_*_ms`: each call inside the launch in this flow,
+  `hot_*_ms` the same calls in a loop of launches alone (the last row); `busy_*`: KV-only writes
+  with this thread kept busy for 1 ms before `send` instead of coming from a sleep on the pipe.
 
 Target: fast path (write) >= 0.5x the one-copy bandwidth. Bandwidth counts bytes moved once
 (a copy reads and writes each: 1.5 TB/s here is 3.0 TB/s read+write). Pages are checked by
 checksum after the first transfer of each kind. Also probed: whether host memory can be
-exported with CUDA IPC (the first-token slot is host memory).
+exported with CUDA IPC (the first-token slot is host memory). The probes only attach to calls
+the code has, so this file also measures the previous code (`.before/`) the same way.
 """
 
 from __future__ import annotations
@@ -51,7 +66,7 @@ from benchmarks.report import write_report
 from engine.kv_cache import PagedKVCache
 from tests.gpu.decode_peer import GpuDecodePeer, page_checksums
 from tests.transport.peer import CacheShape
-from transport import FirstToken, KVPoll, KVSender, TransferEndpoint, TransportConfig
+from transport import FirstToken, KVPoll, KVSender, TransferEndpoint, TransportConfig, cuda_ipc
 from transport.cuda_ipc import Copies, CudaIpc, CudaIpcMover, PageRoute, plan_runs
 from transport.receiver_info import LayerAddress
 from transport.segments import kv_segments
@@ -89,13 +104,8 @@ class Prefill:
         torch.cuda.synchronize()
         self._n = 0
 
-    def transfer(
-        self, local: list[int], remote: list[int], last: bool, spin_s: float = 0.0
-    ) -> tuple[KVSender, float, float]:
-        """One request; returns the finished sender, its send->Success and in-send seconds.
-
-        `spin_s`: keep this thread busy that long right before `send` (as a scheduler loop
-        is), instead of coming straight from sleeping on the pipe to the decode process."""
+    def prepare(self, remote: list[int], last: bool) -> tuple[KVSender, FirstToken | None]:
+        """A sender with the decode side's receiver info for `remote`, waiting for input."""
         self._n += 1
         rid = f"{self.tag}{self._n}"
         info = self.peer.receive(rid, self._n, remote)
@@ -110,7 +120,18 @@ class Prefill:
         sender.set_receiver_info(info)
         if sender.poll() is not KVPoll.WaitingForInput:
             raise RuntimeError(sender.failure_reason)
-        token = FirstToken(self._n, 1, 0.0, len(local) * SHAPE.page_size) if last else None
+        pages = len(remote)
+        token = FirstToken(self._n, 1, 0.0, pages * SHAPE.page_size) if last else None
+        return sender, token
+
+    def transfer(
+        self, local: list[int], remote: list[int], last: bool, spin_s: float = 0.0
+    ) -> tuple[KVSender, float, float]:
+        """One request; returns the finished sender, its send->Success and in-send seconds.
+
+        `spin_s`: keep this thread busy that long right before `send` (as a scheduler loop
+        is), instead of coming straight from sleeping on the pipe to the decode process."""
+        sender, token = self.prepare(remote, last)
         busy = sender.mover is not None and sender.mover.name == "cuda_ipc"
         start = time.perf_counter()
         while time.perf_counter() - start < spin_s:
@@ -120,8 +141,55 @@ class Prefill:
         sent = time.perf_counter()
         _wait(sender, busy)
         wall = time.perf_counter() - start
-        self.peer.result(rid, True)  # frees the receiver (a middle stage's lacks the record)
+        self.peer.result(sender.rid, True)  # frees the receiver (a middle stage's lacks the record)
         return sender, wall, sent - start
+
+    def behind_forward(
+        self, forward: Forward, local: list[int], remote: list[int], last: bool, send: bool
+    ) -> float:
+        """Queue `forward`, then `send` and poll to Success (or, if not `send`, poll an event
+        after the forward); returns seconds from queuing the forward to done."""
+        sender, token = self.prepare(remote, last)
+        start = time.perf_counter()
+        forward.queue(local)
+        if send:
+            sender.send(local, token)
+            _wait(sender, busy=True)
+        else:
+            end = torch.cuda.Event()
+            end.record()
+            while not end.query():
+                pass
+        wall = time.perf_counter() - start
+        if send:
+            self.peer.result(sender.rid, True)
+        else:
+            sender.abort("forward only")
+            self.peer.result(sender.rid, False, "forward only")
+        return wall
+
+    def gpu_behind_forward(
+        self, forward: Forward, local: list[int], remote: list[int], last: bool
+    ) -> tuple[float, float]:
+        """Queue `forward`, record an event, `send`, and poll the event then the sender back to
+        back: seconds from the forward's completion (the first poll that sees the event
+        passed) to Success, and the GPU's seconds between the forward's end and the copy's."""
+        sender, token = self.prepare(remote, last)
+        forward.queue(local)
+        after_forward = torch.cuda.Event(enable_timing=True)
+        after_copy = torch.cuda.Event(enable_timing=True)
+        after_forward.record()
+        sender.send(local, token)
+        after_copy.record()
+        while not after_forward.query():
+            if sender.poll() is KVPoll.Failed:
+                raise RuntimeError(sender.failure_reason)
+        forward_done = time.perf_counter()
+        _wait(sender, busy=True)
+        success = time.perf_counter()
+        after_copy.synchronize()
+        self.peer.result(sender.rid, True)
+        return success - forward_done, after_forward.elapsed_time(after_copy) / 1e3
 
     def check(self, local: list[int], remote: list[int]) -> bool:
         return torch.equal(self.peer.checksums(remote), page_checksums(self.cache.layers, local))
@@ -130,10 +198,70 @@ class Prefill:
         self.endpoint.close()
 
 
+class Forward:
+    """A stand-in for the last prefill stage's forward, queued on the current stream.
+
+    Host-bound (`LightForward`): per layer one 2048^2 bf16 matmul (~30 us) and a rewrite of the
+    request's K/V pages; its ~56 launches take about as long on the host as the GPU takes to
+    run them, so little GPU work is left queued when `send` is called (the engine's short
+    prefills are host-bound too). Model-sized (`ModelForward`): per layer the MLP matmuls of
+    Qwen2-1.5B (hidden 1536, intermediate 8960) over the request's tokens, then the K/V rewrite:
+    GPU-bound, milliseconds of GPU work still queued when `send` is called. The K/V pages are
+    multiplied by one, so their bytes stay what the checksums expect.
+    """
+
+    def __init__(self, cache: PagedKVCache) -> None:
+        self.layers = cache.layers
+
+    def layer(self) -> None:
+        raise NotImplementedError
+
+    def queue(self, pages: list[int]) -> None:
+        first, last = pages[0], pages[-1] + 1  # the bench's local pages are one run
+        for layer in self.layers:
+            self.layer()
+            layer[:, first:last].mul_(1)
+
+    def gpu_ms(self, pages: list[int], reps: int = 10) -> float:
+        """The forward's own GPU time (median ms, GPU busy before it: launches hidden)."""
+        return 1e3 * statistics.median(_gpu_time(lambda: self.queue(pages), reps, busy=True))
+
+
+class LightForward(Forward):
+    def __init__(self, cache: PagedKVCache, size: int = 2048) -> None:
+        super().__init__(cache)
+        self.a = torch.randn(size, size, dtype=torch.bfloat16, device="cuda")
+        self.b = torch.randn(size, size, dtype=torch.bfloat16, device="cuda")
+        self.c = torch.empty_like(self.a)
+
+    def layer(self) -> None:
+        torch.mm(self.a, self.b, out=self.c)
+
+
+class ModelForward(Forward):
+    HIDDEN, INTERMEDIATE = 1536, 8960
+
+    def __init__(self, cache: PagedKVCache, tokens: int) -> None:
+        super().__init__(cache)
+        h, i = self.HIDDEN, self.INTERMEDIATE
+        self.x = torch.randn(tokens, h, dtype=torch.bfloat16, device="cuda") * 0.01
+        self.up = torch.randn(h, 2 * i, dtype=torch.bfloat16, device="cuda") * 0.01
+        self.down = torch.randn(i, h, dtype=torch.bfloat16, device="cuda") * 0.01
+        self.mid = torch.empty(tokens, 2 * i, dtype=torch.bfloat16, device="cuda")
+        self.out = torch.empty_like(self.x)
+
+    def layer(self) -> None:
+        torch.mm(self.x, self.up, out=self.mid)  # gate and up
+        torch.mm(self.mid[:, : self.INTERMEDIATE], self.down, out=self.out)
+
+
 class Timed:
-    """Wraps a method of one object and keeps the seconds of each call (bench-only probe)."""
+    """Wraps a callable attribute of one object (or module) and keeps the seconds of each call
+    (bench-only probe); `restore` puts the original back."""
 
     def __init__(self, owner: object, name: str) -> None:
+        self._owner, self._name = owner, name
+        self._had = name in getattr(owner, "__dict__", {})
         self._fn = getattr(owner, name)
         self.seconds: list[float] = []
         setattr(owner, name, self)
@@ -145,12 +273,19 @@ class Timed:
         finally:
             self.seconds.append(time.perf_counter() - start)
 
+    def restore(self) -> None:
+        if self._had:
+            setattr(self._owner, self._name, self._fn)
+        else:
+            delattr(self._owner, self._name)
+
 
 class TimedMethod:
     """Wraps a method of a class (every instance) and keeps the seconds of each call."""
 
     def __init__(self, cls: type, name: str) -> None:
-        fn = getattr(cls, name)
+        self._cls, self._name = cls, name
+        fn = self._fn = cls.__dict__[name]
         self.seconds: list[float] = []
         seconds = self.seconds
 
@@ -162,6 +297,9 @@ class TimedMethod:
                 seconds.append(time.perf_counter() - start)
 
         setattr(cls, name, timed)
+
+    def restore(self) -> None:
+        setattr(self._cls, self._name, self._fn)
 
 
 def _gpu_time(fn, reps: int, busy: bool = False) -> list[float]:
@@ -286,22 +424,51 @@ def host_memory_ipc() -> dict[str, str]:
     return out
 
 
-def phase_probes(fast: Prefill) -> dict[str, object]:
-    """Timers on each call `launch_pages` makes (bench-only, after the route and the staging
-    exist): where its time goes in the sender's flow and in a loop of launches alone."""
+def call_probes(fast: Prefill) -> dict[str, Timed | TimedMethod]:
+    """Timers on the fast path's steps in `send` (bench-only; `restore_probes` removes them)."""
+    path = fast.endpoint.cuda_ipc
+    assert path is not None
+    return {
+        "plan": TimedMethod(CudaIpcMover, "plan_pages"),
+        "launch": Timed(path, "launch"),
+        "launch_pages": Timed(path.backend, "launch_pages"),
+        "record": Timed(fast.endpoint, "write_async"),
+    }
+
+
+def phase_probes(fast: Prefill) -> dict[str, Timed | TimedMethod]:
+    """Timers on each call `launch_pages` makes (after the route and the staging exist): where
+    its time goes in the sender's flow and in a loop of launches alone. Only the calls this
+    code has: the current code's, or the previous code's (`.before/`)."""
     path = fast.endpoint.cuda_ipc
     assert path is not None and isinstance(path.backend, CudaIpc)
     backend = path.backend
     (mapping,) = path._mappings.values()
     (on_device,) = [r.table for r in mapping.routes.values() if r is not None]
-    return {
-        "current_device": Timed(torch.cuda, "current_device"),
-        "current_stream": Timed(torch.cuda, "current_stream"),
-        "take": Timed(backend._staging_for(torch.device("cuda", 0)), "take"),
-        "memcpy_async": Timed(backend.runtime, "memcpy_async"),
-        "replay": Timed(on_device.graph, "replay"),
-        "record_event": TimedMethod(torch.cuda.Stream, "record_event"),
+    staging = backend._staging_for(torch.device("cuda", 0))
+    runtime = backend.runtime
+    candidates: list[tuple[str, object, str]] = [
+        ("current_raw_stream", cuda_ipc, "_current_raw_stream"),  # now
+        ("take", staging, "take"),
+        ("graph_launch", runtime, "graph_launch"),
+        ("event_record", runtime, "event_record"),
+        ("current_stream", torch.cuda, "current_stream"),  # before
+        ("memcpy_async", runtime, "memcpy_async"),
+        ("replay", getattr(on_device, "graph", None), "replay"),
+    ]
+    probes: dict[str, Timed | TimedMethod] = {
+        name: Timed(owner, attr)
+        for name, owner, attr in candidates
+        if owner is not None and hasattr(owner, attr)
     }
+    if not hasattr(on_device, "graphs"):  # before: torch events per request
+        probes["record_event"] = TimedMethod(torch.cuda.Stream, "record_event")
+    return probes
+
+
+def restore_probes(probes: dict[str, Timed | TimedMethod]) -> None:
+    for probe in probes.values():
+        probe.restore()
 
 
 def phase_medians(probes: dict, prefix: str) -> dict[str, float]:
@@ -316,9 +483,10 @@ def phase_medians(probes: dict, prefix: str) -> dict[str, float]:
     return out
 
 
-def profile_launch(fast: Prefill, phases: dict | None = None) -> dict:
+def profile_launch(fast: Prefill) -> dict:
     """The fast path's plan + launch + wait for 2k tokens in this thread alone, without the
-    sender, the record or polling; cProfile's top entries go to the log (where time goes)."""
+    sender, the record or polling (no probes), then the same with a timer on each call
+    (`hot_*`); cProfile's top entries go to the log (where time goes)."""
     n = 2048 // SHAPE.page_size
     info = fast.peer.receive("profile", 0, list(range(OFFSET, OFFSET + n)))
     mover = fast.endpoint.mover_for(info, fast.cache.regions())
@@ -339,10 +507,12 @@ def profile_launch(fast: Prefill, phases: dict | None = None) -> dict:
 
     for _ in range(5):
         once()
-    if phases:
-        phase_medians(phases, "")
     times = [once() for _ in range(50)]
-    hot = phase_medians(phases, "hot_") if phases else {}
+    phases = phase_probes(fast)
+    for _ in range(50):
+        once()
+    hot = phase_medians(phases, "hot_")
+    restore_probes(phases)
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(50):
@@ -374,10 +544,43 @@ def scattered_pages(n: int, run: int, seed: int = 0) -> list[int]:
     return [s + k for s in starts for k in range(run)]
 
 
+def fast_series(
+    fast: Prefill, local: list[int], remote: list[int], reps: int, last: bool, spin_s: float = 0.0
+) -> tuple[float, float]:
+    """Median send->Success and in-send seconds of `reps` fast-path requests."""
+    walls, sends = [], []
+    for _ in range(reps):
+        sender, wall, in_send = fast.transfer(local, remote, last=last, spin_s=spin_s)
+        assert sender.stats.mover == "cuda_ipc", sender.mover
+        walls.append(wall)
+        sends.append(in_send)
+    return statistics.median(walls), statistics.median(sends)
+
+
+def forward_series(
+    fast: Prefill, forward: Forward, local: list[int], remote: list[int], reps: int, last: bool
+) -> dict[str, float]:
+    """Forward only and forward + send alternating (the order flips each rep), then in separate
+    runs the forward's completion to Success and the GPU's view: median seconds of each."""
+    alone, with_send = [], []
+    for rep in range(reps):
+        for send in (False, True) if rep % 2 else (True, False):
+            wall = fast.behind_forward(forward, local, remote, last, send)
+            (with_send if send else alone).append(wall)
+    direct = [fast.gpu_behind_forward(forward, local, remote, last) for _ in range(reps)]
+    return {
+        "forward": statistics.median(alone),
+        "forward_send": statistics.median(with_send),
+        "done_to_success": statistics.median(d for d, _ in direct),
+        "gpu_added": statistics.median(g for _, g in direct),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reps", type=int, default=30, help="fast path and copy repetitions")
     parser.add_argument("--mooncake-reps", type=int, default=4)
+    parser.add_argument("--forward-reps", type=int, default=40, help="behind-a-forward pairs")
     args = parser.parse_args()
     torch.cuda.set_device(0)
     page = SHAPE.layout().page_nbytes
@@ -389,16 +592,10 @@ def main() -> None:
     peer = GpuDecodePeer(SHAPE)
     fast = Prefill(peer, TransportConfig(hostname="127.0.0.1"), "fast")
     slow = Prefill(peer, TransportConfig(hostname="127.0.0.1", cuda_ipc=False), "tcp")
+    light = LightForward(fast.cache)
     rows, checks = [], {}
     path = fast.endpoint.cuda_ipc
     assert path is not None
-    probes = {
-        "plan": TimedMethod(CudaIpcMover, "plan_pages"),
-        "launch": Timed(path, "launch"),
-        "launch_pages": Timed(path.backend, "launch_pages"),
-        "record": Timed(fast.endpoint, "write_async"),
-    }
-    phases: dict = {}
     try:
         for name, tokens, run in cases:
             n = tokens // SHAPE.page_size
@@ -413,44 +610,56 @@ def main() -> None:
             row["mover"] = sender.stats.mover
             row["segments"] = sender.stats.segments
             checks[f"{name}: fast path"] = fast.check(local, remote)
-            if not phases:
-                phases = phase_probes(fast)
-            phase_medians(phases, "")
+
+            # send->Success with the GPU idle at `send`, no probes.
             for last, key in ((True, "fast"), (False, "fast_kv_only")):
-                for probe in probes.values():
-                    probe.seconds.clear()
-                walls, sends = [], []
-                for _ in range(args.reps):
-                    sender, wall, in_send = fast.transfer(local, remote, last=last)
-                    assert sender.stats.mover == "cuda_ipc", sender.mover
-                    walls.append(wall)
-                    sends.append(in_send)
-                write = statistics.median(walls)
+                write, in_send = fast_series(fast, local, remote, args.reps, last)
                 row[f"{key}_write_ms"] = 1e3 * write
-                row[f"{key}_send_ms"] = 1e3 * statistics.median(sends)
+                row[f"{key}_send_ms"] = 1e3 * in_send
                 row[f"{key}_GB_s"] = nbytes / write / 1e9
-                if last:
-                    row["record_ms"] = 1e3 * statistics.median(probes["record"].seconds)
-            # Of the KV-only runs:
-            row["plan_ms"] = 1e3 * statistics.median(probes["plan"].seconds)
-            row["launch_ms"] = 1e3 * statistics.median(probes["launch"].seconds)
-            row["launch_pages_ms"] = 1e3 * statistics.median(probes["launch_pages"].seconds)
-            row.update(phase_medians(phases, "cold_"))  # of the last-stage and KV-only runs
             row["wait_ms"] = row["fast_kv_only_write_ms"] - row["fast_kv_only_send_ms"]
-            # The same KV-only writes from a thread that was busy (not asleep) before `send`.
-            for probe in probes.values():
+
+            # Behind a forward: what the transfer adds to the stage's own work, after a
+            # model-sized (GPU-bound) forward and after a light (host-bound) one.
+            model = ModelForward(fast.cache, tokens)
+            for forward, prefix in ((model, ""), (light, "hostbound_")):
+                row[f"{prefix}forward_gpu_ms"] = forward.gpu_ms(local)
+                for last, key in ((True, "added"), (False, "added_kv_only")):
+                    times = forward_series(fast, forward, local, remote, args.forward_reps, last)
+                    added = times["forward_send"] - times["forward"]
+                    key = prefix + key
+                    row[f"{key}_ms"] = 1e3 * added
+                    row[f"{key}_GB_s"] = nbytes / added / 1e9 if added > 0 else float("inf")
+                    row[f"{key}_gpu_ms"] = 1e3 * times["gpu_added"]
+                    done = times["done_to_success"]
+                    row[f"{key}_done_to_success_ms"] = 1e3 * done
+                    row[f"{key}_done_to_success_GB_s"] = nbytes / done / 1e9
+                    if last:
+                        row[f"{prefix}forward_ms"] = 1e3 * times["forward"]
+                        row[f"{prefix}forward_send_ms"] = 1e3 * times["forward_send"]
+            del model
+            checks[f"{name}: fast path behind a forward"] = fast.check(local, remote)
+
+            # Where `send`'s time goes: KV-only runs with timers on each step and call.
+            probes = call_probes(fast)
+            phases = phase_probes(fast)
+            fast_series(fast, local, remote, args.reps, last=True)
+            row["record_ms"] = 1e3 * statistics.median(probes["record"].seconds)
+            for probe in (*probes.values(), *phases.values()):
                 probe.seconds.clear()
-            walls, sends = [], []
-            for _ in range(args.reps):
-                sender, wall, in_send = fast.transfer(local, remote, last=False, spin_s=1e-3)
-                walls.append(wall)
-                sends.append(in_send)
-            row["busy_kv_only_write_ms"] = 1e3 * statistics.median(walls)
-            row["busy_kv_only_send_ms"] = 1e3 * statistics.median(sends)
-            row["busy_kv_only_GB_s"] = nbytes / statistics.median(walls) / 1e9
-            row["busy_plan_ms"] = 1e3 * statistics.median(probes["plan"].seconds)
-            row["busy_launch_ms"] = 1e3 * statistics.median(probes["launch"].seconds)
-            row["busy_launch_pages_ms"] = 1e3 * statistics.median(probes["launch_pages"].seconds)
+            probed, _ = fast_series(fast, local, remote, args.reps, last=False)
+            row["probed_kv_only_write_ms"] = 1e3 * probed
+            for key in ("plan", "launch", "launch_pages"):
+                row[f"{key}_ms"] = 1e3 * statistics.median(probes[key].seconds)
+            row.update(phase_medians(phases, "cold_"))
+            restore_probes(phases)
+            restore_probes(probes)
+
+            # The same KV-only writes from a thread that was busy (not asleep) before `send`.
+            write, in_send = fast_series(fast, local, remote, args.reps, False, spin_s=1e-3)
+            row["busy_kv_only_write_ms"] = 1e3 * write
+            row["busy_kv_only_send_ms"] = 1e3 * in_send
+            row["busy_kv_only_GB_s"] = nbytes / write / 1e9
 
             peer.fill()
             sender, _, _ = slow.transfer(local, remote, last=True)
@@ -472,16 +681,25 @@ def main() -> None:
             row["pages_kernel_GB_s"] = nbytes / copies["pages_kernel_gpu"] / 1e9
             row["pages_launch_to_done_GB_s"] = nbytes / copies["pages_kernel_host"] / 1e9
             row["copy_segments_GB_s"] = nbytes / copies["segments_kernel"] / 1e9
-            row["fast_vs_copy"] = row["fast_GB_s"] / row["copy_one_GB_s"]
-            row["fast_kv_only_vs_copy"] = row["fast_kv_only_GB_s"] / row["copy_one_GB_s"]
-            row["busy_kv_only_vs_copy"] = row["busy_kv_only_GB_s"] / row["copy_one_GB_s"]
+            for key in (
+                "fast",
+                "fast_kv_only",
+                "busy_kv_only",
+                "added",
+                "added_kv_only",
+                "hostbound_added",
+                "hostbound_added_kv_only",
+                "added_done_to_success",
+                "added_kv_only_done_to_success",
+                "hostbound_added_done_to_success",
+                "hostbound_added_kv_only_done_to_success",
+            ):
+                row[f"{key}_vs_copy"] = row[f"{key}_GB_s"] / row["copy_one_GB_s"]
             row["fast_vs_mooncake"] = row["fast_GB_s"] / row["mooncake_GB_s"]
             row["target_vs_copy"] = 0.5
             rows.append(row)
             print(row, file=sys.stderr, flush=True)
-        for probe in phases.values():
-            probe.seconds.clear()
-        rows.append(profile_launch(fast, phases))
+        rows.append(profile_launch(fast))
         host_ipc = host_memory_ipc()
         columns = [
             "case",
@@ -489,23 +707,47 @@ def main() -> None:
             "segments",
             "fast_GB_s",
             "fast_kv_only_GB_s",
+            "added_GB_s",
+            "added_kv_only_GB_s",
             "mooncake_GB_s",
             "copy_one_GB_s",
             "pages_kernel_GB_s",
             "fast_vs_copy",
             "fast_kv_only_vs_copy",
+            "added_vs_copy",
+            "added_kv_only_vs_copy",
+            "hostbound_added_vs_copy",
+            "hostbound_added_kv_only_vs_copy",
             "busy_kv_only_vs_copy",
             "target_vs_copy",
             "fast_write_ms",
             "fast_send_ms",
             "fast_kv_only_write_ms",
             "fast_kv_only_send_ms",
+            "added_done_to_success_vs_copy",
+            "added_kv_only_done_to_success_vs_copy",
+            "added_ms",
+            "added_kv_only_ms",
+            "added_done_to_success_ms",
+            "added_kv_only_done_to_success_ms",
+            "added_gpu_ms",
+            "added_kv_only_gpu_ms",
+            "forward_ms",
+            "forward_gpu_ms",
+            "hostbound_added_ms",
+            "hostbound_added_kv_only_ms",
+            "hostbound_added_done_to_success_ms",
+            "hostbound_added_kv_only_done_to_success_ms",
+            "hostbound_added_gpu_ms",
+            "hostbound_added_kv_only_gpu_ms",
+            "hostbound_forward_ms",
+            "hostbound_forward_gpu_ms",
             "plan_ms",
             "launch_ms",
             "launch_pages_ms",
+            "probed_kv_only_write_ms",
             "busy_kv_only_write_ms",
             "busy_kv_only_send_ms",
-            "busy_launch_ms",
             "record_ms",
             "wait_ms",
             "copy_one_ms",
@@ -513,6 +755,7 @@ def main() -> None:
             "pages_kernel_gpu_ms",
             "first_transfer_ms",
         ]
+        backend = path.backend
         write_report(
             "kv_transfer_gpu",
             rows,
@@ -521,11 +764,20 @@ def main() -> None:
                 "shape": SHAPE.__dict__,
                 "checksums_equal": checks,
                 "reps": args.reps,
+                "forward_reps": args.forward_reps,
                 "host_memory_by_cuda_ipc": host_ipc,
-                "graphs_in_use": isinstance(path.backend, CudaIpc) and path.backend.graphs_in_use,
+                "graphs_in_use": isinstance(backend, CudaIpc) and backend.graphs_in_use,
+                "graphs_record_events": bool(getattr(backend, "graphs_record_events", False)),
             },
         )
-        print("checksums equal:", checks, "graphs in use:", path.backend.graphs_in_use)
+        print(
+            "checksums equal:",
+            checks,
+            "graphs in use:",
+            backend.graphs_in_use,
+            "graphs record events:",
+            getattr(backend, "graphs_record_events", None),
+        )
         if not all(checks.values()):
             sys.exit("KV arrived corrupted")
     finally:

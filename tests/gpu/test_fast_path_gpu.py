@@ -27,7 +27,7 @@ from transport import (  # noqa: E402
     TransportConfig,
     cuda_ipc,
 )
-from transport.cuda_ipc import CudaIpc, CudaIpcMover, node_id  # noqa: E402
+from transport.cuda_ipc import CudaIpc, CudaIpcMover, _Staging, node_id  # noqa: E402
 
 SHAPE = CacheShape(
     num_layers=4, num_pages=64, page_size=16, num_kv_heads=2, head_dim=128, dtype="bfloat16"
@@ -48,8 +48,9 @@ class GpuStage:
         torch.cuda.synchronize()
         self._n = 0
 
-    def sender(self, peer: GpuDecodePeer, remote: list[int]) -> KVSender:
-        """A last-stage sender with receiver info for `remote`, waiting for input."""
+    def sender(self, peer: GpuDecodePeer, remote: list[int], last: bool = True) -> KVSender:
+        """A sender (last stage unless `last` is False) with receiver info for `remote`,
+        waiting for input."""
         self._n += 1
         rid = f"g{self._n}"
         info = peer.receive(rid, TOKEN.room, remote)
@@ -59,7 +60,7 @@ class GpuStage:
             room=TOKEN.room,
             regions=self.cache.regions(),
             layout=SHAPE.layout(),
-            is_last_stage=True,
+            is_last_stage=last,
         )
         sender.set_receiver_info(info)
         assert sender.poll() is KVPoll.WaitingForInput, sender.failure_reason
@@ -179,6 +180,56 @@ def test_the_copy_waits_for_kv_still_being_computed_on_the_stage_stream(
     assert not sender.in_flight
     assert torch.equal(peer.checksums(remote), page_checksums(stage.cache.layers, local))
     assert_arrived(stage, peer, local, remote)
+
+
+def test_more_requests_behind_compute_than_staging_slots_each_arrive_byte_exact(
+    stage: GpuStage, peer: GpuDecodePeer
+) -> None:
+    """20 copies queued behind ~20 ms of GPU work, 16 staging slots: the 17th `send` waits for
+    the oldest slot's copy, and no request's run table is overwritten under its copy."""
+    peer.fill()
+    count = _Staging.SLOTS + 4
+    plans = [([i, i + 1, 40 + i], [2 * i, 2 * i + 1, 63 - i]) for i in range(count)]
+    senders = [stage.sender(peer, remote, last=False) for _, remote in plans]
+    torch.cuda._sleep(40_000_000)
+    for sender, (local, _) in zip(senders, plans, strict=True):
+        sender.send(local)
+    for sender in senders:
+        state = wait_done(sender, timeout=30)
+        assert state is KVPoll.Success and sender.stats.mover == "cuda_ipc", sender.failure_reason
+        peer.result(sender.rid, True)
+    remote = [p for _, r in plans for p in r]
+    local = [p for lp, _ in plans for p in lp]
+    assert torch.equal(peer.checksums(remote), page_checksums(stage.cache.layers, local))
+    assert_arrived(stage, peer, local, remote)
+
+
+def test_a_request_launches_without_uploading_its_run_table(
+    stage: GpuStage, peer: GpuDecodePeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy reads the run table in place (mapped host memory): no memcpy per request."""
+    backend = stage.endpoint.cuda_ipc.backend if stage.endpoint.cuda_ipc else None
+    assert isinstance(backend, CudaIpc)
+
+    def no_upload(*args: object) -> None:
+        raise AssertionError("a run table was uploaded with cudaMemcpyAsync")
+
+    monkeypatch.setattr(backend.runtime, "memcpy_async", no_upload)
+    peer.fill()
+    for local, remote in (
+        ([0, 1, 2], [9, 10, 11]),
+        ([*range(3, 13), 40, 2, 50], [*range(20, 30), 7, 60, 1]),
+    ):
+        sender, (state, reason, first) = stage.send(peer, local, remote)
+        assert sender.stats.mover == "cuda_ipc" and KVPoll(state) is KVPoll.Success, reason
+        assert first == TOKEN
+    monkeypatch.setattr(cuda_ipc, "_GRAPH_RUNS", 2)  # the direct launch reads it in place too
+    peer.fill()
+    sender, (state, reason, _) = stage.send(
+        peer, [*range(3, 13), 40, 2, 50], [*range(20, 30), 7, 60, 1]
+    )
+    assert KVPoll(state) is KVPoll.Success, reason
+    assert_arrived(stage, peer, [*range(3, 13), 40, 2, 50], [*range(20, 30), 7, 60, 1])
 
 
 def test_the_general_path_still_copies_byte_exact(stage: GpuStage, peer: GpuDecodePeer) -> None:

@@ -146,3 +146,52 @@ class FakeIpc:
     def wait(self, done: FakeDone) -> None:
         if not done.passed.wait(30):
             raise TimeoutError("fake copy never finished")
+
+
+class FakeRuntime:
+    """Not CUDA: the runtime calls `transport.cuda_ipc._Staging` makes, over host memory and
+    events that pass only when the test says the "GPU" got there (`finish`).
+
+    Counts the calls, so a test can state which requests cost a CUDA call and which do not.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[int, ctypes.Array] = {}
+        self.pending: dict[int, bool] = {}  # event -> a record still to pass
+        self.queries = 0
+        self.synchronizes = 0
+        self.freed = 0
+
+    def host_alloc_mapped(self, nbytes: int) -> tuple[int, int]:
+        buffer = (ctypes.c_byte * nbytes)()
+        address = ctypes.addressof(buffer)
+        self._buffers[address] = buffer
+        return address, address
+
+    def free_host(self, host: int) -> None:
+        self._buffers.pop(host)
+        self.freed += 1
+
+    def event_create(self) -> int:
+        event = len(self.pending) + 1
+        self.pending[event] = False
+        return event
+
+    def event_destroy(self, event: int) -> None:
+        return None
+
+    def record(self, event: int) -> None:
+        """A copy was queued that ends with `event` (the real launch does this)."""
+        self.pending[event] = True
+
+    def finish(self, event: int) -> None:
+        """The "GPU" ran the copy before `event`'s record."""
+        self.pending[event] = False
+
+    def event_query(self, event: int) -> bool:
+        self.queries += 1
+        return not self.pending[event]
+
+    def event_synchronize(self, event: int) -> None:
+        self.synchronizes += 1
+        self.pending[event] = False  # blocking until the GPU got there

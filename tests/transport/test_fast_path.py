@@ -18,11 +18,18 @@ import pytest
 import torch
 
 from engine.kv_cache import PagedKVCache
-from tests.transport.fake_ipc import FAKE_GPU, FakeIpc
+from tests.transport.fake_ipc import FAKE_GPU, FakeIpc, FakeRuntime
 from tests.transport.peer import FILL, CacheShape, DecodePeer
 from tests.transport.test_transfer import wait_done
 from transport import FirstToken, KVPoll, KVReceiver, KVSender, TransferEndpoint, TransportConfig
-from transport.cuda_ipc import CudaIpcMover, IpcBackend, PeerMapping, node_id
+from transport.cuda_ipc import (
+    CudaIpcMover,
+    IpcBackend,
+    PeerMapping,
+    SlotDone,
+    _Staging,
+    node_id,
+)
 from transport.endpoint import PendingWrite
 from transport.receiver_info import CudaIpcInfo, IpcAllocation, ReceiverInfo
 from transport.segments import Segments
@@ -633,3 +640,59 @@ def test_contiguous_pages_plan_as_one_run_and_anything_else_as_several(
     assert mover.plan_pages([SHAPE.num_pages - 2, SHAPE.num_pages - 1, SHAPE.num_pages]) is None
     assert mover.plan_pages([0, 1, 2, 3, 4]) is None  # more pages than the receiver offered
     sender.abort()
+
+
+# -- the per-request staging: slots of run tables and the events that end their copies ----------
+
+
+def _staging() -> tuple[_Staging, FakeRuntime]:
+    runtime = FakeRuntime()
+    return _Staging(runtime, torch.device("cpu")), runtime
+
+
+def test_a_staging_slot_is_written_again_only_after_the_copy_that_read_it_finished() -> None:
+    staging, runtime = _staging()
+    with staging.lock:
+        taken = []
+        for _ in range(_Staging.SLOTS):  # every slot's copy still queued behind compute
+            slot, gen = staging.take()
+            runtime.record(staging.events[slot])
+            taken.append((slot, gen))
+        assert [s for s, _ in taken] == list(range(_Staging.SLOTS)) and runtime.synchronizes == 0
+        slot, gen = staging.take()  # the ring came round: wait for the oldest copy
+    assert (slot, gen) == (0, 2) and runtime.synchronizes == 1
+    assert SlotDone(staging, *taken[0]).query()  # that copy is known done now
+    assert not SlotDone(staging, *taken[1]).query()  # the others are not
+
+
+def test_a_slot_taken_again_never_reports_the_newer_request_done_early() -> None:
+    staging, runtime = _staging()
+    with staging.lock:
+        first = SlotDone(staging, *staging.take())
+    runtime.record(staging.events[first.slot])
+    assert not first.query()
+    runtime.finish(staging.events[first.slot])
+    assert first.query()
+    with staging.lock:
+        for _ in range(_Staging.SLOTS):
+            slot, gen = staging.take()
+            runtime.record(staging.events[slot])
+    newer = SlotDone(staging, slot, gen)
+    assert newer.slot == first.slot and newer.gen == first.gen + 1
+    assert first.query()  # the older request stays done
+    assert not newer.query()  # its own record has not passed
+    newer.synchronize()
+    assert newer.query()
+
+
+def test_a_polled_slot_is_taken_again_without_a_cuda_call() -> None:
+    """The scheduler polls each copy to its end: the ring then never queries or waits."""
+    staging, runtime = _staging()
+    for _ in range(3 * _Staging.SLOTS):
+        with staging.lock:
+            done = SlotDone(staging, *staging.take())
+        runtime.record(staging.events[done.slot])
+        runtime.finish(staging.events[done.slot])
+        assert done.query()
+    assert runtime.synchronizes == 0
+    assert runtime.queries == 3 * _Staging.SLOTS  # one per poll that found the copy done
