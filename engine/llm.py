@@ -2,6 +2,17 @@
 
 Decode replicas run this; `make serve` before the deployments existed and the benchmarks use
 `generate`. Requests come in as token ids; outputs go out per step as `RequestOutput`s.
+
+Async scheduling (`EngineConfig.async_scheduling`, on by default on CUDA) overlaps the host's
+work with the device's, as SGLang's overlap scheduler and vLLM's async scheduling do: a `step`
+plans and launches decode step i+1 while step i still runs, feeding it step i's sampled tokens
+straight from device memory, and only then reads step i's tokens back (queued as an async copy
+into pinned memory) for stop checks, detokenizing and outputs. So each `step` returns the
+previous step's outputs, and a request that stops on a sampled token (EOS, stop ids or strings)
+has run one extra row whose token is dropped; stops by length are known in advance and cost
+nothing. Steps that admit prompts or preempt drain the pipeline first and run as the
+synchronous loop does. Sampling uses the same ops on the same per-request generators either
+way, so the tokens are the same.
 """
 
 from __future__ import annotations
@@ -10,6 +21,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from pydantic import BaseModel, Field, PositiveInt
@@ -18,10 +30,11 @@ from engine.config import ModelConfig
 from engine.kv_cache import KVCacheSpec, PagedKVCache
 from engine.linear import CpuLinear
 from engine.loader import load_stage
+from engine.model import DecoderStage
 from engine.page_allocator import PageAllocator, PageTable
 from engine.runner import StageRunner, page_bytes, resolve_device, resolve_dtype
-from engine.sampling import SamplingParams, sample
-from engine.scheduler import Scheduler
+from engine.sampling import SampledTokens, SamplingParams, sample
+from engine.scheduler import ScheduledStep, Scheduler
 from engine.sequence import FinishReason, Sequence
 from engine.tokenizer import Tokenizer
 
@@ -47,6 +60,12 @@ class EngineConfig(BaseModel):
         description="CPU linears: oneDNN on weights packed at load (faster decode), or plain "
         "F.linear (MKL, the kernel transformers uses; no second copy of the weights)",
     )
+    async_scheduling: bool | None = Field(
+        None,
+        description="overlap planning and output processing with the device's step (see "
+        "engine/llm.py); None: on for CUDA, off for the CPU, where torch runs synchronously "
+        "and there is nothing to overlap",
+    )
 
 
 @dataclass
@@ -71,26 +90,52 @@ class Completion:
     finish_reason: FinishReason | None = None
 
 
+class _InFlight(NamedTuple):
+    """A launched step whose sampled tokens the host has not read yet (async scheduling)."""
+
+    step_id: int  # the scheduler's id: pages freed while it runs are held until it ends
+    seqs: list[Sequence]  # the requests it samples for, in row order
+    sampled: SampledTokens | None  # None: a prefill step of chunks that want no logits
+    done: torch.cuda.Event | None  # recorded after its last device work (None on the CPU)
+
+    def wait(self) -> None:
+        if self.done is not None:
+            self.done.synchronize()
+
+
 class LLM:
-    def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        tokenizer: Tokenizer | None = None,
+        stage: DecoderStage | None = None,
+    ) -> None:
+        """`stage`: a whole-model stage already built (the GPU benchmarks draw random weights
+        of realistic shapes on the device) instead of loading `config.model`; requests then get
+        no text unless a tokenizer is given."""
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.model_config = ModelConfig.from_dir(config.model)
-        self.tokenizer = tokenizer or Tokenizer.from_dir(
-            Path(config.model), extra_eos_token_ids=self.model_config.eos_token_ids
+        self.model_config = (
+            stage.config if stage is not None else ModelConfig.from_dir(config.model)
         )
+        if tokenizer is None and stage is None:
+            tokenizer = Tokenizer.from_dir(
+                Path(config.model), extra_eos_token_ids=self.model_config.eos_token_ids
+            )
+        self.tokenizer = tokenizer
         self.max_model_len = min(
             config.max_model_len or self.model_config.max_position_embeddings,
             self.model_config.max_position_embeddings,
         )
-        stage = load_stage(
-            config.model,
-            dtype=self.dtype,
-            device=self.device,
-            config=self.model_config,
-            cpu_linear=config.cpu_linear,
-        )
+        if stage is None:
+            stage = load_stage(
+                config.model,
+                dtype=self.dtype,
+                device=self.device,
+                config=self.model_config,
+                cpu_linear=config.cpu_linear,
+            )
         spec = KVCacheSpec(
             num_pages=config.num_pages or 1,
             page_size=config.page_size,
@@ -108,10 +153,25 @@ class LLM:
         self.allocator = PageAllocator(spec.num_pages)
         self.runner = StageRunner(stage, self.kv_cache, max_decode_batch=config.max_num_seqs)
         self.scheduler = Scheduler(
-            self.allocator, config.max_num_seqs, config.max_num_batched_tokens
+            self.allocator, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len
+        )
+        self.async_scheduling = (
+            self.device.type == "cuda"
+            if config.async_scheduling is None
+            else config.async_scheduling
         )
         self._seqs: dict[str, Sequence] = {}
         self._next_rid = 0
+        self._in_flight: _InFlight | None = None
+        log.info(
+            "engine ready",
+            extra={
+                "device": str(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "kv_pages": spec.num_pages,
+                "async_scheduling": self.async_scheduling,
+            },
+        )
 
     def add_request(
         self, prompt_token_ids: list[int], params: SamplingParams, rid: str | None = None
@@ -164,20 +224,38 @@ class LLM:
             params=params,
             page_table=PageTable(self.config.page_size, list(pages)),
             generator=params.make_generator(self.device),
-            decoder=self.tokenizer.decode_stream(),
+            decoder=self.tokenizer.decode_stream() if self.tokenizer is not None else None,
             stop_token_ids=frozenset(params.stop_token_ids)
-            | (frozenset() if params.ignore_eos else frozenset(self.tokenizer.eos_token_ids)),
+            | (
+                frozenset()
+                if params.ignore_eos or self.tokenizer is None
+                else frozenset(self.tokenizer.eos_token_ids)
+            ),
         )
 
     def abort(self, rid: str) -> bool:
+        flight = self._in_flight
+        if flight is not None:
+            # The step in flight may still write the request's KV: let it end (at most one
+            # step's device time), so the pages are free when this returns.
+            flight.wait()
+            self.scheduler.step_done(flight.step_id)
         seq = self.scheduler.abort(rid)
         self._seqs.pop(rid, None)
+        if flight is not None and all(s.is_finished for s in flight.seqs):
+            self._in_flight = None  # nothing left in it to deliver
         return seq is not None
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self._in_flight is not None or self.scheduler.has_work()
 
     def step(self) -> list[RequestOutput]:
+        """Run one step; returns the outputs of the tokens read back in it: this step's
+        (synchronous), or the previous step's (async scheduling: this one is in flight)."""
+        if self.async_scheduling:
+            return self._step_overlapped()
+        if self._in_flight is not None:  # switched off mid-run: deliver what is in flight
+            return self._drain()
         step = self.scheduler.schedule()
         if step is None:
             return []
@@ -194,6 +272,76 @@ class LLM:
             self._append(seq, tok, lp)
             for seq, tok, lp in zip(sampled, tokens, logprobs, strict=True)
         ]
+
+    def _step_overlapped(self) -> list[RequestOutput]:
+        prev = self._in_flight
+        step = self.scheduler.schedule(overlapped=prev is not None)
+        outputs: list[RequestOutput] = []
+        if step is None and prev is not None:
+            # Admitting prompts, preempting or nothing to decode: drain, then plan as the
+            # synchronous loop would (prompt ids are on the host; nothing is pending).
+            outputs, prev = self._drain(), None
+            step = self.scheduler.schedule()
+        if step is not None:
+            self._in_flight = self._launch(step, prev)
+        if prev is not None:
+            outputs = self._resolve(prev)
+        return outputs
+
+    def _launch(self, step: ScheduledStep, prev: _InFlight | None) -> _InFlight:
+        """Queue a step's forward and sampling on the device; nothing here waits for it."""
+        logits = self.runner.forward(step.chunks, self._input_ids(step, prev))
+        self.scheduler.postprocess(step)
+        seqs = [s for s, c in zip(step.seqs, step.chunks, strict=True) if c.wants_logits]
+        sampled = None
+        if seqs:
+            gens = [s.generator for s in seqs]
+            sampled = SampledTokens(logits, [s.params for s in seqs], gens)
+            for row, seq in enumerate(seqs):
+                seq.num_pending += 1
+                seq.pending_row = row
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        return _InFlight(self.scheduler.step_launched(), seqs, sampled, done)
+
+    def _input_ids(self, step: ScheduledStep, prev: _InFlight | None) -> torch.Tensor:
+        """The step's token ids: on the host, or gathered on the device from the tokens the
+        previous step sampled, for requests whose newest token is still pending."""
+        if prev is None or prev.sampled is None or step.is_prefill:
+            return torch.tensor(step.input_token_ids(), dtype=torch.int64)
+        seqs = step.seqs
+        rows = [s.pending_row if s.num_pending else -1 for s in seqs]
+        tokens = prev.sampled.tokens
+        if len(rows) == len(tokens) and rows == list(range(len(rows))):
+            return tokens  # the steady state: the same requests, in the same order
+        # Requests joined (`add_prefilled`) or left: one upload of the host ids and of an index
+        # into [previous step's tokens | host ids].
+        host = [0 if r >= 0 else s.last_token_id for s, r in zip(seqs, rows, strict=True)]
+        index = [r if r >= 0 else len(tokens) + j for j, r in enumerate(rows)]
+        packed = torch.tensor(host + index, dtype=torch.int64)
+        if tokens.is_cuda:
+            packed = packed.pin_memory().to(tokens.device, non_blocking=True)
+        return torch.cat([tokens, packed[: len(seqs)]])[packed[len(seqs) :]]
+
+    def _resolve(self, flight: _InFlight) -> list[RequestOutput]:
+        """Wait for a step in flight, read its tokens and process them as `step` would."""
+        flight.wait()
+        self.scheduler.step_done(flight.step_id)
+        if flight.sampled is None:
+            return []
+        tokens, logprobs = flight.sampled.to_host()
+        outputs = []
+        for seq, token, logprob in zip(flight.seqs, tokens, logprobs, strict=True):
+            seq.num_pending -= 1
+            if not seq.is_finished:  # else: it stopped (or was aborted) after this step began
+                outputs.append(self._append(seq, token, logprob))
+        return outputs
+
+    def _drain(self) -> list[RequestOutput]:
+        flight, self._in_flight = self._in_flight, None
+        return self._resolve(flight) if flight is not None else []
 
     def _append(self, seq: Sequence, token: int, logprob: float) -> RequestOutput:
         # Runs once per request per step: kept to plain attribute and list work.

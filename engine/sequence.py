@@ -34,6 +34,11 @@ class Sequence:
     output_logprobs: list[float] = field(default_factory=list)
     # Tokens whose K/V are in the cache; the next forward starts at this position.
     num_computed_tokens: int = 0
+    # Async scheduling: tokens sampled on the device that the host has not read yet (one per
+    # step in flight that sampled for this request), and the row of the newest of them in its
+    # step's sampled tokens, from which the next decode step takes its input id on the device.
+    num_pending: int = 0
+    pending_row: int = -1
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     generator: torch.Generator | None = None

@@ -6,6 +6,11 @@ scattered pages. A step is what the engine does per decode iteration: `StageRunn
 (metadata packed on the host, one upload, CUDA graph replay) and the argmax copied back to
 the host (`.tolist()`, the step's one sync). Contexts grow by one token per step.
 
+The same shapes and batches then run through the whole engine, `LLM.step` in steady state
+(requests with `--context`-token prompts decoding, no detokenizer: the stage has random weights
+and no tokenizer), first synchronous, then with async scheduling, on the same requests:
+`llm_sync_ms` and `llm_async_ms` are medians of the wall time of one `step()` call.
+
 Floor: the bytes a step must read (every weight once: layers, final norm, LM head; the KV of
 every request) over the device-to-device copy bandwidth measured in the same run (bytes read
 plus written per second). Target: within 2x of it at batch 1 for the 1.5B shape.
@@ -25,7 +30,9 @@ import torch
 from benchmarks.report import write_report
 from engine.attention import SeqChunk
 from engine.kv_cache import KVCacheSpec, PagedKVCache
+from engine.llm import LLM, EngineConfig
 from engine.runner import StageRunner
+from engine.sampling import SamplingParams
 from engine.testmodel import REALISTIC_SHAPES, random_stage
 
 
@@ -74,6 +81,36 @@ def timed_steps(runner, chunks_for, ids, steps: int) -> tuple[float, float]:
         runner.forward(chunks_for(i), ids).argmax(dim=-1)
     torch.cuda.synchronize()
     return statistics.median(walls), (time.perf_counter() - t0) * 1e3 / steps
+
+
+def llm_step_ms(llm: LLM, batch: int, context: int, steps: int) -> tuple[float, float, float]:
+    """Median wall ms of one `LLM.step()` call while `batch` requests decode, synchronous and
+    with async scheduling (same requests, the mode switched between the two runs), and the
+    mean context length over the timed steps."""
+    vocab = llm.model_config.vocab_size
+    params = SamplingParams(temperature=0, max_tokens=4 * steps + 64, ignore_eos=True)
+    rids = [
+        llm.add_request(torch.randint(0, vocab, (context,)).tolist(), params) for _ in range(batch)
+    ]
+    llm.async_scheduling = False
+    while llm.scheduler.waiting:  # prefill every prompt
+        llm.step()
+    results = []
+    for mode in (False, True):
+        llm.async_scheduling = mode
+        for _ in range(5):  # decode graphs captured, the pipeline full
+            llm.step()
+        walls = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            llm.step()
+            walls.append((time.perf_counter() - t0) * 1e3)
+        results.append(statistics.median(walls))
+    mean_context = context + 5 + steps + 5 + steps // 2
+    for rid in rids:
+        llm.abort(rid)
+    assert llm.allocator.num_in_use == 0 and not llm.has_unfinished()
+    return results[0], results[1], mean_context
 
 
 def bench_shape(name: str, batches: list[int], context: int, steps: int, bw: float) -> list[dict]:
@@ -127,7 +164,34 @@ def bench_shape(name: str, batches: list[int], context: int, steps: int, bw: flo
             }
         )
         print(rows[-1], flush=True)
-    del graphs, eager, stage, cache
+    del graphs, eager, cache
+    torch.cuda.empty_cache()
+
+    # The whole engine over the same weights: its own KV cache, scheduler and sampler.
+    llm = LLM(
+        EngineConfig(
+            model=name,
+            device="cuda",
+            dtype="bfloat16",
+            num_pages=max_batch * -(-(context + 4 * steps + 80) // page) + 16,
+            max_num_seqs=max_batch,
+            max_num_batched_tokens=max(2048, context),
+        ),
+        stage=stage,
+    )
+    for row in rows:
+        sync_ms, async_ms, mean_context = llm_step_ms(llm, row["batch"], context, steps)
+        floor_ms = (w_bytes + row["batch"] * mean_context * kv_token_bytes) / bw * 1e3
+        row |= {
+            "llm_sync_ms": sync_ms,
+            "llm_async_ms": async_ms,
+            "llm_floor_ms": floor_ms,
+            "llm_sync_x_floor": sync_ms / floor_ms,
+            "llm_async_x_floor": async_ms / floor_ms,
+            "llm_async_tok_s": row["batch"] / async_ms * 1e3,
+        }
+        print({k: v for k, v in row.items() if k.startswith("llm")}, flush=True)
+    del llm, stage
     torch.cuda.empty_cache()
     return rows
 
@@ -158,6 +222,11 @@ def main() -> None:
             "floor_ms",
             "x_floor",
             "tok_s",
+            "llm_sync_ms",
+            "llm_async_ms",
+            "llm_sync_x_floor",
+            "llm_async_x_floor",
+            "llm_async_tok_s",
         ],
         extra={"copy_bandwidth_TBps": bw / 1e12, "args": vars(args)},
     )

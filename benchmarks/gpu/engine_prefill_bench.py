@@ -11,14 +11,18 @@ bf16 matmul peak measured in the same run (an 8192^3 product on random data), an
 989 TFLOP/s dense H100 SXM spec. Target: at least 40% MFU.
 
     python -m benchmarks.gpu.engine_prefill_bench   # JSON to $OUT, else benchmarks/results/
+    python -m benchmarks.gpu.engine_prefill_bench --profile qwen2-1.5b:1x512   # + kernel table
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+from collections import defaultdict
+from collections.abc import Collection
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.report import write_report
 from engine.attention import SeqChunk
@@ -77,7 +81,52 @@ def prefill_flops(config, prompts: list[int]) -> float:
     return linear + head + attention
 
 
-def bench_shape(name: str, cases: list[tuple[int, int]], peak: float) -> list[dict]:
+KERNEL_KINDS = [  # (what, substrings of kernel names), first match wins
+    ("rmsnorm (triton)", ("rms_norm",)),
+    ("silu_mul (triton)", ("silu_mul",)),
+    ("rotary + kv write (triton)", ("rotary",)),
+    ("attention", ("flash", "fmha", "sdpa", "attn")),
+    ("gemm", ("gemm", "gemv", "nvjet", "xmma", "cutlass", "splitk")),
+    ("copy / memset", ("memcpy", "memset", "copy")),
+]
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def kernel_table(runner: StageRunner, chunks, ids, steps: int = 3) -> None:
+    """Device time per step by kind of kernel and the top kernels (torch.profiler, CUPTI:
+    kernels inside a replayed CUDA graph are seen one by one)."""
+    for _ in range(3):
+        runner.forward(chunks, ids)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            runner.forward(chunks, ids)
+        torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+        if us > 0 and "CPU" not in str(getattr(e, "device_type", "")):
+            kernels[e.key][0] += us / steps
+            kernels[e.key][1] += e.count / steps
+    total = sum(t for t, _ in kernels.values())
+    kinds: dict[str, float] = defaultdict(float)
+    for name, (us, _) in kernels.items():
+        kinds[kernel_kind(name)] += us
+    print(f"kernel time per step: {total / 1e3:.3f} ms")
+    for kind, us in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"  {us / 1e3:7.3f} ms  {100 * us / total:5.1f}%  {kind}")
+    print("  top kernels: us per step, launches per step")
+    for name, (us, count) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:12]:
+        print(f"  {us:8.1f}  {count:4.0f}  {name[:110]}")
+
+
+def bench_shape(
+    name: str, cases: list[tuple[int, int]], peak: float, profiled: Collection[str] = ()
+) -> list[dict]:
     config = REALISTIC_SHAPES[name]
     stage = random_stage(config, device="cuda", dtype=torch.bfloat16, seed=0)
     page = 16
@@ -111,6 +160,9 @@ def bench_shape(name: str, cases: list[tuple[int, int]], peak: float) -> list[di
             }
         )
         print(rows[-1], flush=True)
+        if f"{name}:{batch}x{length}" in profiled:
+            print(f"--- profile of {name} {batch}x{length} (graph replay where one is used)")
+            kernel_table(runner, chunks, ids)
     del runner, eager, stage, cache
     torch.cuda.empty_cache()
     return rows
@@ -123,6 +175,9 @@ def main() -> None:
     parser.add_argument(
         "--batched", type=int, default=16, help="also this many 512-token prompts in one step"
     )
+    parser.add_argument(
+        "--profile", nargs="*", default=[], help="cases to profile, as SHAPE:BxN (qwen2-1.5b:1x512)"
+    )
     args = parser.parse_args()
 
     peak = matmul_peak()
@@ -130,7 +185,7 @@ def main() -> None:
     cases = [(1, n) for n in args.lengths] + ([(args.batched, 512)] if args.batched else [])
     rows = []
     for name in args.shapes:
-        rows += bench_shape(name, cases, peak)
+        rows += bench_shape(name, cases, peak, set(args.profile))
     write_report(
         "engine_prefill_gpu",
         rows,

@@ -137,6 +137,30 @@ def test_cuda_prefill_chunked_prefill_and_graph_decode_match_cpu(model_dir, dtyp
         assert graph_err < max(2 * bf16_err, 0.05) and eager_err < max(2 * bf16_err, 0.05)
 
 
+@pytest.mark.parametrize("length", [100, 128, 300])
+def test_single_prompt_prefill_graph_matches_cpu(model_dir, length):
+    """One fresh prompt replays a prefill graph that attends with SDPA over its whole token
+    bucket (100 and 300 tokens: padding rows after the prompt; 128: none), then decodes."""
+    reference = runner_for(model_dir, "cpu", torch.float32)
+    graphs = runner_for(model_dir, "cuda", torch.bfloat16)
+    own_bf16 = runner_for(model_dir, "cpu", torch.bfloat16)
+    prompt = prompts(1, seed=length)[0] * 3
+    prompt = (prompt * (length // len(prompt) + 1))[:length]
+    table = random.Random(length).sample(range(256), -(-(length + 4) // PAGE))
+    errors, bf16_errors = [], []
+    chunks, ids = [SeqChunk(0, length, table)], torch.tensor(prompt)
+    for step in range(4):
+        ref = reference.forward(chunks, ids).double()
+        errors.append(rel_err(graphs.forward(chunks, ids), ref))
+        bf16_errors.append(rel_err(own_bf16.forward(chunks, ids), ref))
+        token = int(ref[-1].argmax())
+        chunks, ids = [SeqChunk(length + step, 1, table)], torch.tensor([token])
+    assert graphs.cuda_graphs is not None
+    assert any(key[0] == "prefill" and key[2] == 1 for key in graphs.cuda_graphs._graphs)
+    print(f"single prompt of {length}: graphs {errors}, cpu bf16 {bf16_errors}")
+    assert max(errors) < max(2 * max(bf16_errors), 0.05)
+
+
 def test_llm_on_cuda_generates_and_returns_every_page(model_dir):
     llm = LLM(EngineConfig(model=str(model_dir), device="cuda", num_pages=128, max_num_seqs=8))
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -147,3 +171,74 @@ def test_llm_on_cuda_generates_and_returns_every_page(model_dir):
     assert first == again
     assert llm.allocator.num_in_use == 0
     assert llm.runner.cuda_graphs is not None and llm.runner.cuda_graphs._graphs
+
+
+def test_async_scheduling_on_cuda_gives_the_synchronous_tokens(model_dir):
+    """Greedy and seeded requests of different lengths through 8 slots (joins and leaves), in
+    bf16: async scheduling is on by default on CUDA and emits what the synchronous loop does,
+    logprobs included. Stops by length cost no extra rows, so every step of either loop lands
+    on the same graph bucket and the same kernels: the outputs are bitwise equal."""
+    from tests.engine.test_async_scheduling import run
+
+    batch = prompts(11, seed=3)
+    params = [
+        SamplingParams(
+            temperature=0 if i % 2 else 0.9,
+            top_k=0 if i % 2 else 40,
+            top_p=1.0 if i % 2 else 0.92,
+            seed=i,
+            max_tokens=8 + 3 * i,
+            ignore_eos=True,
+            logprobs=True,
+        )
+        for i in range(11)
+    ]
+    results = []
+    for flag in (False, None):
+        llm = LLM(
+            EngineConfig(
+                model=str(model_dir),
+                device="cuda",
+                num_pages=128,
+                max_num_seqs=8,
+                async_scheduling=flag,
+            )
+        )
+        assert llm.async_scheduling is (flag is None)
+        results.append(run(llm, batch, params))
+    assert results[1] == results[0]
+    assert [len(s.token_ids) for s in results[0]] == [p.max_tokens for p in params]
+
+
+def test_async_scheduling_on_cuda_stops_aborts_and_joins_prefilled_requests(model_dir):
+    """float32 (kernels of neighbouring batch buckets then round alike): stop tokens that end
+    requests part-way (one wasted row each, never emitted), requests joining with their KV in
+    pages (the decode side of PD), and an abort while a step is in flight; every page back."""
+    from tests.engine.test_async_scheduling import decode_side, run
+
+    def engine(flag: bool) -> LLM:
+        config = EngineConfig(
+            model=str(model_dir), device="cuda", dtype="float32", num_pages=128, max_num_seqs=8
+        )
+        return LLM(config.model_copy(update={"async_scheduling": flag}))
+
+    batch = prompts(6, seed=4)
+    free = run(engine(False), batch, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    stops = [
+        SamplingParams(temperature=0, max_tokens=20, stop_token_ids=(s.token_ids[4 + i],))
+        for i, s in enumerate(free)
+    ]
+    assert run(engine(True), batch, stops) == run(engine(False), batch, stops)
+
+    seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=12, ignore_eos=True)
+    assert decode_side(engine(True), batch, seeded) == decode_side(engine(False), batch, seeded)
+
+    llm = engine(True)
+    rids = [llm.add_request(p, SamplingParams(max_tokens=40, ignore_eos=True)) for p in batch]
+    for _ in range(5):
+        llm.step()
+    assert llm._in_flight is not None
+    assert llm.abort(rids[2])
+    while llm.has_unfinished():
+        assert all(o.rid != rids[2] for o in llm.step())
+    assert llm.allocator.num_in_use == 0
