@@ -40,6 +40,7 @@ _P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "pd_add_rms_norm": (_P, _P, _P, _P, _P, _I64, _I64, _F32),
     "pd_silu_mul": (_P, _P, _I64, _I64),
+    "pd_rotary_cos_sin": (_P, ctypes.c_int32, _I64, _P, _I64, _F32, _P, _P),
     "pd_decode_attention": (_P, _I64, _P, _P, _P, _P, _P, _P, _I64) + (_I64,) * 5 + (_F32, _P),
 }
 
@@ -175,6 +176,27 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = gate_up.new_empty((*gate_up.shape[:-1], inter))
     require().pd_silu_mul(gate_up.data_ptr(), out.data_ptr(), out.numel() // inter, inter)
     return out
+
+
+def rotary_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin `[T, 1, 2 * len(inv_freq)]` as `RotaryEmbedding.cos_sin` makes them,
+    from int32 or int64 positions."""
+    rows, half = positions.shape[0], inv_freq.shape[0]
+    cos = torch.empty((rows, 1, 2 * half))
+    sin = torch.empty((rows, 1, 2 * half))
+    require().pd_rotary_cos_sin(
+        positions.data_ptr(),
+        positions.dtype == torch.int32,
+        rows,
+        inv_freq.data_ptr(),
+        half,
+        scaling,
+        cos.data_ptr(),
+        sin.data_ptr(),
+    )
+    return cos, sin
 
 
 def decode_attention(

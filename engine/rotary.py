@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from engine import cpu_kernels
 from engine.config import RopeConfig
 
 
@@ -100,7 +101,12 @@ class RotaryEmbedding(torch.nn.Module):
 
         The sin's first half is negated, so `apply` rotates with one `roll` instead of slicing,
         negating and concatenating the halves of every q and k head (same values, fewer ops).
+        On the CPU in float32 one native call makes both (engine/cpu_kernels.py).
         """
+        if dtype == torch.float32 and cpu_kernels.usable(self.inv_freq):
+            positions = positions.contiguous()
+            if positions.dtype in (torch.int32, torch.int64):
+                return cpu_kernels.rotary_cos_sin(positions, self.inv_freq, self.scaling)
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.scaling).to(dtype)

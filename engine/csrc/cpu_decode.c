@@ -72,6 +72,25 @@ void pd_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t inter) 
     }
 }
 
+/* Rotary tables for `rows` positions (int32 or int64): cos and sin of position * inv_freq,
+ * times `scaling`, each half repeated, the sin's first half negated for `rotate`. */
+void pd_rotary_cos_sin(const void *positions, int32_t positions_int32, int64_t rows,
+                       const float *inv_freq, int64_t half, float scaling, float *cos_out,
+                       float *sin_out) {
+    for (int64_t r = 0; r < rows; r++) {
+        float position = positions_int32 ? (float)((const int32_t *)positions)[r]
+                                         : (float)((const int64_t *)positions)[r];
+        float *c = cos_out + r * 2 * half, *s = sin_out + r * 2 * half;
+        for (int64_t i = 0; i < half; i++) {
+            float angle = position * inv_freq[i];
+            float cosine = cosf(angle) * scaling, sine = sinf(angle) * scaling;
+            c[i] = c[half + i] = cosine;
+            s[i] = -sine;
+            s[half + i] = sine;
+        }
+    }
+}
+
 /* Rotate-half rotary embedding of one head; `sin` carries its first half negated. */
 static inline void rotate(const float *x, const float *cos, const float *sin, float *out,
                           int64_t dim) {

@@ -123,3 +123,24 @@ def test_decode_attention_equals_torch(heads, kv_heads, dim, page_size):
     # The new tokens' K and V went to their slots, and nothing else changed.
     torch.testing.assert_close(k_cache, expect_k, rtol=1e-6, atol=1e-6)
     assert torch.equal(v_cache, expect_v)
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        RopeConfig(),
+        RopeConfig(
+            theta=500000.0, rope_type="llama3", factor=8.0, original_max_position_embeddings=8192
+        ),
+        RopeConfig(theta=1e6, rope_type="yarn", factor=4.0, original_max_position_embeddings=4096),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_rotary_tables_equal_torch(rope, dtype):
+    rotary = RotaryEmbedding(rope, 64, 32768)
+    positions = torch.tensor([0, 1, 7, 100, 4095, 32000], dtype=dtype)
+    cos, sin = rotary.cos_sin(positions, torch.float32)
+    with cpu_kernels.torch_ops_only():
+        expect_cos, expect_sin = rotary.cos_sin(positions, torch.float32)
+    torch.testing.assert_close(cos, expect_cos, rtol=1e-6, atol=2e-6)
+    torch.testing.assert_close(sin, expect_sin, rtol=1e-6, atol=2e-6)
