@@ -669,10 +669,12 @@ class CudaIpc:
 
         def copies_exactly(src_page: int, behind_compute: bool = False) -> bool:
             """Page `src_page` of each row onto page 2; with `behind_compute`, the copy is
-            queued behind ~1 ms of GPU work and must not report done before it ran."""
+            queued behind ~30 ms of GPU work and must not report done before it ran (a cold
+            process's first launches can take over a millisecond: with ~1 ms of work queued,
+            the check failed once on a fresh machine and turned the graphs off)."""
             pages.copy_(pattern)
             if behind_compute:
-                torch.cuda._sleep(2_000_000)
+                torch.cuda._sleep(50_000_000)
             done = self.launch_pages(route, np.array([[4 * src_page, 8, 4]], np.int64), device)
             early = behind_compute and done.query()
             done.synchronize()
