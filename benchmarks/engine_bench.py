@@ -86,7 +86,7 @@ def throughput(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", type=Path, help="HF model dir (default: a generated one)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--prefill-tokens", type=int, default=1024)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument(

@@ -19,7 +19,7 @@ from deployments.decode import (
     chunk_of,
     step_and_dispatch,
 )
-from engine import LLM, EngineConfig
+from engine import LLM, EngineConfig, OutOfPagesError
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +79,13 @@ class ColocatedDeployment:
     async def _loop(self) -> None:
         while True:
             for request in self._new:
+                # The ingress validates; this is the safety net: a bad prompt, or one larger
+                # than the whole KV cache, fails its own request, not the loop serving the rest.
                 try:
                     self.llm.add_request(
                         request.prompt_token_ids, request.sampling, rid=request.rid
                     )
-                except ValueError as exc:  # the ingress validates; this is the safety net
+                except (ValueError, OutOfPagesError) as exc:
                     queue = self._streams.get(request.rid)
                     if queue is not None:
                         queue.put_nowait(exc)

@@ -6,14 +6,19 @@ short), publish receiver info and ask the prefill deployment to fill those pages
 every stage delivered, then join the running batch with the first token the last stage sent
 through the KV transfer. Cancelling the caller's stream aborts it here and at the prefill side;
 pages that a stage might still write into stay out of reuse until no write can land.
+
+The engine step runs in a worker thread, so the event loop never touches the batch while a step
+runs: it queues page requests (the prealloc queue), joins and aborts, and the decode loop applies
+them between steps. Only frees reach the allocator from the loop during a step (the allocator is
+thread-safe); they never break the scheduler's check-then-allocate, which allocations would.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +33,7 @@ from engine import LLM, EngineConfig, SamplingParams
 from engine.page_allocator import pages_needed
 from transport.config import TransportConfig
 from transport.endpoint import TransferEndpoint
+from transport.metadata import FirstToken
 from transport.poll import KVPoll
 from transport.receiver import KVReceiver
 from transport.receiver_info import KVLayout
@@ -82,6 +88,34 @@ class TokenChunk:
     num_output_tokens: int
 
 
+@dataclass(eq=False)
+class _PageRequest:
+    """A request in the prealloc queue; the decode loop grants its pages between steps."""
+
+    rid: str
+    count: int
+    granted: asyncio.Future[list[int]]
+
+
+class JoinState(enum.Enum):
+    WAITING = "waiting"  # queued for the loop
+    JOINED = "joined"  # in the batch: leaving early means an abort
+    FAILED = "failed"  # add_prefilled raised; the loop gave the pages back
+    CANCELLED = "cancelled"  # its caller left first: the loop drops it, its caller freed the pages
+
+
+@dataclass(eq=False)
+class _Join:
+    """A prefilled request waiting to join the batch; the decode loop adds it between steps and
+    puts its first output (or the error) into `stream`."""
+
+    request: DecodeRequest
+    pages: list[int]
+    first: FirstToken
+    stream: asyncio.Queue[Any]
+    state: JoinState = JoinState.WAITING
+
+
 class DecodeInstance:
     """The decode engine of one replica and the per-request protocol around it."""
 
@@ -105,8 +139,10 @@ class DecodeInstance:
             self.llm.kv_cache.spec, self.llm.model_config.num_hidden_layers
         )
         self._streams: dict[str, asyncio.Queue[Any]] = {}
+        # What the event loop asks of the batch; the decode loop applies it between steps.
+        self._prealloc: list[_PageRequest] = []
+        self._joins: list[_Join] = []
         self._pending_aborts: list[str] = []
-        self._memory_freed = asyncio.Event()
         self._work = asyncio.Event()
         self._quarantined = 0
         self.counts = {"prealloc": 0, "transfer": 0}
@@ -128,17 +164,21 @@ class DecodeInstance:
         except DecodeOverloaded as exc:
             self.metrics.failed(str(exc), before_transfer=True)
             raise
-        receiver = KVReceiver(
-            self.endpoint,
-            rid=request.rid,
-            room=request.room,
-            regions=self.llm.kv_cache.regions(),
-            layout=self.layout,
-            page_indices=pages,
-            num_stages=self.config.num_prefill_stages,
-        )
-        added = False
-        queue: asyncio.Queue[Any] = asyncio.Queue()
+        try:
+            receiver = KVReceiver(
+                self.endpoint,
+                rid=request.rid,
+                room=request.room,
+                regions=self.llm.kv_cache.regions(),
+                layout=self.layout,
+                page_indices=pages,
+                num_stages=self.config.num_prefill_stages,
+            )
+        except Exception:  # e.g. every metadata slot held: nothing was published yet
+            self._free(pages)
+            raise
+        join: _Join | None = None
+        finished = False
         try:
             self.counts["transfer"] += 1
             try:
@@ -162,23 +202,13 @@ class DecodeInstance:
                 reason = f"KV transfer incomplete: {receiver.failure_reason}"
                 self.metrics.failed(reason, before_transfer=False)
                 raise DecodeFailed(reason)
-            first = receiver.first_token  # read from our own pages' metadata slot
-            self._streams[request.rid] = queue
-            out = self.llm.add_prefilled(
-                request.rid,
-                request.prompt_token_ids,
-                request.sampling,
-                pages,
-                first.token_id,
-                first.logprob,
-            )
-            added = True
+            # The first token was read from our own pages' metadata slot; the loop joins the
+            # request between steps and puts its first output in the stream.
+            join = _Join(request, pages, receiver.first_token, asyncio.Queue())
+            self._joins.append(join)
             self._work.set()
-            timer.tokens(len(out.token_ids))
-            yield chunk_of(out)
-            finished = out.finished
             while not finished:
-                item = await queue.get()
+                item = await join.stream.get()
                 if isinstance(item, BaseException):
                     raise item
                 timer.tokens(len(item.token_ids))
@@ -186,31 +216,58 @@ class DecodeInstance:
                 finished = item.finished
             timer.finished()
         finally:
-            self._streams.pop(request.rid, None)
-            if added:
-                self._pending_aborts.append(request.rid)  # no-op if it already finished
-                self._work.set()
-            else:
-                self._release(pages, receiver)
+            self._leave(request.rid, join, finished, pages, receiver)
             receiver.release()
 
+    def _leave(
+        self,
+        rid: str,
+        join: _Join | None,
+        finished: bool,
+        pages: list[int],
+        receiver: KVReceiver,
+    ) -> None:
+        """The request's stream ended (finished, failed or cancelled): give back what it holds,
+        exactly once, by who holds it at this moment."""
+        if join is None:  # never queued to join: the pages are still ours
+            self._release(pages, receiver)
+            return
+        if self._streams.get(rid) is join.stream:
+            del self._streams[rid]
+        if join.state is JoinState.WAITING:
+            join.state = JoinState.CANCELLED  # the loop drops it: never joined after this
+            log.info("request left before joining the batch", extra={"rid": rid})
+            self._release(pages, receiver)  # the KV arrived: nothing can write into them
+        elif join.state is JoinState.JOINED and not finished:
+            self._pending_aborts.append(rid)  # the engine frees its pages
+            self._work.set()
+        # FAILED: the loop gave the pages back; JOINED and finished: the engine did.
+
     async def _preallocate(self, request: DecodeRequest) -> list[int]:
+        """Pages for the prompt and the first token, granted by the loop between steps (the
+        scheduler inside a step checks free pages, then takes them: nobody may take any in
+        between). Waits, with a bound, while memory is short."""
         need = pages_needed(len(request.prompt_token_ids) + 1, self.config.page_size)
-        deadline = time.monotonic() + self.config.prealloc_timeout_s
+        ask = _PageRequest(request.rid, need, asyncio.get_running_loop().create_future())
+        self._prealloc.append(ask)
+        self._work.set()
         self.counts["prealloc"] += 1
+        pages: list[int] | None = None
         try:
-            while not self.llm.allocator.can_allocate(need):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise DecodeOverloaded(
-                        f"no KV memory for {need} pages within {self.config.prealloc_timeout_s}s"
-                    )
-                self._memory_freed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._memory_freed.wait(), min(left, 0.5))
-            return self.llm.allocator.allocate(need)
+            async with asyncio.timeout(self.config.prealloc_timeout_s):
+                pages = await ask.granted
+            return pages
+        except TimeoutError:
+            raise DecodeOverloaded(
+                f"no KV memory for {need} pages within {self.config.prealloc_timeout_s}s"
+            ) from None
         finally:
             self.counts["prealloc"] -= 1
+            if not ask.granted.done():
+                ask.granted.cancel()  # the loop drops it
+            elif pages is None and not ask.granted.cancelled():
+                # Granted, but the timeout or a cancel reached us before we resumed.
+                self._free(ask.granted.result())
 
     def _release(self, pages: list[int], receiver: KVReceiver) -> None:
         """Free pages now, or once no prefill write can land in them any more."""
@@ -227,24 +284,78 @@ class DecodeInstance:
         asyncio.get_running_loop().call_later(delay, later)
 
     def _free(self, pages: list[int]) -> None:
+        """Give pages back (safe while a step runs) and wake the loop for the prealloc queue."""
         self.llm.allocator.free(pages)
-        self._memory_freed.set()
+        self._work.set()
 
     # -- the batch ----------------------------------------------------------------------------
 
     async def _decode_loop(self) -> None:
+        """The batch's one driver. Between steps, with no step running, it applies aborts,
+        grants pages and joins requests; the step runs in a worker thread meanwhile."""
         while True:
-            for rid in self._pending_aborts:
-                self.llm.abort(rid)
-            if self._pending_aborts:
-                self._pending_aborts.clear()
-                self._memory_freed.set()
+            self._apply_aborts()
+            self._grant_pages()
+            self._apply_joins()
             if not self.llm.has_unfinished():
                 self._work.clear()
                 await self._work.wait()
                 continue
-            if await step_and_dispatch(self.llm, self._streams):
-                self._memory_freed.set()
+            await step_and_dispatch(self.llm, self._streams)
+
+    def _apply_aborts(self) -> None:
+        aborts, self._pending_aborts = self._pending_aborts, []
+        for rid in aborts:
+            self.llm.abort(rid)
+
+    def _grant_pages(self) -> None:
+        """Hand pages to the prealloc queue, oldest first, to every request they fit."""
+        allocator = self.llm.allocator
+        waiting, self._prealloc = self._prealloc, []
+        for ask in waiting:
+            if ask.granted.done():
+                continue  # its caller gave up
+            if allocator.can_allocate(ask.count):
+                ask.granted.set_result(allocator.allocate(ask.count))
+            else:
+                self._prealloc.append(ask)
+
+    def _apply_joins(self) -> None:
+        """Add the prefilled requests to the batch; each gets its first output or the error."""
+        joins, self._joins = self._joins, []
+        for join in joins:
+            if join.state is not JoinState.WAITING:
+                continue  # its caller left first and freed the pages
+            request = join.request
+            try:
+                out = self.llm.add_prefilled(
+                    request.rid,
+                    request.prompt_token_ids,
+                    request.sampling,
+                    join.pages,
+                    join.first.token_id,
+                    join.first.logprob,
+                )
+            except Exception as exc:
+                log.exception("joining the batch failed", extra={"rid": request.rid})
+                join.state = JoinState.FAILED
+                self._undo_join(join)
+                join.stream.put_nowait(DecodeFailed(f"joining the batch failed: {_reason(exc)}"))
+                continue
+            join.state = JoinState.JOINED
+            if not out.finished:
+                self._streams[request.rid] = join.stream
+            join.stream.put_nowait(out)
+
+    def _undo_join(self, join: _Join) -> None:
+        """`add_prefilled` raised: free the join's pages once, through the engine if the
+        request got into the batch (then they are its pages), else here."""
+        rid = join.request.rid
+        running = self.llm.scheduler.running
+        if any(s.rid == rid and s.page_table.pages == join.pages for s in running):
+            self.llm.abort(rid)
+        else:
+            self._free(join.pages)
 
     def queue_sizes(self) -> dict[str, int]:
         """Prealloc (waiting for pages), transfer (waiting for KV), and the engine's queues."""
@@ -258,12 +369,22 @@ class DecodeInstance:
         return {
             "prealloc": self.counts["prealloc"],
             "transfer": self.counts["transfer"],
+            "joining": sum(j.state is JoinState.WAITING for j in self._joins),
             "running": len(self._streams),
             "pages_in_use": self.llm.allocator.num_in_use,
             "pages_quarantined": self._quarantined,
             "pages_total": self.llm.allocator.num_pages,
             "metadata_slots_held": self.endpoint.metadata.num_held,
         }
+
+    async def close(self) -> None:
+        """Stop the loop and let go of the transport and the metrics (a replica's process ends
+        with them; tests that start an instance in-process call this)."""
+        self._loop_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._loop_task
+        self.endpoint.close()
+        self.metrics.close()
 
 
 async def step_and_dispatch(llm: LLM, streams: dict[str, asyncio.Queue[Any]]) -> bool:

@@ -2,10 +2,17 @@
 
 The allocator only counts and hands out page indices; it never touches tensors. Accounting is
 exact: freeing a page that is not in use raises, so a double free is found where it happens.
+
+A decode replica's engine step runs in a worker thread while its event loop frees pages (a
+request that ends before joining, quarantined pages coming back), so every state change and
+every count is taken under one lock. A sequence of calls (`can_allocate`, then `allocate`) is
+not atomic: only one thread may allocate against a check it made (the engine's scheduler, or the
+event loop between steps), while frees may come from anywhere.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -22,36 +29,45 @@ class PageAllocator:
         self.num_pages = num_pages
         self._free: deque[int] = deque(range(num_pages))
         self._in_use: set[int] = set()
+        # Uncontended, a `with` on it costs about 0.1 us: nothing next to a step.
+        self._lock = threading.Lock()
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        with self._lock:
+            return len(self._free)
 
     @property
     def num_in_use(self) -> int:
-        return len(self._in_use)
+        with self._lock:
+            return len(self._in_use)
 
     def can_allocate(self, count: int) -> bool:
-        return count <= len(self._free)
+        with self._lock:
+            return count <= len(self._free)
 
     def allocate(self, count: int) -> list[int]:
         if count < 0:
             raise ValueError(f"cannot allocate {count} pages")
-        if count > len(self._free):
-            raise OutOfPagesError(f"asked for {count} KV pages, {len(self._free)} free")
-        pages = [self._free.popleft() for _ in range(count)]
-        self._in_use.update(pages)
+        with self._lock:
+            free = self._free
+            if count > len(free):
+                raise OutOfPagesError(f"asked for {count} KV pages, {len(free)} free")
+            pages = [free.popleft() for _ in range(count)]
+            self._in_use.update(pages)
         return pages
 
     def free(self, pages: Iterable[int]) -> None:
         pages = list(pages)
-        bad = [p for p in pages if p not in self._in_use]
-        if bad or len(set(pages)) != len(pages):
-            raise PageAccountingError(
-                f"freeing pages not in use (double free?): {sorted(bad or pages)}"
-            )
-        self._in_use.difference_update(pages)
-        self._free.extend(pages)
+        with self._lock:
+            in_use = self._in_use
+            bad = [p for p in pages if p not in in_use]
+            if bad or len(set(pages)) != len(pages):
+                raise PageAccountingError(
+                    f"freeing pages not in use (double free?): {sorted(bad or pages)}"
+                )
+            in_use.difference_update(pages)
+            self._free.extend(pages)
 
 
 def pages_needed(num_tokens: int, page_size: int) -> int:

@@ -60,3 +60,6 @@ def test_serve_replica_places_stages_across_nodes_and_prefills(ray_cluster, llam
     finally:
         decode.stop()
         serve.delete("prefill-test")
+        # serve.run started Serve with its default HTTP options: later Serve users (the e2e
+        # fixture starts it on a port of its own) must find it stopped.
+        serve.shutdown()
