@@ -115,15 +115,16 @@ class AttentionMetadata:
                 rows = len(chunks)
                 packed = torch.from_numpy(pack_decode_step(chunks, page_size, rows)).to(device)
                 scalars, table = packed[: 4 * rows].view(4, rows), packed[4 * rows :]
-                return cls.for_cuda_decode(scalars, table.view(rows, -1), page_size)
+                return cls.for_paged_decode(scalars, table.view(rows, -1), page_size)
             return cls._build_decode(chunks, page_size, device)
         return cls._build_prefill(chunks, page_size, device, all_logits)
 
     @classmethod
-    def for_cuda_decode(
+    def for_paged_decode(
         cls, scalars: torch.Tensor, table: torch.Tensor, page_size: int
     ) -> AttentionMetadata:
-        """Decode metadata over device tensors laid out as `pack_decode_step` writes them:
+        """Decode metadata read in place from pages (CUDA, or the CPU's native kernels), over
+        tensors laid out as `pack_decode_step` writes them:
         `scalars` [4, B] (token ids, positions, slots, lengths) and the page table [B, >= pages].
         """
         rows = scalars.shape[1]
@@ -280,7 +281,7 @@ def pack_decode_step(
     token_ids: np.ndarray | None = None,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """A decode step's metadata as one int32 array, the layout `for_cuda_decode` reads:
+    """A decode step's metadata as one int32 array, the layout `for_paged_decode` reads:
     `[ids | positions | slots | lengths]` of `rows` entries each, then a `rows x width` page
     table (`width` at least the most pages a request holds; entries past a request's pages are
     left as they were, as are padding rows' pages: nothing reads them). Rows past the batch are

@@ -88,7 +88,7 @@ class CudaGraphRunner:
         if not self.use_graphs or batch > self.max_batch:
             packed = torch.from_numpy(pack_decode_step(chunks, self.page_size, batch, None, ids))
             uploaded = packed.to(self.device, non_blocking=True)
-            meta = AttentionMetadata.for_cuda_decode(
+            meta = AttentionMetadata.for_paged_decode(
                 uploaded[: 4 * batch].view(4, batch),
                 uploaded[4 * batch :].view(batch, -1),
                 self.page_size,
@@ -141,7 +141,7 @@ class CudaGraphRunner:
     def _decode_meta(self, rows: int, width: int) -> AttentionMetadata:
         scalars = self._device[: 4 * rows].view(4, rows)
         table = self._device[4 * rows : 4 * rows + rows * width].view(rows, width)
-        return AttentionMetadata.for_cuda_decode(scalars, table, self.page_size)
+        return AttentionMetadata.for_paged_decode(scalars, table, self.page_size)
 
     def _prefill_meta(self, seqs: int) -> Callable[[int, int], AttentionMetadata]:
         def make(tokens: int, _: int) -> AttentionMetadata:

@@ -3,8 +3,8 @@
 Shape: a Qwen2-1.5B-like KV cache (28 layers, 2 KV heads of 128, bfloat16, 16-token pages: 8 KiB
 per page of K or V, 28 KiB per token over all layers), requests of 2k and 16k tokens. The prefill
 side is this process (one `KVSender` holding every layer, the project's real sender); the decode
-side is a spawned process with its cache on the same GPU (tests/gpu/decode_peer.py, the real
-`KVReceiver`). Timed:
+side is a spawned process with its cache on the same GPU (tests/transport/peer.py with
+`device="cuda"`, the real `KVReceiver`). Timed:
 
 - `fast path`: the sender with the CUDA IPC mover. `write` = `send->Success`: from entering
   `send` (which plans the runs, launches the copy on this thread's stream and submits the
@@ -64,8 +64,7 @@ import torch
 
 from benchmarks.report import write_report
 from engine.kv_cache import PagedKVCache
-from tests.gpu.decode_peer import GpuDecodePeer, page_checksums
-from tests.transport.peer import CacheShape
+from tests.transport.peer import CacheShape, DecodePeer, page_checksums
 from transport import FirstToken, KVPoll, KVSender, TransferEndpoint, TransportConfig, cuda_ipc
 from transport.cuda_ipc import Copies, CudaIpc, CudaIpcMover, PageRoute, plan_runs
 from transport.receiver_info import LayerAddress
@@ -93,7 +92,7 @@ def _wait(sender: KVSender, busy: bool, timeout: float = 120.0) -> None:
 class Prefill:
     """This process's side: an endpoint and a GPU cache of random bytes."""
 
-    def __init__(self, peer: GpuDecodePeer, config: TransportConfig, tag: str) -> None:
+    def __init__(self, peer: DecodePeer, config: TransportConfig, tag: str) -> None:
         self.peer = peer
         self.tag = tag
         self.endpoint = TransferEndpoint(config)
@@ -141,7 +140,7 @@ class Prefill:
         sent = time.perf_counter()
         _wait(sender, busy)
         wall = time.perf_counter() - start
-        self.peer.result(sender.rid, True)  # frees the receiver (a middle stage's lacks the record)
+        self.peer.settle(sender.rid, True)  # frees the receiver (a middle stage's lacks the record)
         return sender, wall, sent - start
 
     def behind_forward(
@@ -162,10 +161,10 @@ class Prefill:
                 pass
         wall = time.perf_counter() - start
         if send:
-            self.peer.result(sender.rid, True)
+            self.peer.settle(sender.rid, True)
         else:
             sender.abort("forward only")
-            self.peer.result(sender.rid, False, "forward only")
+            self.peer.settle(sender.rid, False, "forward only")
         return wall
 
     def gpu_behind_forward(
@@ -188,7 +187,7 @@ class Prefill:
         _wait(sender, busy=True)
         success = time.perf_counter()
         after_copy.synchronize()
-        self.peer.result(sender.rid, True)
+        self.peer.settle(sender.rid, True)
         return success - forward_done, after_forward.elapsed_time(after_copy) / 1e3
 
     def check(self, local: list[int], remote: list[int]) -> bool:
@@ -521,7 +520,7 @@ def profile_launch(fast: Prefill) -> dict:
     out = io.StringIO()
     pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(20)
     print(out.getvalue(), file=sys.stderr, flush=True)
-    fast.peer.result("profile", False, "profile only")
+    fast.peer.settle("profile", False, "profile only")
     med = [1e3 * statistics.median(t[k] for t in times) for k in range(3)]
     nbytes = 2 * SHAPE.num_layers * n * SHAPE.layout().page_nbytes
     return {
@@ -589,7 +588,7 @@ def main() -> None:
         ("16k tokens", 16384, None),
         ("2k tokens, runs of 4 pages", 2048, 4),
     ]
-    peer = GpuDecodePeer(SHAPE)
+    peer = DecodePeer(SHAPE, device="cuda", timeout_s=120)
     fast = Prefill(peer, TransportConfig(hostname="127.0.0.1"), "fast")
     slow = Prefill(peer, TransportConfig(hostname="127.0.0.1", cuda_ipc=False), "tcp")
     light = LightForward(fast.cache)
@@ -604,7 +603,7 @@ def main() -> None:
             nbytes = 2 * SHAPE.num_layers * n * page
             row: dict = {"case": name, "MiB": nbytes / 2**20}
 
-            peer.fill()
+            peer.reset()
             sender, first_wall, _ = fast.transfer(local, remote, last=True)
             row["first_transfer_ms"] = 1e3 * first_wall  # includes opening the mappings
             row["mover"] = sender.stats.mover
@@ -661,7 +660,7 @@ def main() -> None:
             row["busy_kv_only_send_ms"] = 1e3 * in_send
             row["busy_kv_only_GB_s"] = nbytes / write / 1e9
 
-            peer.fill()
+            peer.reset()
             sender, _, _ = slow.transfer(local, remote, last=True)
             checks[f"{name}: mooncake"] = slow.check(local, remote)
             writes = []

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import cpu_kernels
-from engine.attention import pack_decode_step
+from engine.attention import AttentionMetadata, SeqChunk
 from engine.config import RopeConfig
 from engine.rotary import RotaryEmbedding
 
@@ -81,8 +81,9 @@ def reference_attention(qkv, cos, sin, k_cache, v_cache, positions, tables, page
 def test_decode_attention_equals_torch(heads, kv_heads, dim, page_size):
     rng = random.Random(heads * dim)
     gen = torch.Generator().manual_seed(dim)
-    # Contexts from one token to several key blocks, on shuffled pages.
-    positions = [0, 1, 15, 16, 63, 64, 65, 200, 517]
+    # Contexts from two tokens (a decode step continues a context) to several key blocks,
+    # on shuffled pages.
+    positions = [1, 2, 15, 16, 63, 64, 65, 200, 517]
     num_pages = sum(p // page_size + 1 for p in positions) + 3
     order = rng.sample(range(num_pages), num_pages)
     tables, used = [], 0
@@ -110,14 +111,10 @@ def test_decode_attention_equals_torch(heads, kv_heads, dim, page_size):
         page_size,
         heads,
     )
-    from engine.attention import SeqChunk
-
     chunks = [SeqChunk(p, 1, t) for p, t in zip(positions, tables, strict=True)]
-    packed = torch.from_numpy(pack_decode_step(chunks, page_size, len(chunks)))
-    rows = len(chunks)
-    scalars, table = packed[: 4 * rows].view(4, rows), packed[4 * rows :].view(rows, -1)
+    meta = AttentionMetadata.build(chunks, page_size, "cpu", paged_decode=True)
     out = cpu_kernels.decode_attention(
-        qkv, cos, sin, k_cache, v_cache, scalars[1], table, page_size, heads
+        qkv, cos, sin, k_cache, v_cache, meta.positions, meta.block_tables, page_size, heads
     )
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
     # The new tokens' K and V went to their slots, and nothing else changed.

@@ -1,8 +1,9 @@
 """The same-node fast path on a real GPU: CUDA IPC between two processes that did not fork.
 
 Skipped without CUDA (CI has none). The decode side is a spawned process with its KV cache on
-the GPU (tests/gpu/decode_peer.py); the prefill stage is this process. Everything is the real
-code, Mooncake included (tcp on loopback, for the first-token record and the fallback).
+the GPU (tests/transport/peer.py with `device="cuda"`); the prefill stage is this process.
+Everything is the real code, Mooncake included (tcp on loopback, for the first-token record and
+the fallback).
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 from engine.kv_cache import PagedKVCache  # noqa: E402
-from tests.gpu.decode_peer import GpuDecodePeer, page_checksums  # noqa: E402
-from tests.transport.peer import FILL, CacheShape  # noqa: E402
+from tests.transport.peer import FILL, CacheShape, DecodePeer, page_checksums  # noqa: E402
 from tests.transport.test_transfer import wait_done  # noqa: E402
 from transport import (  # noqa: E402
     FirstToken,
@@ -48,7 +48,7 @@ class GpuStage:
         torch.cuda.synchronize()
         self._n = 0
 
-    def sender(self, peer: GpuDecodePeer, remote: list[int], last: bool = True) -> KVSender:
+    def sender(self, peer: DecodePeer, remote: list[int], last: bool = True) -> KVSender:
         """A sender (last stage unless `last` is False) with receiver info for `remote`,
         waiting for input."""
         self._n += 1
@@ -68,7 +68,7 @@ class GpuStage:
 
     def send(
         self,
-        peer: GpuDecodePeer,
+        peer: DecodePeer,
         local: list[int],
         remote: list[int],
         before_send=None,
@@ -82,15 +82,15 @@ class GpuStage:
             before_send()
         sender.send(local, TOKEN)
         state = wait_done(sender, timeout=30)
-        return sender, peer.result(sender.rid, state is KVPoll.Success, sender.failure_reason)
+        return sender, peer.settle(sender.rid, state is KVPoll.Success, sender.failure_reason)
 
     def close(self) -> None:
         self.endpoint.close()
 
 
 @pytest.fixture(scope="module")
-def peer() -> Iterator[GpuDecodePeer]:
-    p = GpuDecodePeer(SHAPE)
+def peer() -> Iterator[DecodePeer]:
+    p = DecodePeer(SHAPE, device="cuda", timeout_s=120)
     yield p
     p.stop()
 
@@ -102,7 +102,7 @@ def stage() -> Iterator[GpuStage]:
     s.close()
 
 
-def assert_arrived(stage: GpuStage, peer: GpuDecodePeer, local: list[int], remote: list[int]):
+def assert_arrived(stage: GpuStage, peer: DecodePeer, local: list[int], remote: list[int]):
     got = peer.layers()
     for src, dst in zip(stage.cache.layers, got, strict=True):
         s = src.view(torch.uint8).cpu()
@@ -112,7 +112,7 @@ def assert_arrived(stage: GpuStage, peer: GpuDecodePeer, local: list[int], remot
         assert bool((dst[:, untouched] == FILL).all())
 
 
-def test_receiver_info_offers_this_node_and_the_decode_gpu(peer: GpuDecodePeer) -> None:
+def test_receiver_info_offers_this_node_and_the_decode_gpu(peer: DecodePeer) -> None:
     info = peer.receive("offer", 1, [0, 1])
     assert info.cuda_ipc is not None
     assert info.cuda_ipc.node_id == node_id()
@@ -125,9 +125,9 @@ def test_receiver_info_offers_this_node_and_the_decode_gpu(peer: GpuDecodePeer) 
 
 
 def test_kv_moves_by_cuda_ipc_byte_exact_with_the_first_token(
-    stage: GpuStage, peer: GpuDecodePeer
+    stage: GpuStage, peer: DecodePeer
 ) -> None:
-    peer.fill()
+    peer.reset()
     local, remote = [*range(3, 13), 40, 2, 50], [*range(20, 30), 7, 60, 1]
     sender, (state, reason, first) = stage.send(peer, local, remote)
     assert sender.mover is not None and sender.mover.name == "cuda_ipc", sender.mover.why
@@ -146,10 +146,10 @@ def test_kv_moves_by_cuda_ipc_byte_exact_with_the_first_token(
 
 
 def test_requests_of_more_runs_than_the_graph_takes_launch_the_kernel(
-    stage: GpuStage, peer: GpuDecodePeer, monkeypatch: pytest.MonkeyPatch
+    stage: GpuStage, peer: DecodePeer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(cuda_ipc, "_GRAPH_RUNS", 2)  # so 4 runs take the per-request launch
-    peer.fill()
+    peer.reset()
     local, remote = [*range(3, 13), 40, 2, 50], [*range(20, 30), 7, 60, 1]
     sender, (state, reason, first) = stage.send(peer, local, remote)
     assert sender.stats.mover == "cuda_ipc" and KVPoll(state) is KVPoll.Success, reason
@@ -158,10 +158,10 @@ def test_requests_of_more_runs_than_the_graph_takes_launch_the_kernel(
 
 
 def test_the_copy_waits_for_kv_still_being_computed_on_the_stage_stream(
-    stage: GpuStage, peer: GpuDecodePeer
+    stage: GpuStage, peer: DecodePeer
 ) -> None:
     """KV queued on the current stream right before `send` is what arrives, not older bytes."""
-    peer.fill()
+    peer.reset()
     local, remote = list(range(0, 16)), list(range(16, 32))
 
     def compute_late() -> None:
@@ -175,7 +175,7 @@ def test_the_copy_waits_for_kv_still_being_computed_on_the_stage_stream(
     # The copy sits behind ~50 ms of GPU work: no Success (and the pages stay held) until then.
     assert sender.poll() is KVPoll.Transferring and sender.in_flight
     state = wait_done(sender, timeout=30)
-    state, reason, _ = peer.result(sender.rid, state is KVPoll.Success, sender.failure_reason)
+    state, reason, _ = peer.settle(sender.rid, state is KVPoll.Success, sender.failure_reason)
     assert sender.stats.mover == "cuda_ipc" and KVPoll(state) is KVPoll.Success, reason
     assert not sender.in_flight
     assert torch.equal(peer.checksums(remote), page_checksums(stage.cache.layers, local))
@@ -183,11 +183,11 @@ def test_the_copy_waits_for_kv_still_being_computed_on_the_stage_stream(
 
 
 def test_more_requests_behind_compute_than_staging_slots_each_arrive_byte_exact(
-    stage: GpuStage, peer: GpuDecodePeer
+    stage: GpuStage, peer: DecodePeer
 ) -> None:
     """20 copies queued behind ~20 ms of GPU work, 16 staging slots: the 17th `send` waits for
     the oldest slot's copy, and no request's run table is overwritten under its copy."""
-    peer.fill()
+    peer.reset()
     count = _Staging.SLOTS + 4
     plans = [([i, i + 1, 40 + i], [2 * i, 2 * i + 1, 63 - i]) for i in range(count)]
     senders = [stage.sender(peer, remote, last=False) for _, remote in plans]
@@ -197,7 +197,7 @@ def test_more_requests_behind_compute_than_staging_slots_each_arrive_byte_exact(
     for sender in senders:
         state = wait_done(sender, timeout=30)
         assert state is KVPoll.Success and sender.stats.mover == "cuda_ipc", sender.failure_reason
-        peer.result(sender.rid, True)
+        peer.settle(sender.rid, True)
     remote = [p for _, r in plans for p in r]
     local = [p for lp, _ in plans for p in lp]
     assert torch.equal(peer.checksums(remote), page_checksums(stage.cache.layers, local))
@@ -205,7 +205,7 @@ def test_more_requests_behind_compute_than_staging_slots_each_arrive_byte_exact(
 
 
 def test_a_request_launches_without_uploading_its_run_table(
-    stage: GpuStage, peer: GpuDecodePeer, monkeypatch: pytest.MonkeyPatch
+    stage: GpuStage, peer: DecodePeer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The copy reads the run table in place (mapped host memory): no memcpy per request."""
     backend = stage.endpoint.cuda_ipc.backend if stage.endpoint.cuda_ipc else None
@@ -215,7 +215,7 @@ def test_a_request_launches_without_uploading_its_run_table(
         raise AssertionError("a run table was uploaded with cudaMemcpyAsync")
 
     monkeypatch.setattr(backend.runtime, "memcpy_async", no_upload)
-    peer.fill()
+    peer.reset()
     for local, remote in (
         ([0, 1, 2], [9, 10, 11]),
         ([*range(3, 13), 40, 2, 50], [*range(20, 30), 7, 60, 1]),
@@ -224,7 +224,7 @@ def test_a_request_launches_without_uploading_its_run_table(
         assert sender.stats.mover == "cuda_ipc" and KVPoll(state) is KVPoll.Success, reason
         assert first == TOKEN
     monkeypatch.setattr(cuda_ipc, "_GRAPH_RUNS", 2)  # the direct launch reads it in place too
-    peer.fill()
+    peer.reset()
     sender, (state, reason, _) = stage.send(
         peer, [*range(3, 13), 40, 2, 50], [*range(20, 30), 7, 60, 1]
     )
@@ -232,9 +232,9 @@ def test_a_request_launches_without_uploading_its_run_table(
     assert_arrived(stage, peer, [*range(3, 13), 40, 2, 50], [*range(20, 30), 7, 60, 1])
 
 
-def test_the_general_path_still_copies_byte_exact(stage: GpuStage, peer: GpuDecodePeer) -> None:
+def test_the_general_path_still_copies_byte_exact(stage: GpuStage, peer: DecodePeer) -> None:
     """Without a route (strided pages, a peer GPU): segments, one launch from the pool."""
-    peer.fill()
+    peer.reset()
     local, remote = [*range(3, 13), 40, 2, 50], [*range(20, 30), 7, 60, 1]
     sender, (state, reason, first) = stage.send(peer, local, remote, general=True)
     assert sender.stats.mover == "cuda_ipc" and KVPoll(state) is KVPoll.Success, reason
@@ -243,9 +243,9 @@ def test_the_general_path_still_copies_byte_exact(stage: GpuStage, peer: GpuDeco
 
 
 def test_abort_with_the_copy_behind_compute_holds_the_mapping_until_it_ran(
-    stage: GpuStage, peer: GpuDecodePeer
+    stage: GpuStage, peer: DecodePeer
 ) -> None:
-    peer.fill()
+    peer.reset()
     sender = stage.sender(peer, [8, 9])
     path = stage.endpoint.cuda_ipc
     assert path is not None
@@ -259,12 +259,12 @@ def test_abort_with_the_copy_behind_compute_holds_the_mapping_until_it_ran(
         assert time.monotonic() < deadline, "the aborted copy was never released"
         time.sleep(0.005)
     assert mapping.users == 0 and stage.endpoint.metadata.num_held == 0
-    peer.result(sender.rid, False, "aborted")
+    peer.settle(sender.rid, False, "aborted")
     torch.cuda.synchronize()
 
 
-def test_fast_path_off_moves_gpu_kv_by_mooncake(peer: GpuDecodePeer) -> None:
-    peer.fill()
+def test_fast_path_off_moves_gpu_kv_by_mooncake(peer: DecodePeer) -> None:
+    peer.reset()
     off = GpuStage(TransportConfig(hostname=LOOPBACK, cuda_ipc=False))
     try:
         local, remote = [0, 1, 2, 9], [4, 5, 6, 33]
@@ -276,7 +276,7 @@ def test_fast_path_off_moves_gpu_kv_by_mooncake(peer: GpuDecodePeer) -> None:
 
 
 def test_mappings_close_when_the_decode_process_goes_away() -> None:
-    peer = GpuDecodePeer(SHAPE)
+    peer = DecodePeer(SHAPE, device="cuda", timeout_s=120)
     stage = GpuStage(TransportConfig(hostname=LOOPBACK, liveness_interval_s=0.2))
     try:
         sender, (state, reason, _) = stage.send(peer, [0, 1], [2, 3])
@@ -295,8 +295,8 @@ def test_mappings_close_when_the_decode_process_goes_away() -> None:
         peer.stop()
 
 
-def test_a_handle_that_does_not_open_falls_back_to_mooncake(peer: GpuDecodePeer) -> None:
-    peer.fill()
+def test_a_handle_that_does_not_open_falls_back_to_mooncake(peer: DecodePeer) -> None:
+    peer.reset()
     fresh = GpuStage()  # its own endpoint, so the good mapping of `stage` is not reused
     try:
         info = peer.receive("bad-handle", TOKEN.room, [5, 6])
@@ -321,7 +321,7 @@ def test_a_handle_that_does_not_open_falls_back_to_mooncake(peer: GpuDecodePeer)
         assert "CUDA IPC open failed" in sender.mover.why
         sender.send([1, 2], TOKEN)
         assert wait_done(sender, timeout=30) is KVPoll.Success, sender.failure_reason
-        state, reason, _ = peer.result("bad-handle", True)
+        state, reason, _ = peer.settle("bad-handle", True)
         assert KVPoll(state) is KVPoll.Success, reason
         assert_arrived(fresh, peer, [1, 2], [5, 6])
         torch.cuda.synchronize()  # the failed open left no CUDA error behind

@@ -2,7 +2,8 @@
 
 The tests are the prefill side; this process owns a real `TransferEndpoint`, a real paged KV
 cache filled with a known byte pattern, and the `KVReceiver`s, so every transfer crosses a
-process boundary over Mooncake's tcp transport on loopback.
+process boundary: over Mooncake's tcp transport on loopback, or, with the cache on the GPU
+(`device="cuda"`: tests/gpu, benchmarks/gpu), by the CUDA IPC fast path from a same-node stage.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,14 +46,37 @@ class CacheShape:
         return KVLayout.from_spec(self.spec(), self.num_layers)
 
 
-def _serve(conn: Any, shape: CacheShape, config_json: str) -> None:
+def page_checksums(layers: list[torch.Tensor], pages: list[int]) -> torch.Tensor:
+    """`[layers, 2, len(pages)]` exact sums of each page's K and V (as int32 words), on the CPU.
+
+    Equal sums page by page (in order) stand in for equal bytes where copying caches back is
+    too slow (GPU caches); tests on small caches compare the bytes themselves.
+    """
+    index = torch.tensor(pages, device=layers[0].device, dtype=torch.long)
+    return torch.stack(
+        [
+            layer.index_select(1, index).view(torch.int32).to(torch.int64).sum(dim=(2, 3, 4))
+            for layer in layers
+        ]
+    ).cpu()
+
+
+def _serve(conn: Any, shape: CacheShape, config_json: str, device: str) -> None:
     from engine.kv_cache import PagedKVCache
     from transport import KVReceiver, TransferEndpoint, TransportConfig
 
+    if device == "cuda":
+        torch.cuda.set_device(0)
     endpoint = TransferEndpoint(TransportConfig.model_validate_json(config_json))
-    cache = PagedKVCache(shape.spec(), first_layer=0, num_layers=shape.num_layers)
-    for layer in cache.layers:
-        layer.view(torch.uint8).fill_(FILL)
+    cache = PagedKVCache(shape.spec(), first_layer=0, num_layers=shape.num_layers, device=device)
+
+    def fill() -> None:
+        for layer in cache.layers:
+            layer.view(torch.uint8).fill_(FILL)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    fill()
     endpoint.register_cache(cache)
     receivers: dict[str, KVReceiver] = {}
     conn.send(endpoint.session_id)
@@ -65,8 +90,7 @@ def _serve(conn: Any, shape: CacheShape, config_json: str) -> None:
             for r in receivers.values():
                 r.abort("test reset")
             receivers.clear()
-            for layer in cache.layers:
-                layer.view(torch.uint8).fill_(FILL)
+            fill()
             conn.send(None)
         elif cmd == "receive":
             rid, room, pages, num_stages = args
@@ -84,6 +108,12 @@ def _serve(conn: Any, shape: CacheShape, config_json: str) -> None:
             rid, stage, ok, reason = args
             receivers[rid].on_stage_result(stage, ok, reason)
             conn.send(None)
+        elif cmd == "settle":  # a stage's result, the poll after it and the release, one trip
+            rid, stage, ok, reason = args
+            r = receivers.pop(rid)
+            r.on_stage_result(stage, ok, reason)
+            conn.send((int(r.poll()), r.failure_reason, r.first_token))
+            r.release()
         elif cmd == "poll":
             r = receivers[args[0]]
             conn.send((int(r.poll()), r.failure_reason, r.first_token))
@@ -91,7 +121,11 @@ def _serve(conn: Any, shape: CacheShape, config_json: str) -> None:
             receivers.pop(args[0]).abort()
             conn.send(None)
         elif cmd == "layers":
-            conn.send([layer.view(torch.uint8).clone() for layer in cache.layers])
+            # Copies: sending the cache's own CPU tensors would move their storage into shared
+            # memory (torch's pickling), away from the addresses Mooncake registered.
+            conn.send([layer.view(torch.uint8).to("cpu", copy=True) for layer in cache.layers])
+        elif cmd == "checksums":
+            conn.send(page_checksums(cache.layers, args[0]))
         elif cmd == "slots_held":
             conn.send(endpoint.metadata.num_held)
 
@@ -99,28 +133,44 @@ def _serve(conn: Any, shape: CacheShape, config_json: str) -> None:
 class DecodePeer:
     """Handle on the child process; every method is one round trip."""
 
-    def __init__(self, shape: CacheShape | None = None, config: Any = None) -> None:
+    def __init__(
+        self,
+        shape: CacheShape | None = None,
+        config: Any = None,
+        device: str = "cpu",
+        timeout_s: float = 60,
+    ) -> None:
         from transport import TransportConfig
 
         self.shape = shape or CacheShape()
+        self.timeout_s = timeout_s
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        config = config or TransportConfig()
+        if config is None:  # the GPU machines of tests/gpu have no Ray to ask for a node IP
+            config = (
+                TransportConfig(hostname="127.0.0.1") if device == "cuda" else TransportConfig()
+            )
         self.process = ctx.Process(
-            target=_serve, args=(child, self.shape, config.model_dump_json()), daemon=True
+            target=_serve,
+            args=(child, self.shape, config.model_dump_json(), device),
+            daemon=True,
         )
         self.process.start()
-        if not self._conn.poll(60):
-            raise TimeoutError("decode peer did not start")
+        deadline = time.monotonic() + timeout_s
+        while not self._conn.poll(0.2):
+            if not self.process.is_alive():
+                raise RuntimeError(f"decode peer exited ({self.process.exitcode})")
+            if time.monotonic() > deadline:
+                raise TimeoutError("decode peer did not start")
         self.session_id: str = self._conn.recv()
 
     def _call(self, *msg: Any) -> Any:
         self._conn.send(msg)
-        if not self._conn.poll(60):
+        if not self._conn.poll(self.timeout_s):
             raise TimeoutError(f"decode peer did not answer {msg[0]}")
         return self._conn.recv()
 
-    def receive(self, rid: str, room: int, pages: list[int], num_stages: int) -> Any:
+    def receive(self, rid: str, room: int, pages: list[int], num_stages: int = 1) -> Any:
         from transport import ReceiverInfo
 
         return ReceiverInfo.model_validate_json(self._call("receive", rid, room, pages, num_stages))
@@ -134,6 +184,16 @@ class DecodePeer:
 
     def poll(self, rid: str) -> tuple[int, str | None, Any]:
         return self._call("poll", rid)
+
+    def settle(
+        self, rid: str, ok: bool, reason: str | None = None, stage: int = 0
+    ) -> tuple[int, str | None, Any]:
+        """Report stage `stage`'s outcome, then poll and release the receiver (its metadata
+        slot is free again); returns (state, reason, first token)."""
+        return self._call("settle", rid, stage, ok, reason)
+
+    def checksums(self, pages: list[int]) -> torch.Tensor:
+        return self._call("checksums", pages)
 
     def abort(self, rid: str) -> None:
         self._call("abort", rid)
