@@ -28,7 +28,7 @@ from engine.kv_cache import KVCacheSpec, PagedKVCache
 from engine.loader import load_stage
 from engine.logs import configure_logging
 from engine.model import LayerRange
-from engine.runner import StageRunner, resolve_device, resolve_dtype
+from engine.runner import StageRunner, freeze_loaded_objects, resolve_device, resolve_dtype
 from engine.sampling import sample
 from transport.config import TransportConfig
 from transport.endpoint import TransferEndpoint
@@ -80,6 +80,7 @@ class StageActor:
         self.is_last = spec.end == config.num_hidden_layers
         self.endpoint = TransferEndpoint(spec.transport)
         self.endpoint.register_cache(self.cache)
+        freeze_loaded_objects()
         self.requests = StageRequests(
             self._make_sender,
             pp_rank=spec.pp_rank,

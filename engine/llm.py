@@ -32,7 +32,13 @@ from engine.linear import CpuLinear
 from engine.loader import load_stage
 from engine.model import DecoderStage
 from engine.page_allocator import PageAllocator, PageTable
-from engine.runner import StageRunner, page_bytes, resolve_device, resolve_dtype
+from engine.runner import (
+    StageRunner,
+    freeze_loaded_objects,
+    page_bytes,
+    resolve_device,
+    resolve_dtype,
+)
 from engine.sampling import SampledTokens, SamplingParams, sample
 from engine.scheduler import ScheduledStep, Scheduler
 from engine.sequence import FinishReason, Sequence
@@ -163,6 +169,7 @@ class LLM:
         self._seqs: dict[str, Sequence] = {}
         self._next_rid = 0
         self._in_flight: _InFlight | None = None
+        freeze_loaded_objects()
         log.info(
             "engine ready",
             extra={
