@@ -2,8 +2,9 @@
 
 On CUDA the element-wise steps (residual add + norm, rotary + KV write, SwiGLU's activation)
 run as one Triton kernel each (engine/kernels.py); on the CPU in float32 as native kernels
-(engine/cpu_kernels.py; decode's rotary, KV write and attention in one), else as the torch ops
-below. Layers pass the residual stream beside their output, so its add fuses into the next norm.
+(engine/cpu_kernels.py), else as the torch ops below; a CPU decode step that reads pages in
+place runs through engine/cpu_decode.py instead (the same kernels, no module calls). Layers pass
+the residual stream beside their output, so its add fuses into the next norm.
 """
 
 from __future__ import annotations
@@ -79,18 +80,6 @@ class SelfAttention(nn.Module):
             )
             out = attend(q, k, v, kv[0], kv[1], meta)
             return self.o_proj(out.reshape(tokens, self.q_size))
-        if meta.block_tables is not None:  # CPU decode, native: pages read in place
-            out = cpu_kernels.decode_attention(
-                qkv,
-                cos,
-                sin,
-                *kv,
-                meta.positions,
-                meta.block_tables,
-                meta.page_size,
-                self.num_heads,
-            )
-            return self.o_proj(out.view(tokens, self.q_size))
         qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         # q and k heads sit side by side in the fused projection: rotate them in one go.
         qk = RotaryEmbedding.apply(

@@ -231,7 +231,11 @@ class LLM:
             params=params,
             page_table=PageTable(self.config.page_size, list(pages)),
             generator=params.make_generator(self.device),
-            decoder=self.tokenizer.decode_stream() if self.tokenizer is not None else None,
+            decoder=(
+                self.tokenizer.decode_stream()
+                if self.tokenizer is not None and params.detokenize
+                else None
+            ),
             stop_token_ids=frozenset(params.stop_token_ids)
             | (
                 frozenset()

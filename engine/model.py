@@ -14,6 +14,7 @@ from torch import nn
 
 from engine.attention import AttentionMetadata
 from engine.config import ModelConfig
+from engine.cpu_decode import CpuDecodeLayers
 from engine.kv_cache import PagedKVCache
 from engine.layers import DecoderLayer, RMSNorm
 from engine.linear import Linear
@@ -69,6 +70,11 @@ class DecoderStage(nn.Module):
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
+        self._cpu_decode: CpuDecodeLayers | None = None  # built on the first CPU decode step
+
+    def _apply(self, fn, recurse: bool = True):
+        self._cpu_decode = None  # it holds the layers' tensors of before
+        return super()._apply(fn, recurse)
 
     @torch.inference_mode()
     def forward(
@@ -77,9 +83,14 @@ class DecoderStage(nn.Module):
         h = self.embed_tokens(inputs) if self.is_first else inputs
         # The Triton rotary kernel takes float32 cos/sin; the torch path rotates in h's dtype.
         cos, sin = self.rotary.cos_sin(meta.positions, torch.float32 if h.is_cuda else h.dtype)
-        residual = None
-        for i, layer in enumerate(self.layers):
-            h, residual = layer(h, residual, cos, sin, kv_cache.flat_kv(i), meta)
+        if meta.block_tables is not None and not h.is_cuda:  # CPU decode, pages read in place
+            if self._cpu_decode is None:
+                self._cpu_decode = CpuDecodeLayers(self.layers)
+            h, residual = self._cpu_decode(h, cos, sin, meta, kv_cache)
+        else:
+            residual = None
+            for i, layer in enumerate(self.layers):
+                h, residual = layer(h, residual, cos, sin, kv_cache.flat_kv(i), meta)
         if not self.is_last:
             return h + residual
         # Logit rows are increasing, so as many as there are tokens means every row (decode).

@@ -23,6 +23,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False
+    # False: token ids only, no text (no incremental detokenizing; stop strings need text).
+    detokenize: bool = True
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -36,6 +38,8 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings need detokenize=True")
 
     @property
     def greedy(self) -> bool:

@@ -128,6 +128,18 @@ def test_stop_strings_cut_the_text_before_the_stop(llm):
     assert llm.allocator.num_in_use == 0
 
 
+def test_without_detokenizing_the_same_tokens_come_without_text(llm):
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    with_text = run(llm, params)
+    ids_only = run(
+        llm, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, detokenize=False)
+    )
+    assert with_text.text and ids_only.text == ""
+    assert ids_only.token_ids == with_text.token_ids
+    assert ids_only.finish_reason == "length"
+    assert llm.allocator.num_in_use == 0
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -137,6 +149,7 @@ def test_stop_strings_cut_the_text_before_the_stop(llm):
         {"top_k": -2},
         {"max_tokens": 0},
         {"stop": ("",)},
+        {"stop": ("x",), "detokenize": False},
     ],
 )
 def test_bad_sampling_parameters_are_rejected(kwargs):
