@@ -25,8 +25,8 @@ from engine import LLM, EngineConfig, SamplingParams
 from engine.testmodel import make_test_model
 
 
-def _ours(llm: LLM, prompts: list[list[int]], max_tokens: int) -> float:
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+def _ours(llm: LLM, prompts: list[list[int]], max_tokens: int, text: bool = False) -> float:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, detokenize=text)
     start = time.perf_counter()
     out = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
@@ -34,7 +34,8 @@ def _ours(llm: LLM, prompts: list[list[int]], max_tokens: int) -> float:
     return elapsed
 
 
-def _theirs(model, prompts: list[list[int]], max_tokens: int) -> float:
+def _theirs(model, prompts: list[list[int]], max_tokens: int, text: bool = False) -> float:
+    """`text` is ours only: `generate` makes token ids."""
     ids = torch.tensor(prompts)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -58,13 +59,15 @@ def throughput(
     phase: str,
     new_tokens: int,
     rounds: int,
+    text: bool = False,
 ) -> tuple[float, float, float]:
     """Median tokens/s of ours and of transformers, alternating rounds on the same prompts, and
     the median of the rounds' ratios (each round's two runs are back to back, so the load of
     this shared machine weighs on both alike).
 
     Prefill: prompt tokens over the time to the first token. Decode: tokens after the first
-    over the time of N tokens minus the time of 1, so the prefill cancels out.
+    over the time of N tokens minus the time of 1, so the prefill cancels out. `text`: ours
+    also detokenizes (what serving costs; transformers still makes ids only).
     """
     samples: dict[str, list[float]] = {"ours": [], "transformers": []}
     for _ in range(rounds):
@@ -72,10 +75,10 @@ def throughput(
         for name, run, engine in (("ours", _ours, llm), ("transformers", _theirs, hf)):
             if phase == "prefill":
                 tokens = sum(len(p) for p in prompts)
-                seconds = run(engine, prompts, 1)
+                seconds = run(engine, prompts, 1, text)
             else:
                 tokens = len(prompts) * (new_tokens - 1)
-                seconds = run(engine, prompts, new_tokens) - run(engine, prompts, 1)
+                seconds = run(engine, prompts, new_tokens, text) - run(engine, prompts, 1, text)
             samples[name].append(tokens / seconds)
     ratios = [a / b for a, b in zip(samples["ours"], samples["transformers"], strict=True)]
     return (
@@ -125,25 +128,36 @@ def main() -> None:
         _theirs(hf, prompts(2, 16), 4)
 
         cases = [
-            ("prefill", 1, args.prefill_tokens, 1),
-            ("decode", 1, 32, args.decode_tokens),
-            ("decode", 32, 32, args.decode_tokens),
+            ("prefill", 1, args.prefill_tokens, 1, False),
+            ("decode", 1, 32, args.decode_tokens, False),
+            ("decode", 32, 32, args.decode_tokens, False),
+            # For reference: ours detokenizing as it serves (no target: transformers makes ids).
+            ("decode", 32, 32, args.decode_tokens, True),
         ]
         rows = []
-        for phase, batch, prompt_len, new_tokens in cases:
+        for phase, batch, prompt_len, new_tokens, text in cases:
             ours, theirs, ratio = throughput(
-                llm, hf, lambda b=batch, n=prompt_len: prompts(b, n), phase, new_tokens, args.rounds
+                llm,
+                hf,
+                lambda b=batch, n=prompt_len: prompts(b, n),
+                phase,
+                new_tokens,
+                args.rounds,
+                text,
             )
             rows.append(
                 {
                     "phase": phase,
                     "batch": batch,
+                    "ours_text": text,
                     "prompt_tokens": prompt_len,
                     "new_tokens": new_tokens,
                     "ours_tok_s": ours,
                     "transformers_tok_s": theirs,
                     "ratio": ratio,
-                    "target": 1.0 if phase == "prefill" else (2.0 if batch > 1 else None),
+                    "target": 1.0
+                    if phase == "prefill"
+                    else (2.0 if batch > 1 and not text else None),
                 }
             )
         write_report(
@@ -152,6 +166,7 @@ def main() -> None:
             [
                 "phase",
                 "batch",
+                "ours_text",
                 "prompt_tokens",
                 "new_tokens",
                 "ours_tok_s",
