@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -140,7 +141,7 @@ class DecodeInstance:
         )
         self._streams: dict[str, asyncio.Queue[Any]] = {}
         # What the event loop asks of the batch; the decode loop applies it between steps.
-        self._prealloc: list[_PageRequest] = []
+        self._prealloc: deque[_PageRequest] = deque()
         self._joins: list[_Join] = []
         self._pending_aborts: list[str] = []
         self._work = asyncio.Event()
@@ -248,6 +249,11 @@ class DecodeInstance:
         scheduler inside a step checks free pages, then takes them: nobody may take any in
         between). Waits, with a bound, while memory is short."""
         need = pages_needed(len(request.prompt_token_ids) + 1, self.config.page_size)
+        if need > self.llm.allocator.num_pages:  # would hold the queue's head until it timed out
+            raise DecodeOverloaded(
+                f"the prompt needs {need} KV pages, this decode replica's whole cache has "
+                f"{self.llm.allocator.num_pages}"
+            )
         ask = _PageRequest(request.rid, need, asyncio.get_running_loop().create_future())
         self._prealloc.append(ask)
         self._work.set()
@@ -309,16 +315,18 @@ class DecodeInstance:
             self.llm.abort(rid)
 
     def _grant_pages(self) -> None:
-        """Hand pages to the prealloc queue, oldest first, to every request they fit."""
-        allocator = self.llm.allocator
-        waiting, self._prealloc = self._prealloc, []
-        for ask in waiting:
-            if ask.granted.done():
-                continue  # its caller gave up
-            if allocator.can_allocate(ask.count):
+        """Hand pages to the prealloc queue in arrival order. The oldest request that does not
+        fit holds back those behind it (as vLLM's waiting queue does): granting whatever fits
+        let a stream of small requests take every page freed, and a large one waited until it
+        timed out."""
+        allocator, queue = self.llm.allocator, self._prealloc
+        while queue:
+            ask = queue[0]
+            if not ask.granted.done():  # else its caller gave up
+                if not allocator.can_allocate(ask.count):
+                    return
                 ask.granted.set_result(allocator.allocate(ask.count))
-            else:
-                self._prealloc.append(ask)
+            queue.popleft()
 
     def _apply_joins(self) -> None:
         """Add the prefilled requests to the batch; each gets its first output or the error."""

@@ -22,7 +22,13 @@ from typing import Any
 import pytest
 
 from cluster.plan import PrefillRequest
-from deployments.decode import DecodeConfig, DecodeFailed, DecodeInstance, DecodeRequest
+from deployments.decode import (
+    DecodeConfig,
+    DecodeFailed,
+    DecodeInstance,
+    DecodeOverloaded,
+    DecodeRequest,
+)
 from deployments.prefill import PrefillConfig, PrefillInstance, PrefillResult
 from engine import LLM, EngineConfig, SamplingParams
 from tests.prefill.test_ray_prefill import LoopThread
@@ -117,17 +123,17 @@ class LocalLastStage:
 
 
 def decode_config(model_dir: Path, **overrides: Any) -> DecodeConfig:
-    return DecodeConfig(
-        model=str(model_dir),
-        dtype="float32",
-        device="cpu",
-        page_size=PAGE,
-        num_pages=512,
-        max_num_seqs=64,
-        num_prefill_stages=2,
-        transport=TransportConfig(transfer_timeout_s=1.0),
-        **overrides,
-    )
+    settings: dict[str, Any] = {
+        "model": str(model_dir),
+        "dtype": "float32",
+        "device": "cpu",
+        "page_size": PAGE,
+        "num_pages": 512,
+        "max_num_seqs": 64,
+        "num_prefill_stages": 2,
+        "transport": TransportConfig(transfer_timeout_s=1.0),
+    }
+    return DecodeConfig(**(settings | overrides))
 
 
 async def start_decode(config: DecodeConfig, prefill: Any, replica: str) -> DecodeInstance:
@@ -283,6 +289,55 @@ def test_a_failed_join_fails_its_request_frees_its_pages_once_and_spares_the_bat
         assert watch.joins_during_step == []
         assert not any(s.rid == "half" for s in llm.scheduler.running)
         assert_idle(instance)  # a second free of the same pages would have raised
+    finally:
+        loop.run(instance.close())
+
+
+def test_a_large_request_is_not_passed_over_by_a_stream_of_small_ones(
+    loop: LoopThread, llama_dir: Path
+) -> None:
+    """Pages go to the prealloc queue in arrival order: small requests arriving all the time
+    wait behind a large one instead of taking every page freed (which made it time out), and a
+    prompt larger than the whole cache is refused at once instead of holding the queue."""
+    stage = LocalLastStage(num_stages=2)
+    config = decode_config(llama_dir, num_pages=12, prealloc_timeout_s=1.5)
+    instance = loop.run(start_decode(config, stage, "joins-fifo"))
+    watch = BatchWatch(instance.llm, loop.thread)  # a step takes STEP_PAUSE_S, as on a GPU
+    watch.install()
+    rng = random.Random(3)
+    large = request("large", 1, [rng.randrange(5, 600) for _ in range(150)], max_tokens=4)  # 10
+    smalls = [request(f"s{i}", 10 + i, [5, 6, 7, 8], max_tokens=6) for i in range(40)]  # 1 each
+    for r in smalls:
+        stage.delays[r.rid] = 0.2
+    stage.delays["large"] = 0.05
+
+    async def run_all() -> list[Any]:
+        async def small(i: int) -> Any:
+            await asyncio.sleep(0.05 * i)  # 2 s of arrivals, ~5 small requests holding pages
+            return await consume(instance, smalls[i], watch)
+
+        async def big() -> Any:
+            await asyncio.sleep(0.4)
+            return await consume(instance, large, watch)
+
+        return await asyncio.gather(
+            big(), *(small(i) for i in range(len(smalls))), return_exceptions=True
+        )
+
+    async def too_large() -> float:
+        start = time.monotonic()
+        huge = request("huge", 2, [5] * 200, max_tokens=2)  # 13 pages of a 12-page cache
+        with pytest.raises(DecodeOverloaded, match="whole cache has 12"):
+            await consume(instance, huge, watch)
+        return time.monotonic() - start
+
+    try:
+        outcomes = loop.run(run_all())
+        for req, outcome in zip([large, *smalls], outcomes, strict=True):
+            assert isinstance(outcome, list), (req.rid, outcome)
+            assert_whole_stream(outcome, req.sampling.max_tokens)
+        assert loop.run(too_large()) < 0.5
+        assert_idle(instance)
     finally:
         loop.run(instance.close())
 
