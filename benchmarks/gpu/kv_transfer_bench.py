@@ -575,19 +575,97 @@ def forward_series(
     }
 
 
+class OneCopy:
+    """One `copy_` of `nbytes` contiguous bytes between two buffers of its own (the reference)."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_(0, 255)
+        self.dst = torch.empty_like(self.src)
+
+    def __call__(self) -> None:
+        self.dst.copy_(self.src)
+
+
+CASES = [
+    ("2k tokens", 2048, None),
+    ("16k tokens", 16384, None),
+    ("2k tokens, runs of 4 pages", 2048, 4),
+]
+
+
+def headline(reps: int, rounds: int) -> None:
+    """Only the headline column: send->Success with the GPU idle at `send` (KV only, last
+    stage) per case, against one `copy_` timed on the GPU in the same process, in `rounds`
+    series of `reps` (a median each). Short, so that several processes of two versions of the
+    code can alternate on one machine: the spread between processes is larger than within one."""
+    torch.cuda.set_device(0)
+    page = SHAPE.layout().page_nbytes
+    peer = DecodePeer(SHAPE, device="cuda", timeout_s=120)
+    fast = Prefill(peer, TransportConfig(hostname="127.0.0.1"), "fast")
+    rows, checks = [], {}
+    try:
+        for name, tokens, run in CASES:
+            n = tokens // SHAPE.page_size
+            local = list(range(n))
+            remote = list(range(OFFSET, OFFSET + n)) if run is None else scattered_pages(n, run)
+            nbytes = 2 * SHAPE.num_layers * n * page
+            peer.reset()
+            fast.transfer(local, remote, last=True)  # maps the peer, builds the route
+            checks[name] = fast.check(local, remote)
+            one = statistics.median(_gpu_time(OneCopy(nbytes), reps))
+            for round_ in range(rounds):
+                for last, kind in ((False, "KV only"), (True, "last stage")):
+                    write, in_send = fast_series(fast, local, remote, reps, last)
+                    rows.append(
+                        {
+                            "case": name,
+                            "kind": kind,
+                            "round": round_,
+                            "write_ms": 1e3 * write,
+                            "send_ms": 1e3 * in_send,
+                            "copy_one_ms": 1e3 * one,
+                            "vs_copy": one / write,
+                        }
+                    )
+                    print(rows[-1], file=sys.stderr, flush=True)
+        backend = fast.endpoint.cuda_ipc.backend if fast.endpoint.cuda_ipc else None
+        columns = ["case", "kind", "round", "write_ms", "send_ms", "copy_one_ms", "vs_copy"]
+        write_report(
+            "kv_transfer_headline",
+            rows,
+            columns,
+            {
+                "reps": reps,
+                "checksums_equal": checks,
+                "graphs_in_use": bool(getattr(backend, "graphs_in_use", False)),
+            },
+        )
+        if not all(checks.values()):
+            sys.exit("KV arrived corrupted")
+    finally:
+        fast.close()
+        peer.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reps", type=int, default=30, help="fast path and copy repetitions")
     parser.add_argument("--mooncake-reps", type=int, default=4)
     parser.add_argument("--forward-reps", type=int, default=40, help="behind-a-forward pairs")
+    parser.add_argument(
+        "--headline",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="only send->Success with the GPU idle, ROUNDS series per case (kv_transfer_headline)",
+    )
     args = parser.parse_args()
+    if args.headline:
+        headline(args.reps, args.headline)
+        return
     torch.cuda.set_device(0)
     page = SHAPE.layout().page_nbytes
-    cases = [
-        ("2k tokens", 2048, None),
-        ("16k tokens", 16384, None),
-        ("2k tokens, runs of 4 pages", 2048, 4),
-    ]
+    cases = CASES
     peer = DecodePeer(SHAPE, device="cuda", timeout_s=120)
     fast = Prefill(peer, TransportConfig(hostname="127.0.0.1"), "fast")
     slow = Prefill(peer, TransportConfig(hostname="127.0.0.1", cuda_ipc=False), "tcp")
