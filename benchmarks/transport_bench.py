@@ -21,8 +21,8 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 
 from benchmarks.report import write_report
 from engine.kv_cache import PagedKVCache
-from tests.transport.peer import CacheShape, DecodePeer
-from transport import FirstToken, KVPoll, KVSender, TransferEndpoint, TransportConfig
+from tests.transport.peer import CacheShape, DecodePeer, PrefillStage
+from transport import FirstToken, KVPoll, KVSender, TransportConfig
 from transport.receiver_info import LayerAddress
 from transport.segments import kv_segments
 
@@ -38,15 +38,12 @@ def _wait(sender: KVSender) -> None:
         raise RuntimeError(sender.failure_reason)
 
 
-class Bench:
+class Bench(PrefillStage):
+    """A prefill stage holding every layer, sending to `decode` three ways."""
+
     def __init__(self, shape: CacheShape, decode: DecodePeer, config: TransportConfig) -> None:
-        self.shape = shape
+        super().__init__(shape, config)
         self.decode = decode
-        self.endpoint = TransferEndpoint(config)
-        self.cache = PagedKVCache(shape.spec(), 0, shape.num_layers)
-        for layer in self.cache.layers:
-            layer.normal_()
-        self.endpoint.register_cache(self.cache)
         self.scratch = PagedKVCache(shape.spec(), 0, shape.num_layers)  # memcpy destination
         self._n = 0
 
@@ -55,18 +52,7 @@ class Bench:
         senders = []
         for local, remote in requests:
             self._n += 1
-            rid = f"b{self._n}"
-            info = self.decode.receive(rid, self._n, remote, 1)
-            s = KVSender(
-                self.endpoint,
-                rid=rid,
-                room=self._n,
-                regions=self.cache.regions(),
-                layout=self.shape.layout(),
-                is_last_stage=True,
-            )
-            s.set_receiver_info(info)
-            senders.append((s, local))
+            senders.append((self.sender_to(self.decode, f"b{self._n}", self._n, remote), local))
         start = time.perf_counter()
         for s, local in senders:
             s.send(local, FirstToken(s.room, 1, 0.0, 1))

@@ -64,8 +64,8 @@ import torch
 
 from benchmarks.report import write_report
 from engine.kv_cache import PagedKVCache
-from tests.transport.peer import CacheShape, DecodePeer, page_checksums
-from transport import FirstToken, KVPoll, KVSender, TransferEndpoint, TransportConfig, cuda_ipc
+from tests.transport.peer import CacheShape, DecodePeer, PrefillStage, page_checksums
+from transport import FirstToken, KVPoll, KVSender, TransportConfig, cuda_ipc
 from transport.cuda_ipc import Copies, CudaIpc, CudaIpcMover, PageRoute, plan_runs
 from transport.receiver_info import LayerAddress
 from transport.segments import kv_segments
@@ -89,36 +89,19 @@ def _wait(sender: KVSender, busy: bool, timeout: float = 120.0) -> None:
         raise RuntimeError(sender.failure_reason)
 
 
-class Prefill:
-    """This process's side: an endpoint and a GPU cache of random bytes."""
+class Prefill(PrefillStage):
+    """This process's side: a stage holding every layer on the GPU, sending toward `peer`."""
 
     def __init__(self, peer: DecodePeer, config: TransportConfig, tag: str) -> None:
+        super().__init__(SHAPE, config, device="cuda")
         self.peer = peer
         self.tag = tag
-        self.endpoint = TransferEndpoint(config)
-        self.cache = PagedKVCache(SHAPE.spec(), 0, SHAPE.num_layers, device="cuda")
-        for layer in self.cache.layers:
-            layer.normal_()
-        self.endpoint.register_cache(self.cache)
-        torch.cuda.synchronize()
         self._n = 0
 
     def prepare(self, remote: list[int], last: bool) -> tuple[KVSender, FirstToken | None]:
         """A sender with the decode side's receiver info for `remote`, waiting for input."""
         self._n += 1
-        rid = f"{self.tag}{self._n}"
-        info = self.peer.receive(rid, self._n, remote)
-        sender = KVSender(
-            self.endpoint,
-            rid=rid,
-            room=self._n,
-            regions=self.cache.regions(),
-            layout=SHAPE.layout(),
-            is_last_stage=last,
-        )
-        sender.set_receiver_info(info)
-        if sender.poll() is not KVPoll.WaitingForInput:
-            raise RuntimeError(sender.failure_reason)
+        sender = self.sender_to(self.peer, f"{self.tag}{self._n}", self._n, remote, is_last=last)
         pages = len(remote)
         token = FirstToken(self._n, 1, 0.0, pages * SHAPE.page_size) if last else None
         return sender, token
@@ -192,9 +175,6 @@ class Prefill:
 
     def check(self, local: list[int], remote: list[int]) -> bool:
         return torch.equal(self.peer.checksums(remote), page_checksums(self.cache.layers, local))
-
-    def close(self) -> None:
-        self.endpoint.close()
 
 
 class Forward:

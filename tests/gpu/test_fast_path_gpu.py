@@ -16,14 +16,18 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-from engine.kv_cache import PagedKVCache  # noqa: E402
-from tests.transport.peer import FILL, CacheShape, DecodePeer, page_checksums  # noqa: E402
+from tests.transport.peer import (  # noqa: E402
+    FILL,
+    CacheShape,
+    DecodePeer,
+    PrefillStage,
+    page_checksums,
+)
 from tests.transport.test_transfer import wait_done  # noqa: E402
 from transport import (  # noqa: E402
     FirstToken,
     KVPoll,
     KVSender,
-    TransferEndpoint,
     TransportConfig,
     cuda_ipc,
 )
@@ -36,35 +40,17 @@ LOOPBACK = "127.0.0.1"  # no Ray on the GPU machine to resolve "auto"
 TOKEN = FirstToken(room=11, token_id=42, logprob=-0.5, num_prompt_tokens=100)
 
 
-class GpuStage:
-    """A prefill stage holding every layer on the GPU, with its own endpoint."""
+class GpuStage(PrefillStage):
+    """A prefill stage holding every layer on the GPU, sending toward the decode peer."""
 
     def __init__(self, config: TransportConfig | None = None) -> None:
-        self.endpoint = TransferEndpoint(config or TransportConfig(hostname=LOOPBACK))
-        self.cache = PagedKVCache(SHAPE.spec(), 0, SHAPE.num_layers, device="cuda")
-        for layer in self.cache.layers:
-            layer.normal_()
-        self.endpoint.register_cache(self.cache)
-        torch.cuda.synchronize()
+        super().__init__(SHAPE, config or TransportConfig(hostname=LOOPBACK), device="cuda")
         self._n = 0
 
-    def sender(self, peer: DecodePeer, remote: list[int], last: bool = True) -> KVSender:
-        """A sender (last stage unless `last` is False) with receiver info for `remote`,
-        waiting for input."""
+    def toward(self, peer: DecodePeer, remote: list[int], last: bool = True) -> KVSender:
+        """A last-stage sender (unless `last` is False) toward `remote`, waiting for input."""
         self._n += 1
-        rid = f"g{self._n}"
-        info = peer.receive(rid, TOKEN.room, remote)
-        sender = KVSender(
-            self.endpoint,
-            rid=rid,
-            room=TOKEN.room,
-            regions=self.cache.regions(),
-            layout=SHAPE.layout(),
-            is_last_stage=last,
-        )
-        sender.set_receiver_info(info)
-        assert sender.poll() is KVPoll.WaitingForInput, sender.failure_reason
-        return sender
+        return self.sender_to(peer, f"g{self._n}", TOKEN.room, remote, is_last=last)
 
     def send(
         self,
@@ -74,7 +60,7 @@ class GpuStage:
         before_send=None,
         general: bool = False,
     ) -> tuple[KVSender, tuple]:
-        sender = self.sender(peer, remote)
+        sender = self.toward(peer, remote)
         if general:  # no route: the general path (segments, side stream, from the pool)
             assert isinstance(sender.mover, CudaIpcMover)
             sender.mover.route = None
@@ -83,9 +69,6 @@ class GpuStage:
         sender.send(local, TOKEN)
         state = wait_done(sender, timeout=30)
         return sender, peer.settle(sender.rid, state is KVPoll.Success, sender.failure_reason)
-
-    def close(self) -> None:
-        self.endpoint.close()
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +152,7 @@ def test_the_copy_waits_for_kv_still_being_computed_on_the_stage_stream(
         for i, layer in enumerate(stage.cache.layers):
             layer[:, local[0] : local[-1] + 1].fill_(float(i + 1))  # a view, in place
 
-    sender = stage.sender(peer, remote)
+    sender = stage.toward(peer, remote)
     compute_late()
     sender.send(local, TOKEN)
     # The copy sits behind ~50 ms of GPU work: no Success (and the pages stay held) until then.
@@ -190,7 +173,7 @@ def test_more_requests_behind_compute_than_staging_slots_each_arrive_byte_exact(
     peer.reset()
     count = _Staging.SLOTS + 4
     plans = [([i, i + 1, 40 + i], [2 * i, 2 * i + 1, 63 - i]) for i in range(count)]
-    senders = [stage.sender(peer, remote, last=False) for _, remote in plans]
+    senders = [stage.toward(peer, remote, last=False) for _, remote in plans]
     torch.cuda._sleep(40_000_000)
     for sender, (local, _) in zip(senders, plans, strict=True):
         sender.send(local)
@@ -246,7 +229,7 @@ def test_abort_with_the_copy_behind_compute_holds_the_mapping_until_it_ran(
     stage: GpuStage, peer: DecodePeer
 ) -> None:
     peer.reset()
-    sender = stage.sender(peer, [8, 9])
+    sender = stage.toward(peer, [8, 9])
     path = stage.endpoint.cuda_ipc
     assert path is not None
     mapping = path._mappings[peer.session_id]

@@ -1,6 +1,8 @@
-"""A decode replica's transport in a child process, driven over a pipe by the tests.
+"""The two sides of a KV transfer for tests and benchmarks: a decode replica's transport in a
+child process, driven over a pipe (`DecodePeer`), and a prefill stage's in the caller's process
+(`PrefillStage`).
 
-The tests are the prefill side; this process owns a real `TransferEndpoint`, a real paged KV
+The tests are the prefill side; the child owns a real `TransferEndpoint`, a real paged KV
 cache filled with a known byte pattern, and the `KVReceiver`s, so every transfer crosses a
 process boundary: over Mooncake's tcp transport on loopback, or, with the cache on the GPU
 (`device="cuda"`: tests/gpu, benchmarks/gpu), by the CUDA IPC fast path from a same-node stage.
@@ -222,3 +224,62 @@ class DecodePeer:
                 self.process.join(10)
         if self.process.is_alive():
             self.kill()
+
+
+class PrefillStage:
+    """One prefill stage's transport in this process: its endpoint and a KV cache of layers
+    `layers` (default: all) filled with seeded random values on `device`, registered with it."""
+
+    def __init__(
+        self,
+        shape: CacheShape,
+        config: Any,
+        layers: range | None = None,
+        device: str = "cpu",
+    ) -> None:
+        from engine.kv_cache import PagedKVCache
+        from transport import TransferEndpoint
+
+        layers = layers if layers is not None else range(shape.num_layers)
+        self.shape = shape
+        self.layers = layers
+        self.is_last = layers.stop == shape.num_layers
+        self.endpoint = TransferEndpoint(config)
+        self.cache = PagedKVCache(
+            shape.spec(), first_layer=layers.start, num_layers=len(layers), device=device
+        )
+        gen = torch.Generator(device=device).manual_seed(layers.start)
+        for layer in self.cache.layers:
+            layer.normal_(generator=gen)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        self.endpoint.register_cache(self.cache)
+
+    def sender(self, rid: str, room: int, pp_rank: int = 0, is_last: bool | None = None) -> Any:
+        """A sender of this stage's layers (the last stage's unless `is_last` says)."""
+        from transport import KVSender
+
+        return KVSender(
+            self.endpoint,
+            rid=rid,
+            room=room,
+            regions=self.cache.regions(),
+            layout=self.shape.layout(),
+            is_last_stage=self.is_last if is_last is None else is_last,
+            pp_rank=pp_rank,
+        )
+
+    def sender_to(
+        self, peer: DecodePeer, rid: str, room: int, remote: list[int], is_last: bool = True
+    ) -> Any:
+        """A sender with `peer`'s receiver info for pages `remote`, waiting for input."""
+        from transport import KVPoll
+
+        sender = self.sender(rid, room, is_last=is_last)
+        sender.set_receiver_info(peer.receive(rid, room, remote))
+        if sender.poll() is not KVPoll.WaitingForInput:
+            raise RuntimeError(f"sender {rid} not ready: {sender.failure_reason}")
+        return sender
+
+    def close(self) -> None:
+        self.endpoint.close()

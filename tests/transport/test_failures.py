@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from tests.transport.conftest import PrefillStage, make_stages
-from tests.transport.peer import FILL, CacheShape, DecodePeer
+from tests.transport.conftest import make_stages
+from tests.transport.peer import FILL, CacheShape, DecodePeer, PrefillStage
 from tests.transport.test_transfer import wait_done, wait_for
 from transport import FirstToken, IllegalTransition, KVPoll, TransportConfig
 from transport.receiver_info import KVLayout, LayerAddress

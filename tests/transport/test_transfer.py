@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from tests.transport.conftest import PrefillStage, make_stages
-from tests.transport.peer import FILL, CacheShape, DecodePeer
+from tests.transport.conftest import make_stages
+from tests.transport.peer import FILL, CacheShape, DecodePeer, PrefillStage
 from transport import FirstToken, KVPoll, KVSender
 
 
