@@ -4,13 +4,15 @@ Why: at decode batch sizes a layer's arithmetic is well under a millisecond on a
 the generic forward's Python around it (nine module calls a layer, device and dtype checks,
 attribute lookups through `nn.Module`) cost about 0.3 ms of a batch-32 step of the generated
 model, ~9% (tests/engine/test_native_decode.py checks the result, benchmarks/engine_bench.py
-the speed). This runs the same native kernels (engine/cpu_kernels.py) and packed linears as the
-layers' CPU branches, from per-layer tuples gathered once. The modules stay the one definition
-of the model: prefill, CUDA and the torch-ops fallback run through them.
+the speed). This runs the layers' native kernels (engine/cpu_kernels.py), and their linears on
+the weights packed in panels for decode (engine/linear.py) where they have them, from per-layer
+tuples gathered once. The modules stay the one definition of the model: prefill, CUDA and the
+torch-ops fallback run through them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -20,17 +22,33 @@ from engine import cpu_kernels
 from engine.attention import AttentionMetadata
 from engine.kv_cache import PagedKVCache
 from engine.layers import DecoderLayer
+from engine.linear import Linear
+
+Matmul = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _matmul(linear: Linear) -> Matmul:
+    """The linear's decode matmul: on its panels when packed (read at each call, so a new pack
+    is seen), else its forward."""
+
+    def matmul(x: torch.Tensor) -> torch.Tensor:
+        panels = linear.panels
+        if panels is None:
+            return linear.forward(x)
+        return cpu_kernels.panel_linear(x, panels, linear.out_features, linear.bias)
+
+    return matmul
 
 
 class _Layer(NamedTuple):
     input_norm: torch.Tensor
     input_eps: float
-    qkv: nn.Module
-    o: nn.Module
+    qkv: Matmul
+    o: Matmul
     post_norm: torch.Tensor
     post_eps: float
-    gate_up: nn.Module
-    down: nn.Module
+    gate_up: Matmul
+    down: Matmul
     heads: int
 
     @classmethod
@@ -39,12 +57,12 @@ class _Layer(NamedTuple):
         return cls(
             layer.input_layernorm.weight,
             layer.input_layernorm.eps,
-            attn.qkv_proj,
-            attn.o_proj,
+            _matmul(attn.qkv_proj),
+            _matmul(attn.o_proj),
             layer.post_attention_layernorm.weight,
             layer.post_attention_layernorm.eps,
-            mlp.gate_up_proj,
-            mlp.down_proj,
+            _matmul(mlp.gate_up_proj),
+            _matmul(mlp.down_proj),
             attn.num_heads,
         )
 
@@ -73,12 +91,12 @@ class CpuDecodeLayers:
         positions, tables, page_size = meta.positions, meta.block_tables, meta.page_size
         for i, layer in enumerate(self._layers):
             x, residual = cpu_kernels.rms_norm(h, layer.input_norm, layer.input_eps, residual)
-            qkv = layer.qkv.forward(x)
+            qkv = layer.qkv(x)
             out = cpu_kernels.decode_attention(
                 qkv, cos, sin, *kv_cache.flat_kv(i), positions, tables, page_size, layer.heads
             )
-            h = layer.o.forward(out.view(rows, -1))
+            h = layer.o(out.view(rows, -1))
             x, residual = cpu_kernels.rms_norm(h, layer.post_norm, layer.post_eps, residual)
-            h = layer.down.forward(cpu_kernels.silu_mul(layer.gate_up.forward(x)))
+            h = layer.down(cpu_kernels.silu_mul(layer.gate_up(x)))
         assert residual is not None  # a stage has at least one layer
         return h, residual

@@ -42,6 +42,8 @@ _SIGNATURES = {
     "pd_silu_mul": (_P, _P, _I64, _I64),
     "pd_rotary_cos_sin": (_P, ctypes.c_int32, _I64, _P, _I64, _F32, _P, _P),
     "pd_decode_attention": (_P, _I64, _P, _P, _P, _P, _P, _P, _I64) + (_I64,) * 5 + (_F32, _P),
+    "pd_pack_panels": (_P, _I64, _I64, _P),
+    "pd_panel_linear": (_P, _P, _P, _P, _I64, _I64, _I64),
 }
 
 
@@ -167,6 +169,39 @@ def rms_norm(
         eps,
     )
     return out, total
+
+
+PANEL = 32  # output columns per panel of a packed weight (engine/csrc/cpu_decode.c)
+
+
+def pack_panels(weight: torch.Tensor) -> torch.Tensor:
+    """A linear's weight `[n, k]` packed for `panel_linear`: `[ceil(n / PANEL), k, PANEL]`."""
+    weight = weight.detach().contiguous()
+    n, k = weight.shape
+    packed = weight.new_empty((-(-n // PANEL), k, PANEL))
+    require().pd_pack_panels(weight.data_ptr(), n, k, packed.data_ptr())
+    return packed
+
+
+def panel_linear(
+    x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """`F.linear` at decode batch sizes on a weight packed by `pack_panels` (`n` outputs): each
+    output one multiply-add chain over k in order, so a row's result does not depend on how many
+    rows share the call. Unchecked (the layers' own tensors): float32, bias contiguous."""
+    x = x.contiguous()
+    rows, k = x.shape
+    out = x.new_empty((rows, n))
+    require().pd_panel_linear(
+        x.data_ptr(),
+        packed.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+        rows,
+        k,
+        n,
+    )
+    return out
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

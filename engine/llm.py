@@ -63,8 +63,8 @@ class EngineConfig(BaseModel):
     max_model_len: PositiveInt | None = None
     cpu_linear: CpuLinear = Field(
         "onednn",
-        description="CPU linears: oneDNN on weights packed at load (faster decode), or plain "
-        "F.linear (MKL, the kernel transformers uses; no second copy of the weights)",
+        description="CPU linears: on weights packed at load (oneDNN for prefill, native panels "
+        "for decode), or plain F.linear (MKL, the kernel transformers uses; no packed copies)",
     )
     async_scheduling: bool | None = Field(
         None,

@@ -1,8 +1,9 @@
-/* CPU kernels for the parts of a decoder layer that are not matmuls (float32).
+/* CPU kernels for a decoder layer's decode step (float32): its matmuls and what lies between
+ * them.
  *
  * Why: at decode batch sizes each of these is a few microseconds of arithmetic, but as torch
- * ops they cost tens of microseconds of dispatch, allocation and threading each, more than the
- * layer's matmuls. Built on first use by engine/cpu_kernels.py (gcc -O3 -march=native
+ * ops they cost tens of microseconds of dispatch, allocation and threading each (a packed
+ * oneDNN linear ~14 us a call before any arithmetic), more than the arithmetic itself. Built on first use by engine/cpu_kernels.py (gcc -O3 -march=native
  * -fopenmp, linking the OpenMP runtime torch already loaded) and called through ctypes.
  *
  * Layouts are the engine's: row-major activations, the paged KV cache of one layer viewed as
@@ -10,6 +11,7 @@
  */
 
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -69,6 +71,86 @@ void pd_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t inter) 
         float *o = out + r * inter;
 #pragma omp simd
         for (int64_t i = 0; i < inter; i++) o[i] = g[i] / (1.0f + exp_f32(-g[i])) * u[i];
+    }
+}
+
+/* Sixteen floats: the unit of the decode matmul (one AVX-512 register; two AVX2 ones). */
+typedef float vec16 __attribute__((vector_size(64)));
+
+static inline vec16 load16(const float *p) {
+    vec16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+#define PANEL 32   /* output columns per panel of the packed weight: two vectors */
+#define PANEL_ROWS 6 /* rows of x per register tile: 12 accumulators */
+
+/* Packs a linear's weight w [n, k] (nn.Linear's layout) for pd_panel_linear: panels of PANEL
+ * output columns, each [k][PANEL] (columns past n are zero), so the matmul reads the weight
+ * once, front to back. */
+void pd_pack_panels(const float *w, int64_t n, int64_t k, float *packed) {
+    int64_t panels = (n + PANEL - 1) / PANEL;
+    for (int64_t p = 0; p < panels; p++)
+        for (int64_t i = 0; i < k; i++)
+            for (int64_t c = 0; c < PANEL; c++) {
+                int64_t col = p * PANEL + c;
+                packed[(p * k + i) * PANEL + c] = col < n ? w[col * k + i] : 0.0f;
+            }
+}
+
+/* y[rows, cols] of one panel: the rows of x times the panel's columns, each output one FMA
+ * chain over k in order (so a row's result does not depend on the rows beside it). */
+static inline __attribute__((always_inline)) void panel_tile(const float *x, int64_t k,
+                                                             const float *panel, int rows,
+                                                             vec16 acc[PANEL_ROWS][2]) {
+    for (int r = 0; r < PANEL_ROWS; r++) acc[r][0] = acc[r][1] = (vec16){0};
+    if (rows == PANEL_ROWS) { /* its own loop: with the row count a variable, GCC spills */
+        for (int64_t i = 0; i < k; i++) {
+            vec16 w0 = load16(panel + i * PANEL), w1 = load16(panel + i * PANEL + 16);
+            for (int r = 0; r < PANEL_ROWS; r++) {
+                vec16 b = (vec16){0} + x[r * k + i];
+                acc[r][0] += b * w0;
+                acc[r][1] += b * w1;
+            }
+        }
+        return;
+    }
+    for (int64_t i = 0; i < k; i++) {
+        vec16 w0 = load16(panel + i * PANEL), w1 = load16(panel + i * PANEL + 16);
+        for (int r = 0; r < rows; r++) {
+            vec16 b = (vec16){0} + x[r * k + i];
+            acc[r][0] += b * w0;
+            acc[r][1] += b * w1;
+        }
+    }
+}
+
+/* y = x w^T (+ bias) for a decode batch: x [m, k], w packed by pd_pack_panels, y [m, n], all
+ * row-major. The threads split the panels; at decode batch sizes this is as fast as oneDNN's
+ * packed linear or faster (1.2x at 32 rows, 2.3x at one: it has no per-call setup). */
+void pd_panel_linear(const float *x, const float *packed, const float *bias, float *y, int64_t m,
+                     int64_t k, int64_t n) {
+    int64_t panels = (n + PANEL - 1) / PANEL;
+#pragma omp parallel if (m * n * k >= PARALLEL_WORK)
+    {
+        int64_t part = omp_get_thread_num(), parts = omp_get_num_threads();
+        int64_t end = panels * (part + 1) / parts;
+        for (int64_t p = panels * part / parts; p < end; p++) {
+            int64_t col0 = p * PANEL, cols = n - col0 < PANEL ? n - col0 : PANEL;
+            for (int64_t row0 = 0; row0 < m; row0 += PANEL_ROWS) {
+                int rows = m - row0 < PANEL_ROWS ? (int)(m - row0) : PANEL_ROWS;
+                vec16 acc[PANEL_ROWS][2];
+                panel_tile(x + row0 * k, k, packed + p * k * PANEL, rows, acc);
+                for (int r = 0; r < rows; r++) {
+                    float out[PANEL];
+                    memcpy(out, acc[r], sizeof out);
+                    float *row = y + (row0 + r) * n + col0;
+                    for (int64_t c = 0; c < cols; c++)
+                        row[c] = bias != NULL ? out[c] + bias[col0 + c] : out[c];
+                }
+            }
+        }
     }
 }
 

@@ -1,5 +1,5 @@
-"""The prepacked oneDNN linear path: on by default, opt-out-able, batch-invariant, and falling
-back to F.linear where oneDNN cannot run."""
+"""The prepacked linears: oneDNN's (prefill) and the native panels (decode), on by default,
+opt-out-able, batch-invariant, and falling back to F.linear where they cannot run."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import engine.linear
-from engine import LLM, EngineConfig, load_stage
+from engine import LLM, EngineConfig, cpu_kernels, load_stage
 from engine.linear import Linear, pack_linears
 
 needs_onednn = pytest.mark.skipif(
@@ -26,10 +26,11 @@ def linears(stage) -> list[Linear]:
 def test_stages_pack_every_linear_by_default_and_mkl_opts_out(qwen2_dir):
     packed = linears(load_stage(qwen2_dir))
     assert len(packed) == 4 * 4 + 1  # qkv, o, gate_up, down per layer, and the LM head
-    assert all(m.packed is not None for m in packed)
-    assert all(m.packed is None for m in linears(load_stage(qwen2_dir, cpu_linear="mkl")))
+    assert all(m.packed is not None and m.panels is not None for m in packed)
+    plain = linears(load_stage(qwen2_dir, cpu_linear="mkl"))
+    assert all(m.packed is None and m.panels is None for m in plain)
     llm = LLM(EngineConfig(model=str(qwen2_dir), num_pages=8, cpu_linear="mkl"))
-    assert all(m.packed is None for m in linears(llm.runner.stage))
+    assert all(m.packed is None and m.panels is None for m in linears(llm.runner.stage))
 
 
 @needs_onednn
@@ -45,6 +46,27 @@ def test_packed_linear_rounds_a_row_the_same_at_any_batch_size(bias):
         assert torch.equal(layer(x[:rows]), full[:rows])
     # Same function as F.linear, up to float32 rounding.
     torch.testing.assert_close(full, F.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 40), (32, 256), (100, 257), (688, 256)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_decode_panels_equal_float64_and_round_a_row_the_same_at_any_batch_size(n, k, bias):
+    """The decode matmul (native, on the weight packed in panels): panel edges (n not a multiple
+    of 32), register-tile edges (rows not a multiple of 6), any k."""
+    torch.manual_seed(n * k)
+    layer = Linear(k, n, bias=bias)
+    pack_linears(layer)
+    assert layer.panels is not None
+    x = torch.randn(70, k)
+    full = cpu_kernels.panel_linear(x, layer.panels, n, layer.bias)
+    reference = F.linear(
+        x.double(), layer.weight.double(), None if not bias else layer.bias.double()
+    )
+    torch.testing.assert_close(full, reference.float(), rtol=1e-5, atol=2e-6 * k**0.5)
+    for rows in (1, 2, 5, 6, 7, 13, 32, 64):
+        assert torch.equal(
+            cpu_kernels.panel_linear(x[:rows], layer.panels, n, layer.bias), full[:rows]
+        )
 
 
 @pytest.mark.skipif(
@@ -64,8 +86,9 @@ def test_bf16_linears_pack_too():
 def test_moving_or_casting_drops_the_stale_pack():
     layer = Linear(32, 16)
     pack_linears(layer)
+    assert layer.panels is not None
     layer.to(torch.float64)
-    assert layer.packed is None
+    assert layer.packed is None and layer.panels is None
     x = torch.randn(3, 32, dtype=torch.float64)
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
 
