@@ -66,7 +66,9 @@ class StageActor:
         config = ModelConfig.from_dir(spec.model)
         device = resolve_device(actor_device(spec.device))
         dtype = resolve_dtype(spec.dtype, device)
-        stage = load_stage(spec.model, LayerRange(spec.start, spec.end), dtype, device, config)
+        stage = load_stage(  # prefill only: no decode panels
+            spec.model, LayerRange(spec.start, spec.end), dtype, device, config, decode=False
+        )
         kv_spec = KVCacheSpec(
             num_pages=spec.num_pages,
             page_size=spec.page_size,

@@ -14,7 +14,8 @@ at one). Each path is batch-invariant on its own: decode always uses the panels,
 oneDNN.
 
 The packed copies are kept beside the plain weight (which state dicts and tests still see), so
-packing costs two more copies of the linear weights; `cpu_linear="mkl"` opts out of both.
+packing costs two more copies of the linear weights (one in a prefill-only PP stage, which never
+decodes); `cpu_linear="mkl"` opts out of both.
 """
 
 from __future__ import annotations
@@ -81,9 +82,10 @@ class Linear(nn.Linear):
 
 
 @torch.no_grad()
-def pack_linears(module: nn.Module, mode: CpuLinear = "onednn") -> int:
-    """Packs every CPU float32/bf16 `Linear` in `module` for oneDNN ("onednn"), and float32 ones
-    into panels for decode where the native kernels are built, or drops the packs ("mkl").
+def pack_linears(module: nn.Module, mode: CpuLinear = "onednn", decode: bool = True) -> int:
+    """Packs every CPU float32/bf16 `Linear` in `module` for oneDNN ("onednn"), and, if it will
+    `decode`, float32 ones into panels where the native kernels are built; or drops the packs
+    ("mkl"). A prefill-only stage passes `decode=False` and holds no panels.
     Returns how many linears run packed for oneDNN; falls back to F.linear (logged once) where
     oneDNN cannot be used. Weights on other devices (CUDA) are left to F.linear."""
     if mode not in ("onednn", "mkl"):
@@ -96,7 +98,7 @@ def pack_linears(module: nn.Module, mode: CpuLinear = "onednn") -> int:
         weight = linear.weight
         if mode == "mkl" or weight.device.type != "cpu" or weight.dtype not in _PACKABLE:
             continue
-        if cpu_kernels.usable(weight):
+        if decode and cpu_kernels.usable(weight):
             linear.panels = cpu_kernels.pack_panels(weight)
         if not onednn_available(weight.dtype):
             _warn_once(

@@ -80,11 +80,13 @@ def load_stage(
     device: torch.device | str = "cpu",
     config: ModelConfig | None = None,
     cpu_linear: CpuLinear = "onednn",
+    decode: bool = True,
 ) -> DecoderStage:
     """Loads layers `layer_range` (default: all) of the checkpoint in `model_dir`.
 
-    `cpu_linear` picks how CPU linears run (engine/linear.py): their weights are packed for
-    oneDNN here, once, after every weight is in place.
+    `cpu_linear` picks how CPU linears run (engine/linear.py): their weights are packed here,
+    once, after every weight is in place; for decode too unless `decode` is False (a prefill
+    stage, which never decodes, then holds no decode panels).
     """
     model_dir = Path(model_dir)
     config = config or ModelConfig.from_dir(model_dir)
@@ -143,7 +145,7 @@ def load_stage(
     stage.rotary.inv_freq = stage.rotary.inv_freq.float()
     if checkpoint is not None and (factors := checkpoint.rope_freq_factors()) is not None:
         stage.rotary.inv_freq = (stage.rotary.inv_freq / factors.to(device)).float()
-    packed = pack_linears(stage, cpu_linear)
+    packed = pack_linears(stage, cpu_linear, decode)
     log.info(
         "loaded stage",
         extra={

@@ -27,6 +27,8 @@ def test_stages_pack_every_linear_by_default_and_mkl_opts_out(qwen2_dir):
     packed = linears(load_stage(qwen2_dir))
     assert len(packed) == 4 * 4 + 1  # qkv, o, gate_up, down per layer, and the LM head
     assert all(m.packed is not None and m.panels is not None for m in packed)
+    prefill_only = linears(load_stage(qwen2_dir, decode=False))
+    assert all(m.packed is not None and m.panels is None for m in prefill_only)
     plain = linears(load_stage(qwen2_dir, cpu_linear="mkl"))
     assert all(m.packed is None and m.panels is None for m in plain)
     llm = LLM(EngineConfig(model=str(qwen2_dir), num_pages=8, cpu_linear="mkl"))
