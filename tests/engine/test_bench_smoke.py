@@ -1,0 +1,46 @@
+"""`make bench`'s engine benchmarks run end to end (tiny sizes, one round) and write their
+tables: nothing else runs them before a user does."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    "module,args,rows",
+    [
+        (
+            "benchmarks.engine_bench",
+            ["--rounds", "1", "--prefill-tokens", "32", "--decode-tokens", "3"],
+            4,
+        ),
+        (
+            "benchmarks.real_model_bench",
+            ["--rounds", "1", "--prefill-tokens", "16", "--decode-tokens", "3"],
+            4,
+        ),
+    ],
+)
+def test_the_engine_benchmarks_run_and_report(tmp_path, module, args, rows):
+    env = {**os.environ, "OUT": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    [report] = tmp_path.glob("*.json")
+    data = json.loads(report.read_text())
+    assert len(data["rows"]) == rows
+    assert all(row["ratio"] > 0 for row in data["rows"])
