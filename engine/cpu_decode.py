@@ -2,9 +2,9 @@
 
 Why: at decode batch sizes a layer's arithmetic is well under a millisecond on a few cores, and
 the generic forward's Python around it (nine module calls a layer, device and dtype checks,
-attribute lookups through `nn.Module`) cost about 0.3 ms of a batch-32 step of the generated
-model, ~9% (tests/engine/test_native_decode.py checks the result, benchmarks/engine_bench.py
-the speed). This runs the layers' native kernels (engine/cpu_kernels.py), and their linears on
+attribute lookups through `nn.Module`) cost ~5% of a batch-32 forward of the generated model,
+measured paired in one process (tests/engine/test_native_decode.py checks the result,
+benchmarks/engine_bench.py the speed). This runs the layers' native kernels (engine/cpu_kernels.py), and their linears on
 the weights packed in panels for decode (engine/linear.py) where they have them, from per-layer
 tuples gathered once. The modules stay the one definition of the model: prefill, CUDA and the
 torch-ops fallback run through them.
