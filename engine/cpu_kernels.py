@@ -44,6 +44,7 @@ _SIGNATURES = {
     "pd_decode_attention": (_P, _I64, _P, _P, _P, _P, _P, _P, _I64) + (_I64,) * 5 + (_F32, _P),
     "pd_pack_panels": (_P, _I64, _I64, _P),
     "pd_panel_linear": (_P, _P, _P, _P, _I64, _I64, _I64),
+    "pd_panel_width": (),
 }
 
 
@@ -109,6 +110,7 @@ def _library() -> ctypes.CDLL | NativeKernelsUnavailable:
     for name, argtypes in _SIGNATURES.items():
         getattr(lib, name).argtypes = argtypes
         getattr(lib, name).restype = None
+    lib.pd_panel_width.restype = ctypes.c_int32
     return lib
 
 
@@ -171,14 +173,13 @@ def rms_norm(
     return out, total
 
 
-PANEL = 32  # output columns per panel of a packed weight (engine/csrc/cpu_decode.c)
-
-
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
-    """A linear's weight `[n, k]` packed for `panel_linear`: `[ceil(n / PANEL), k, PANEL]`."""
+    """A linear's weight `[n, k]` packed for `panel_linear`: `[ceil(n / width), k, width]`, the
+    width (output columns per panel) the kernel was built with."""
     weight = weight.detach().contiguous()
     n, k = weight.shape
-    packed = weight.new_empty((-(-n // PANEL), k, PANEL))
+    width = require().pd_panel_width()
+    packed = weight.new_empty((-(-n // width), k, width))
     require().pd_pack_panels(weight.data_ptr(), n, k, packed.data_ptr())
     return packed
 

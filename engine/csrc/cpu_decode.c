@@ -3,8 +3,9 @@
  *
  * Why: at decode batch sizes each of these is a few microseconds of arithmetic, but as torch
  * ops they cost tens of microseconds of dispatch, allocation and threading each (a packed
- * oneDNN linear ~14 us a call before any arithmetic), more than the arithmetic itself. Built on first use by engine/cpu_kernels.py (gcc -O3 -march=native
- * -fopenmp, linking the OpenMP runtime torch already loaded) and called through ctypes.
+ * oneDNN linear ~14 us a call before any arithmetic), more than the arithmetic itself. Built on
+ * first use by engine/cpu_kernels.py (gcc -O3 -march=native -fopenmp, linking the OpenMP
+ * runtime torch already loaded) and called through ctypes.
  *
  * Layouts are the engine's: row-major activations, the paged KV cache of one layer viewed as
  * [slots, kv_heads, head_dim] (slot = page * page_size + offset), int32 page tables.
@@ -99,23 +100,13 @@ void pd_pack_panels(const float *w, int64_t n, int64_t k, float *packed) {
             }
 }
 
-/* y[rows, cols] of one panel: the rows of x times the panel's columns, each output one FMA
- * chain over k in order (so a row's result does not depend on the rows beside it). */
-static inline __attribute__((always_inline)) void panel_tile(const float *x, int64_t k,
+/* Adds `rows` rows of x times one panel into acc: each output one FMA chain over k in order (so
+ * a row's result does not depend on the rows beside it). Inlined, and called with the constant
+ * PANEL_ROWS for full tiles: with the row count a variable, GCC keeps the accumulators in
+ * memory. */
+static inline __attribute__((always_inline)) void panel_rows(const float *x, int64_t k,
                                                              const float *panel, int rows,
                                                              vec16 acc[PANEL_ROWS][2]) {
-    for (int r = 0; r < PANEL_ROWS; r++) acc[r][0] = acc[r][1] = (vec16){0};
-    if (rows == PANEL_ROWS) { /* its own loop: with the row count a variable, GCC spills */
-        for (int64_t i = 0; i < k; i++) {
-            vec16 w0 = load16(panel + i * PANEL), w1 = load16(panel + i * PANEL + 16);
-            for (int r = 0; r < PANEL_ROWS; r++) {
-                vec16 b = (vec16){0} + x[r * k + i];
-                acc[r][0] += b * w0;
-                acc[r][1] += b * w1;
-            }
-        }
-        return;
-    }
     for (int64_t i = 0; i < k; i++) {
         vec16 w0 = load16(panel + i * PANEL), w1 = load16(panel + i * PANEL + 16);
         for (int r = 0; r < rows; r++) {
@@ -125,6 +116,20 @@ static inline __attribute__((always_inline)) void panel_tile(const float *x, int
         }
     }
 }
+
+/* The register tile of one panel for rows [0, rows) of x (rows <= PANEL_ROWS). */
+static inline __attribute__((always_inline)) void panel_tile(const float *x, int64_t k,
+                                                             const float *panel, int rows,
+                                                             vec16 acc[PANEL_ROWS][2]) {
+    for (int r = 0; r < PANEL_ROWS; r++) acc[r][0] = acc[r][1] = (vec16){0};
+    if (rows == PANEL_ROWS)
+        panel_rows(x, k, panel, PANEL_ROWS, acc);
+    else
+        panel_rows(x, k, panel, rows, acc);
+}
+
+/* Output columns per panel, for the caller that allocates packed weights. */
+int32_t pd_panel_width(void) { return PANEL; }
 
 /* y = x w^T (+ bias) for a decode batch: x [m, k], w packed by pd_pack_panels, y [m, n], all
  * row-major. The threads split the panels; at decode batch sizes this is as fast as oneDNN's
