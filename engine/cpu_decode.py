@@ -4,9 +4,9 @@ Why: at decode batch sizes a layer's arithmetic is well under a millisecond on a
 the generic forward's Python around it (nine module calls a layer, device and dtype checks,
 attribute lookups through `nn.Module`) cost ~5% of a batch-32 forward of the generated model,
 measured paired in one process (tests/engine/test_native_decode.py checks the result,
-benchmarks/engine_bench.py the speed). This runs the layers' native kernels (engine/cpu_kernels.py), and their linears on
-the weights packed in panels for decode (engine/linear.py) where they have them, from per-layer
-tuples gathered once. The modules stay the one definition of the model: prefill, CUDA and the
+benchmarks/engine_bench.py the speed). This runs the layers' native kernels
+(engine/cpu_kernels.py), and their linears on the weights packed in panels for decode
+(engine/linear.py) where they have them, from per-layer tuples gathered once. The modules stay the one definition of the model: prefill, CUDA and the
 torch-ops fallback run through them.
 """
 
@@ -69,13 +69,16 @@ class _Layer(NamedTuple):
 
 class CpuDecodeLayers:
     """Runs a decode step (metadata from `AttentionMetadata.for_paged_decode`) through
-    `layers` on the CPU in float32, reading the KV pages in place.
+    `layers` on the CPU in float32, reading the KV pages in place; `lm_head` is the decode
+    matmul of the last stage's LM head.
 
     Holds the layers' own parameter and module objects, so weights loaded or packed again in
     place are seen; a stage moved to another device or dtype must build a new one."""
 
-    def __init__(self, layers: nn.ModuleList) -> None:
+    def __init__(self, layers: nn.ModuleList, lm_head: Linear | None = None) -> None:
         self._layers = [_Layer.of(layer) for layer in layers]
+        # The last stage's LM head, on its panels too (logits of every row of a decode step).
+        self.lm_head = None if lm_head is None else _matmul(lm_head)
 
     def __call__(
         self,

@@ -83,17 +83,19 @@ class DecoderStage(nn.Module):
         h = self.embed_tokens(inputs) if self.is_first else inputs
         # The Triton rotary kernel takes float32 cos/sin; the torch path rotates in h's dtype.
         cos, sin = self.rotary.cos_sin(meta.positions, torch.float32 if h.is_cuda else h.dtype)
+        head = self.lm_head if self.is_last else None
         if meta.block_tables is not None and not h.is_cuda:  # CPU decode, pages read in place
             if self._cpu_decode is None:
-                self._cpu_decode = CpuDecodeLayers(self.layers)
+                self._cpu_decode = CpuDecodeLayers(self.layers, head)
             h, residual = self._cpu_decode(h, cos, sin, meta, kv_cache)
+            head = self._cpu_decode.lm_head
         else:
             residual = None
             for i, layer in enumerate(self.layers):
                 h, residual = layer(h, residual, cos, sin, kv_cache.flat_kv(i), meta)
-        if not self.is_last:
+        if head is None:
             return h + residual
         # Logit rows are increasing, so as many as there are tokens means every row (decode).
         if meta.logits_indices.shape[0] != h.shape[0]:
             h, residual = h[meta.logits_indices], residual[meta.logits_indices]
-        return self.lm_head(self.norm(h, residual)[0]).float()
+        return head(self.norm(h, residual)[0]).float()
