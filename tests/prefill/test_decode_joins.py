@@ -29,12 +29,11 @@ from deployments.decode import (
     DecodeOverloaded,
     DecodeRequest,
 )
-from deployments.prefill import PrefillConfig, PrefillInstance, PrefillResult
+from deployments.prefill import PrefillInstance, PrefillResult
 from engine import LLM, EngineConfig, SamplingParams
-from tests.prefill.test_ray_prefill import LoopThread
+from tests.prefill.test_ray_prefill import PAGE, LoopThread, cpu_prefill_config
 from transport import FirstToken, TransportConfig
 
-PAGE = 16
 STEP_PAUSE_S = 0.01  # device time of a step: the event loop runs meanwhile, as on a GPU
 
 
@@ -347,15 +346,9 @@ def test_a_large_request_is_not_passed_over_by_a_stream_of_small_ones(
 
 @pytest.fixture(scope="module")
 def prefill(ray_cluster, llama_dir: Path, loop: LoopThread) -> Iterator[PrefillInstance]:
-    config = PrefillConfig(
-        model=str(llama_dir),
-        pp_size=2,
-        placement_strategy="SPREAD",
-        num_cpus_per_stage=0.5,
-        dtype="float32",
-        device="cpu",
-        page_size=PAGE,
-        num_pages=512,
+    config = cpu_prefill_config(
+        llama_dir,
+        2,
         max_batched_tokens=64,
         transport=TransportConfig(bootstrap_timeout_s=10, liveness_interval_s=0.5),
     )

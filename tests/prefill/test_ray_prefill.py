@@ -67,20 +67,27 @@ def decode_shape(model_dir) -> CacheShape:
     )
 
 
+def cpu_prefill_config(model_dir: Any, pp_size: int, **overrides: Any) -> PrefillConfig:
+    """A prefill instance of the test model on the test cluster's CPU nodes, its stages spread
+    over them (half a CPU each)."""
+    settings: dict[str, Any] = {
+        "model": str(model_dir),
+        "pp_size": pp_size,
+        "placement_strategy": "SPREAD",
+        "num_cpus_per_stage": 0.5,
+        "dtype": "float32",
+        "device": "cpu",
+        "page_size": PAGE,
+        "num_pages": 512,
+        "max_batched_tokens": 256,
+        "transport": TransportConfig(bootstrap_timeout_s=4, liveness_interval_s=0.5),
+    }
+    return PrefillConfig(**(settings | overrides))
+
+
 @pytest.fixture(scope="module", params=[2, 4], ids=["pp2", "pp4"])
 def setup(request, ray_cluster, llama_dir, loop) -> Iterator[tuple[PrefillInstance, DecodePeer]]:
-    config = PrefillConfig(
-        model=str(llama_dir),
-        pp_size=request.param,
-        placement_strategy="SPREAD",
-        num_cpus_per_stage=0.5,
-        dtype="float32",
-        device="cpu",
-        page_size=PAGE,
-        num_pages=512,
-        max_batched_tokens=256,
-        transport=TransportConfig(bootstrap_timeout_s=4, liveness_interval_s=0.5),
-    )
+    config = cpu_prefill_config(llama_dir, request.param)
     instance = PrefillInstance(config, name=f"test{request.param}")
     loop.run(instance.start())
     decode = DecodePeer(decode_shape(llama_dir))
