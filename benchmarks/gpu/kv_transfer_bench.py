@@ -523,6 +523,14 @@ def scattered_pages(n: int, run: int, seed: int = 0) -> list[int]:
     return [s + k for s in starts for k in range(run)]
 
 
+def case_pages(tokens: int, run: int | None) -> tuple[list[int], list[int], int]:
+    """A case's prefill pages, its decode pages (contiguous from OFFSET, or shuffled runs of
+    `run`) and the bytes it moves over all layers."""
+    n = tokens // SHAPE.page_size
+    remote = list(range(OFFSET, OFFSET + n)) if run is None else scattered_pages(n, run)
+    return list(range(n)), remote, 2 * SHAPE.num_layers * n * SHAPE.layout().page_nbytes
+
+
 def fast_series(
     fast: Prefill, local: list[int], remote: list[int], reps: int, last: bool, spin_s: float = 0.0
 ) -> tuple[float, float]:
@@ -579,16 +587,12 @@ def headline(reps: int, rounds: int) -> None:
     series of `reps` (a median each). Short, so that several processes of two versions of the
     code can alternate on one machine: the spread between processes is larger than within one."""
     torch.cuda.set_device(0)
-    page = SHAPE.layout().page_nbytes
     peer = DecodePeer(SHAPE, device="cuda", timeout_s=120)
     fast = Prefill(peer, TransportConfig(hostname="127.0.0.1"), "fast")
     rows, checks = [], {}
     try:
         for name, tokens, run in CASES:
-            n = tokens // SHAPE.page_size
-            local = list(range(n))
-            remote = list(range(OFFSET, OFFSET + n)) if run is None else scattered_pages(n, run)
-            nbytes = 2 * SHAPE.num_layers * n * page
+            local, remote, nbytes = case_pages(tokens, run)
             peer.reset()
             fast.transfer(local, remote, last=True)  # maps the peer, builds the route
             checks[name] = fast.check(local, remote)
@@ -644,8 +648,6 @@ def main() -> None:
         headline(args.reps, args.headline)
         return
     torch.cuda.set_device(0)
-    page = SHAPE.layout().page_nbytes
-    cases = CASES
     peer = DecodePeer(SHAPE, device="cuda", timeout_s=120)
     fast = Prefill(peer, TransportConfig(hostname="127.0.0.1"), "fast")
     slow = Prefill(peer, TransportConfig(hostname="127.0.0.1", cuda_ipc=False), "tcp")
@@ -654,11 +656,8 @@ def main() -> None:
     path = fast.endpoint.cuda_ipc
     assert path is not None
     try:
-        for name, tokens, run in cases:
-            n = tokens // SHAPE.page_size
-            local = list(range(n))
-            remote = list(range(OFFSET, OFFSET + n)) if run is None else scattered_pages(n, run)
-            nbytes = 2 * SHAPE.num_layers * n * page
+        for name, tokens, run in CASES:
+            local, remote, nbytes = case_pages(tokens, run)
             row: dict = {"case": name, "MiB": nbytes / 2**20}
 
             peer.reset()
