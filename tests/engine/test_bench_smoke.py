@@ -1,9 +1,11 @@
 """`make bench`'s engine benchmarks run end to end (tiny sizes, one round) and write their
-tables: nothing else runs them before a user does."""
+tables: nothing else runs them before a user does. What they measure is checked by running them
+(`make bench`), not here."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -43,4 +45,6 @@ def test_the_engine_benchmarks_run_and_report(tmp_path, module, args, rows):
     [report] = tmp_path.glob("*.json")
     data = json.loads(report.read_text())
     assert len(data["rows"]) == rows
-    assert all(row["ratio"] > 0 for row in data["rows"])
+    # A number, not a figure: at these sizes the decode time (N tokens minus 1) is noise and
+    # may even come out negative on a busy machine.
+    assert all(math.isfinite(row["ratio"]) for row in data["rows"])
