@@ -27,6 +27,7 @@ using them has finished.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import glob
 import logging
@@ -407,14 +408,51 @@ class PageRoute:
         return self._numbers[first : first + n]
 
 
-def plan_runs(route: PageRoute, local_pages: list[int], remote: np.ndarray) -> np.ndarray | None:
-    """Page runs as rows (source offset, destination offset, length) in 8-byte elements, for
-    local page `local_pages[i]` to go to `remote[i]`; None when the route cannot take them."""
+class PageRuns:
+    """One request's page runs over a route: per run (source offset, destination offset,
+    length) in 8-byte elements, kept as one flat tuple of Python ints.
+
+    Not numpy, on purpose: a request is launched by a thread that has usually just woken (it
+    waited for the GPU or for a message), and there every numpy call costs ~10 us before any
+    work (measured on the H100 host after a 1 ms sleep: a 1x3 array 10 us, against 3 us hot;
+    writing one run into the slot with numpy 16 us, with a memoryview 3 us). A one-run request
+    (the usual case) makes no numpy call at all; planning several runs does (`plan_runs`).
+    """
+
+    __slots__ = ("flat",)
+
+    def __init__(self, flat: tuple[int, ...]) -> None:
+        self.flat = flat
+
+    @classmethod
+    def of(cls, rows: np.ndarray) -> PageRuns:
+        """From rows of (source offset, destination offset, length)."""
+        return cls(tuple(rows.reshape(-1).tolist()))
+
+    def __len__(self) -> int:
+        return len(self.flat) // 3
+
+    @property
+    def words(self) -> int:
+        """8-byte elements moved per (layer, K or V) row."""
+        return sum(self.flat[2::3])
+
+    @property
+    def longest(self) -> int:
+        return max(self.flat[2::3], default=0)
+
+    def rows(self) -> np.ndarray:
+        return np.array(self.flat, np.int64).reshape(-1, 3)
+
+
+def plan_runs(route: PageRoute, local_pages: list[int], remote: np.ndarray) -> PageRuns | None:
+    """Page runs for local page `local_pages[i]` to go to `remote[i]`; None when the route
+    cannot take them."""
     n = len(local_pages)
     if n > len(remote):
         return None
     if n == 0:
-        return np.empty((0, 3), np.int64)
+        return PageRuns(())
     local = np.array(local_pages, np.int64)
     theirs = remote[:n]
     if local.min() < 0 or local.max() >= route.local_pages:
@@ -430,24 +468,32 @@ def plan_runs(route: PageRoute, local_pages: list[int], remote: np.ndarray) -> n
     runs[:, 0] = local[starts] * route.page_words
     runs[:, 1] = theirs[starts] * route.page_words
     runs[:, 2] = np.diff(np.concatenate((starts, [n]))) * route.page_words
-    return runs
+    return PageRuns.of(runs)
 
 
-def _work(runs: np.ndarray) -> np.ndarray:
+def _work(runs: PageRuns) -> np.ndarray:
     """A run table as the kernels read it: the count, then the runs' rows."""
-    return np.concatenate(([len(runs)], runs.reshape(-1))).astype(np.int64)
+    return np.array((len(runs), *runs.flat), np.int64)
 
 
 class _Staging:
-    """Per-request run tables in mapped pinned host memory, one slot each, reused round robin,
-    and per slot a raw event that ends the copy which read it.
+    """Per-request run tables in mapped pinned host memory, one slot each, and per slot a raw
+    event that ends the copy which read it.
 
     The GPU reads a slot where it lies (a graph's table node, or the direct kernel), so a
-    request writes its table with numpy and makes no upload call. A slot is written again only
+    request writes its table through a memoryview and makes no upload call. A slot is written again only
     after the copy that read it has finished (its event), so a table is never overwritten
     under a copy still queued behind the caller's compute. Generations tell a request's end
     from a later one on the same slot: `passed` never reports a request done early, and once
     any poll saw a slot's event pass, taking the slot again costs no CUDA call.
+
+    A request takes the lowest slot known free, not the next one round the ring: requests that
+    come one at a time then launch the same slot's graph each time, whose driver state is still
+    in the CPU's caches. Measured once on the H100 host in the sender's flow (2k tokens, the GPU
+    idle, time stamps): the graph launch 15 us with one slot against 22 us cycling through 16,
+    send->Success 92 against 108 us; the spread between sessions is about as large
+    (benchmarks/gpu/NOTES_transport.md). Only when every slot is busy does a request wait, for
+    the oldest copy.
     """
 
     SLOTS = 16
@@ -462,7 +508,8 @@ class _Staging:
         self.tables = np.frombuffer((ctypes.c_int64 * count).from_address(host), np.int64)
         self.tables = self.tables.reshape(self.SLOTS + 1, self.words)
         self.tables[:] = 0
-        self.rows = [self.tables[i] for i in range(self.SLOTS)]
+        # Per slot its words as a memoryview: a request writes its table without numpy.
+        self.views = [memoryview(self.tables[i]).cast("B").cast("q") for i in range(self.SLOTS)]
         self.addresses = [mapped + 8 * self.words * i for i in range(self.SLOTS + 1)]
         self.empty = self.addresses[self.SLOTS]
         # The graphs' tables in device memory, a slot each (`_table_kernel` fills them).
@@ -471,20 +518,25 @@ class _Staging:
         self.events = [runtime.event_create() for _ in range(self.SLOTS)]
         self._gens = [0] * self.SLOTS  # requests that took each slot
         self._passed = [0] * self.SLOTS  # of those, how many are known to have finished
-        self._next = 0
+        self._taken = [0] * self.SLOTS  # when each slot was last taken (a count of takes)
+        self._takes = 0
         self.lock = threading.Lock()  # held from `take` to the record: one slot, one request
         finalizer = weakref.finalize(self, _free_staging, runtime, host, tuple(self.events))
         finalizer.atexit = False  # at exit the process's memory goes anyway
 
     def take(self) -> tuple[int, int]:
-        """The next slot and this request's generation on it; the caller holds `lock`."""
-        i = self._next
-        self._next = (i + 1) % self.SLOTS
-        last = self._gens[i]
-        if self._passed[i] < last:
-            self.wait(i, last)  # 16 requests still queued behind compute: wait for the oldest
-        self._gens[i] = last + 1
-        return i, last + 1
+        """The lowest free slot and this request's generation on it; the caller holds `lock`."""
+        gens, passed = self._gens, self._passed
+        for i in range(self.SLOTS):
+            if passed[i] >= gens[i]:
+                break
+        else:  # 16 requests still queued behind compute: wait for the oldest
+            i = min(range(self.SLOTS), key=self._taken.__getitem__)
+            self.wait(i, gens[i])
+        self._takes += 1
+        self._taken[i] = self._takes
+        gens[i] += 1
+        return i, gens[i]
 
     def passed(self, slot: int, gen: int) -> bool:
         """Whether request `gen` of `slot` has finished (never blocks)."""
@@ -554,7 +606,7 @@ class IpcBackend(Protocol):
     # The per-request path (optional: a backend without it gets the general path only).
     def prepare_route(self, route: PageRoute, device: torch.device) -> Any: ...
     # Returns the copy's end: anything with `query()` and `synchronize()`, like an event.
-    def launch_pages(self, route: PageRoute, runs: np.ndarray, device: torch.device) -> Any: ...
+    def launch_pages(self, route: PageRoute, runs: PageRuns, device: torch.device) -> Any: ...
     def query(self, done: Any) -> bool: ...
 
 
@@ -667,17 +719,24 @@ class CudaIpc:
         route = PageRoute(rows, rows, 4, 3, 3)
         pattern = torch.arange(24, device=device)
 
-        def copies_exactly(src_page: int, behind_compute: bool = False) -> bool:
+        def copies_exactly(
+            src_page: int, behind_compute: bool = False, next_slot: bool = False
+        ) -> bool:
             """Page `src_page` of each row onto page 2; with `behind_compute`, the copy is
             queued behind ~30 ms of GPU work and must not report done before it ran (a cold
             process's first launches can take over a millisecond: with ~1 ms of work queued,
-            the check failed once on a fresh machine and turned the graphs off)."""
+            the check failed once on a fresh machine and turned the graphs off). With
+            `next_slot`, it waits on the stream, not on its slot: the slot is not known free,
+            so the next check takes the next slot (a request takes the lowest free one)."""
             pages.copy_(pattern)
             if behind_compute:
                 torch.cuda._sleep(50_000_000)
-            done = self.launch_pages(route, np.array([[4 * src_page, 8, 4]], np.int64), device)
+            done = self.launch_pages(route, PageRuns((4 * src_page, 8, 4)), device)
             early = behind_compute and done.query()
-            done.synchronize()
+            if next_slot:
+                torch.cuda.current_stream(device).synchronize()
+            else:
+                done.synchronize()
             want = pattern.view(2, 3, 4).clone()
             want[:, 2] = want[:, src_page]
             return not early and torch.equal(pages.view(2, 3, 4), want)
@@ -698,9 +757,9 @@ class CudaIpc:
                 return
             # Every slot's graph (twice round the ring), then one behind compute.
             slots = _Staging.SLOTS
-            if all(copies_exactly(k % 2) for k in range(2 * slots)) and copies_exactly(
-                1, behind_compute=True
-            ):
+            if all(
+                copies_exactly(k % 2, next_slot=True) for k in range(2 * slots)
+            ) and copies_exactly(1, behind_compute=True):
                 return
             if records:
                 log.warning("a graph's own event record failed its check; recording per request")
@@ -789,7 +848,7 @@ class CudaIpc:
                         staging = self._staging[device.index] = _Staging(runtime, device)
         return staging
 
-    def launch_pages(self, route: PageRoute, runs: np.ndarray, device: torch.device) -> SlotDone:
+    def launch_pages(self, route: PageRoute, runs: PageRuns, device: torch.device) -> SlotDone:
         """Queue the copy of `runs` (rows of source offset, destination offset, length, in
         8-byte elements) for every row of `route` on the caller's current stream, so it runs
         after the KV queued there; returns the end of the copy (its slot's event).
@@ -808,9 +867,9 @@ class CudaIpc:
         with staging.lock:
             slot, gen = staging.take()
             if n <= staging.ROWS:
-                row = staging.rows[slot]
-                row[0] = n
-                row[1 : 1 + 3 * n] = runs.reshape(-1)
+                view = staging.views[slot]
+                view[0] = n
+                view[1 : 1 + 3 * n] = array.array("q", runs.flat)
             if on_device.graphs is not None and n <= _GRAPH_RUNS:
                 if on_device.execs is not None:
                     rc = runtime.graph_launch(on_device.execs[slot], stream)
@@ -828,7 +887,7 @@ class CudaIpc:
         return SlotDone(staging, slot, gen)
 
     def _launch_direct(
-        self, route: PageRoute, runs: np.ndarray, staging: _Staging, slot: int, stream: int
+        self, route: PageRoute, runs: PageRuns, staging: _Staging, slot: int, stream: int
     ) -> None:
         """One Triton launch with the runs in the grid (more runs than a graph takes, or no
         graph); the memcpy loop if the kernel is unavailable."""
@@ -838,7 +897,7 @@ class CudaIpc:
         else:  # a one-off device table: the caching allocator keeps it until the copy ran
             work = torch.from_numpy(_work(runs)).pin_memory()
             table = work.to(route.table.bases.device, non_blocking=True).data_ptr()
-        parts = -(-int(runs[:, 2].max()) // _BLOCK)
+        parts = -(-runs.longest // _BLOCK)
         if self._kernel_ok:
             try:
                 _page_kernel()[(route.rows, n, parts)](
@@ -850,7 +909,7 @@ class CudaIpc:
         if not self._kernel_ok:
             runtime = self.runtime
             for src, dst in zip(route.src_bases.tolist(), route.dst_bases.tolist(), strict=True):
-                for s_off, d_off, length in runs.tolist():
+                for s_off, d_off, length in runs.rows().tolist():
                     runtime.memcpy_async(dst + 8 * d_off, src + 8 * s_off, 8 * length, stream)
 
     def query(self, done: SlotDone | torch.cuda.Event) -> bool:
@@ -1187,7 +1246,7 @@ class CudaIpcPath:
             remote_pages=min(pages(a.nbytes, a.kv_stride) for a in theirs),
         )
 
-    def launch(self, route: PageRoute, runs: np.ndarray, mapping: PeerMapping) -> IpcCopy:
+    def launch(self, route: PageRoute, runs: PageRuns, mapping: PeerMapping) -> IpcCopy:
         """Queue one request's runs on the caller's stream; the copy holds the mapping open."""
         if not mapping.acquire():
             raise IpcOpenError(f"CUDA IPC mapping of {mapping.session} closed: the peer went away")
@@ -1306,7 +1365,7 @@ class CudaIpcMover:
                 self._remote_start = int(self._remote[0])
         self._write_rest = write_rest
 
-    def plan_pages(self, local_pages: list[int]) -> np.ndarray | None:
+    def plan_pages(self, local_pages: list[int]) -> PageRuns | None:
         """The request's page runs over the route (`plan_runs`), or None: the general path."""
         route = self.route
         if route is None or self._remote is None:
@@ -1324,10 +1383,10 @@ class CudaIpcMover:
                 == route.page_numbers(first, n)
             ):
                 words = route.page_words
-                return np.array([[first * words, self._remote_start * words, n * words]])
+                return PageRuns((first * words, self._remote_start * words, n * words))
         return plan_runs(route, local_pages, self._remote)
 
-    def launch(self, runs: np.ndarray) -> IpcCopy | None:
+    def launch(self, runs: PageRuns) -> IpcCopy | None:
         """Queue `runs` behind the KV on the caller's stream; None when there is nothing."""
         if not len(runs):
             return None

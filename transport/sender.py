@@ -23,10 +23,9 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from engine.kv_cache import KVLayerRegion
-from transport.cuda_ipc import IpcCopy
+from transport.cuda_ipc import IpcCopy, PageRuns
 from transport.endpoint import KVMover, PendingWrite, TransferEndpoint
 from transport.metadata import SLOT_NBYTES, FirstToken
 from transport.poll import KVPoll, PollState
@@ -252,7 +251,7 @@ class KVSender:
         self,
         info: ReceiverInfo,
         mover: KVMover,
-        runs: Any,
+        runs: PageRuns,
         first_token: FirstToken | None,
         start: float,
     ) -> None:
@@ -281,12 +280,11 @@ class KVSender:
         if self._state.state is KVPoll.Failed:  # aborted meanwhile: nobody will poll it through
             self._hand_off()
 
-    def _stats(self, runs: Any, record: PendingWrite | None, mover: KVMover) -> TransferStats:
+    def _stats(self, runs: PageRuns, record: PendingWrite | None, mover: KVMover) -> TransferStats:
         """What a launched write moves: each run is one range per (layer, K or V) row."""
         rows = len(self.regions) * 2
-        words = int(runs[0, 2]) if len(runs) == 1 else int(runs[:, 2].sum())  # numpy-free if 1
         return TransferStats(
-            rows * 8 * words + (SLOT_NBYTES if record else 0),
+            rows * 8 * runs.words + (SLOT_NBYTES if record else 0),
             rows * len(runs) + (1 if record else 0),
             0.0,
             mover.name,

@@ -18,10 +18,9 @@ import secrets
 import threading
 from typing import Any
 
-import numpy as np
 import torch
 
-from transport.cuda_ipc import Copies, IpcOpenError, PageRoute
+from transport.cuda_ipc import Copies, IpcOpenError, PageRoute, PageRuns
 from transport.receiver_info import IpcAllocation
 
 FAKE_GPU = "FAKE-GPU-0000"
@@ -113,11 +112,11 @@ class FakeIpc:
     def prepare_route(self, route: PageRoute, device: Any) -> None:
         self.routes_prepared += 1
 
-    def launch_pages(self, route: PageRoute, runs: np.ndarray, device: Any) -> FakeDone:
+    def launch_pages(self, route: PageRoute, runs: PageRuns, device: Any) -> FakeDone:
         self.page_launches += 1
         self.launch_threads.append(threading.get_ident())
         rows = list(zip(route.src_bases.tolist(), route.dst_bases.tolist(), strict=True))
-        table = runs.tolist()  # copied now, as the real backend uploads it now
+        table = runs.rows().tolist()  # copied now, as the real backend writes its slot now
 
         def run() -> None:
             for src, dst in rows:

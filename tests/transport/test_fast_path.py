@@ -594,7 +594,7 @@ def test_page_runs_are_planned_per_run_and_out_of_range_pages_are_not(
     words = SHAPE.layout().page_nbytes // 8
     runs = mover.plan_pages([5, 6, 7, 20, 2, 3])
     assert runs is not None
-    assert (runs // words).tolist() == [[5, 10, 3], [20, 40, 1], [2, 3, 2]]
+    assert (runs.rows() // words).tolist() == [[5, 10, 3], [20, 40, 1], [2, 3, 2]]
     assert mover.plan_pages([]) is not None and len(mover.plan_pages([])) == 0
     assert mover.plan_pages([SHAPE.num_pages]) is None  # not a page of this cache
     assert mover.plan_pages([-1]) is None
@@ -632,11 +632,14 @@ def test_contiguous_pages_plan_as_one_run_and_anything_else_as_several(
     assert isinstance(mover, CudaIpcMover) and mover.route is not None
     words = SHAPE.layout().page_nbytes // 8
     one = mover.plan_pages([5, 6, 7, 8])
-    assert one is not None and (one // words).tolist() == [[5, 10, 4]]
+    # One run is three plain ints: a request's usual path makes no numpy call.
+    assert one is not None and one.flat == (5 * words, 10 * words, 4 * words)
+    assert all(type(value) is int for value in one.flat) and one.words == 4 * words
     prefix = mover.plan_pages([5, 6])  # fewer pages than offered: the first ones
-    assert prefix is not None and (prefix // words).tolist() == [[5, 10, 2]]
+    assert prefix is not None and (prefix.rows() // words).tolist() == [[5, 10, 2]]
     split = mover.plan_pages([5, 7, 8, 9])
-    assert split is not None and (split // words).tolist() == [[5, 10, 1], [7, 11, 3]]
+    assert split is not None and (split.rows() // words).tolist() == [[5, 10, 1], [7, 11, 3]]
+    assert all(type(value) is int for value in split.flat) and split.longest == 3 * words
     assert mover.plan_pages([SHAPE.num_pages - 2, SHAPE.num_pages - 1, SHAPE.num_pages]) is None
     assert mover.plan_pages([0, 1, 2, 3, 4]) is None  # more pages than the receiver offered
     sender.abort()
@@ -674,15 +677,42 @@ def test_a_slot_taken_again_never_reports_the_newer_request_done_early() -> None
     runtime.finish(staging.events[first.slot])
     assert first.query()
     with staging.lock:
-        for _ in range(_Staging.SLOTS):
-            slot, gen = staging.take()
-            runtime.record(staging.events[slot])
-    newer = SlotDone(staging, slot, gen)
+        newer = SlotDone(staging, *staging.take())  # the lowest free slot: the same one
+    runtime.record(staging.events[newer.slot])
     assert newer.slot == first.slot and newer.gen == first.gen + 1
     assert first.query()  # the older request stays done
     assert not newer.query()  # its own record has not passed
     newer.synchronize()
     assert newer.query()
+
+
+def test_requests_one_at_a_time_reuse_one_slot_and_a_full_ring_waits_for_its_oldest() -> None:
+    """The lowest free slot is taken (its graph stays warm); with every slot busy, a request
+    waits for the oldest copy, not for the slot it took last."""
+    staging, runtime = _staging()
+
+    def take() -> SlotDone:
+        with staging.lock:
+            done = SlotDone(staging, *staging.take())
+        runtime.record(staging.events[done.slot])
+        return done
+
+    for _ in range(5):  # each polled to its end before the next
+        done = take()
+        runtime.finish(staging.events[done.slot])
+        assert done.query() and done.slot == 0
+    a, b = take(), take()
+    assert (a.slot, b.slot) == (0, 1)
+    runtime.finish(staging.events[a.slot])
+    assert a.query()
+    c = take()  # slot 0 is free again, slot 1 is not
+    assert c.slot == 0 and c.gen == a.gen + 1
+    rest = [take() for _ in range(_Staging.SLOTS - 2)]
+    assert [d.slot for d in rest] == list(range(2, _Staging.SLOTS))
+    assert runtime.synchronizes == 0
+    d = take()  # every slot busy: the oldest copy is b's (slot 1), not c's (slot 0, newer)
+    assert (d.slot, d.gen) == (1, b.gen + 1) and runtime.synchronizes == 1
+    assert b.query() and not c.query()
 
 
 def test_a_polled_slot_is_taken_again_without_a_cuda_call() -> None:
