@@ -173,6 +173,23 @@ class Prefill(PrefillStage):
         self.peer.settle(sender.rid, True)
         return success - forward_done, after_forward.elapsed_time(after_copy) / 1e3
 
+    def copy_in_flow(self, copy: OneCopy, remote: list[int]) -> float:
+        """One `copy_` in the place of `send`: after the same bootstrap (a pipe round trip to
+        the decode process, its receiver info validated, a new sender), launched and polled to
+        its end the same way. Seconds from the launch to the poll that sees it done: what any
+        GPU work launched from that state costs, as a reference for the fast path's write."""
+        sender, _ = self.prepare(remote, False)
+        end = torch.cuda.Event()
+        start = time.perf_counter()
+        copy()
+        end.record()
+        while not end.query():
+            pass
+        wall = time.perf_counter() - start
+        sender.abort("reference only")
+        self.peer.settle(sender.rid, False, "reference only")
+        return wall
+
     def check(self, local: list[int], remote: list[int]) -> bool:
         return torch.equal(self.peer.checksums(remote), page_checksums(self.cache.layers, local))
 
@@ -583,9 +600,12 @@ CASES = [
 
 def headline(reps: int, rounds: int) -> None:
     """Only the headline column: send->Success with the GPU idle at `send` (KV only, last
-    stage) per case, against one `copy_` timed on the GPU in the same process, in `rounds`
-    series of `reps` (a median each). Short, so that several processes of two versions of the
-    code can alternate on one machine: the spread between processes is larger than within one."""
+    stage) per case, against one `copy_` timed on the GPU in the same process (`vs_copy`, the
+    target's measure), in `rounds` series of `reps` (a median each). Short, so that several
+    processes of two versions of the code can alternate on one machine: the spread between
+    processes is larger than within one. For reference, `copy_in_flow_ms`: one `copy_` launched
+    where `send` would be and polled to its end (`Prefill.copy_in_flow`), and `vs_copy_in_flow`
+    = that over the write: how much of the write any launch from that state would cost too."""
     torch.cuda.set_device(0)
     peer = DecodePeer(SHAPE, device="cuda", timeout_s=120)
     fast = Prefill(peer, TransportConfig(hostname="127.0.0.1"), "fast")
@@ -596,8 +616,12 @@ def headline(reps: int, rounds: int) -> None:
             peer.reset()
             fast.transfer(local, remote, last=True)  # maps the peer, builds the route
             checks[name] = fast.check(local, remote)
-            one = statistics.median(_gpu_time(OneCopy(nbytes), reps))
+            reference = OneCopy(nbytes)
+            one = statistics.median(_gpu_time(reference, reps))
             for round_ in range(rounds):
+                in_flow = statistics.median(
+                    fast.copy_in_flow(reference, remote) for _ in range(reps)
+                )
                 for last, kind in ((False, "KV only"), (True, "last stage")):
                     write, in_send = fast_series(fast, local, remote, reps, last)
                     rows.append(
@@ -609,11 +633,23 @@ def headline(reps: int, rounds: int) -> None:
                             "send_ms": 1e3 * in_send,
                             "copy_one_ms": 1e3 * one,
                             "vs_copy": one / write,
+                            "copy_in_flow_ms": 1e3 * in_flow,
+                            "vs_copy_in_flow": in_flow / write,
                         }
                     )
                     print(rows[-1], file=sys.stderr, flush=True)
         backend = fast.endpoint.cuda_ipc.backend if fast.endpoint.cuda_ipc else None
-        columns = ["case", "kind", "round", "write_ms", "send_ms", "copy_one_ms", "vs_copy"]
+        columns = [
+            "case",
+            "kind",
+            "round",
+            "write_ms",
+            "send_ms",
+            "copy_one_ms",
+            "vs_copy",
+            "copy_in_flow_ms",
+            "vs_copy_in_flow",
+        ]
         write_report(
             "kv_transfer_headline",
             rows,
