@@ -505,11 +505,10 @@ class _Staging:
         # One more slot, always zero (no runs): the graphs' kernels are compiled against it.
         count = self.words * (self.SLOTS + 1)
         host, mapped = runtime.host_alloc_mapped(8 * count)
-        self.tables = np.frombuffer((ctypes.c_int64 * count).from_address(host), np.int64)
-        self.tables = self.tables.reshape(self.SLOTS + 1, self.words)
-        self.tables[:] = 0
+        ctypes.memset(host, 0, 8 * count)
         # Per slot its words as a memoryview: a request writes its table without numpy.
-        self.views = [memoryview(self.tables[i]).cast("B").cast("q") for i in range(self.SLOTS)]
+        words = memoryview((ctypes.c_int64 * count).from_address(host)).cast("B").cast("q")
+        self.views = [words[i * self.words : (i + 1) * self.words] for i in range(self.SLOTS)]
         self.addresses = [mapped + 8 * self.words * i for i in range(self.SLOTS + 1)]
         self.empty = self.addresses[self.SLOTS]
         # The graphs' tables in device memory, a slot each (`_table_kernel` fills them).
@@ -849,7 +848,7 @@ class CudaIpc:
         return staging
 
     def launch_pages(self, route: PageRoute, runs: PageRuns, device: torch.device) -> SlotDone:
-        """Queue the copy of `runs` (rows of source offset, destination offset, length, in
+        """Queue the copy of `runs` (per run: source offset, destination offset, length, in
         8-byte elements) for every row of `route` on the caller's current stream, so it runs
         after the KV queued there; returns the end of the copy (its slot's event).
 

@@ -9,6 +9,8 @@ over Mooncake tcp on loopback. tests/gpu/test_fast_path_gpu.py runs the real CUD
 
 from __future__ import annotations
 
+import array
+import ctypes
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -713,6 +715,23 @@ def test_requests_one_at_a_time_reuse_one_slot_and_a_full_ring_waits_for_its_old
     d = take()  # every slot busy: the oldest copy is b's (slot 1), not c's (slot 0, newer)
     assert (d.slot, d.gen) == (1, b.gen + 1) and runtime.synchronizes == 1
     assert b.query() and not c.query()
+
+
+def test_a_slot_view_writes_the_words_the_gpu_reads_at_that_slot_address() -> None:
+    """A request writes its table through the slot's memoryview; the graph reads the slot's
+    address. Other slots and the always-empty one stay zero."""
+    staging, _ = _staging()
+    view = staging.views[3]
+    view[0] = 2
+    view[1:7] = array.array("q", (10, 20, 30, 40, 50, 60))
+
+    def words(address: int, n: int) -> list[int]:
+        return list((ctypes.c_int64 * n).from_address(address))
+
+    assert words(staging.addresses[3], 7) == [2, 10, 20, 30, 40, 50, 60]
+    assert words(staging.addresses[2], staging.words) == [0] * staging.words
+    assert words(staging.addresses[4], 7) == [0] * 7
+    assert words(staging.empty, staging.words) == [0] * staging.words
 
 
 def test_a_polled_slot_is_taken_again_without_a_cuda_call() -> None:
