@@ -56,7 +56,9 @@ class BenchStage:
     def __init__(self, rank: int, world: int, group: str) -> None:
         self.rank, self.world, self.group = rank, world, group
         self.requests = StageRequests(lambda rid, room: _IdleSender(), pp_rank=rank)
-        self.loop = StageLoop(self.requests, self._allreduce, lambda batch: {}, rank == world - 1)
+        self.loop = StageLoop(
+            self.requests, self._allreduce, lambda batch, start_sends: {}, rank == world - 1
+        )
 
     def join(self) -> None:
         if self.world > 1:

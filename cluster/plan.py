@@ -35,7 +35,7 @@ class ChunkPlan:
     start: int
     token_ids: list[int]
     pages: list[int]
-    finishing: bool  # the prompt's last chunk: sample the first token, then send the KV
+    finishing: bool  # the prompt's last chunk: send the KV, and the sampled first token
     room: int = 0
     sampling: SamplingParams | None = None
 

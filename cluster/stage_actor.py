@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,7 @@ from transport.endpoint import TransferEndpoint
 from transport.metadata import FirstToken
 from transport.receiver_info import KVLayout
 from transport.sender import KVSender
+from transport.streams import behind_current_stream
 
 log = logging.getLogger(__name__)
 
@@ -190,11 +192,18 @@ class StageActor:
         collective.allreduce(tensor, group_name=self._group, op=ReduceOp.MIN)
         return tensor.tolist()
 
-    def _forward(self, batch: tuple[ChunkPlan, ...]) -> dict[str, FirstToken]:
-        """This stage's layers over the micro-batch; the last stage samples first tokens."""
+    def _forward(
+        self, batch: tuple[ChunkPlan, ...], start_sends: Callable[[], None]
+    ) -> dict[str, FirstToken]:
+        """This stage's layers over the micro-batch; the last stage samples first tokens.
+
+        The KV sends start once the forward is queued, on a side stream behind it: the copies
+        run while this stage hands its hidden states to the host or samples."""
         inputs = self._inputs(batch, self._upstream)
         chunks = [SeqChunk(c.start, len(c.token_ids), c.pages, c.finishing) for c in batch]
         out = self.runner.forward(chunks, inputs)
+        with behind_current_stream(out.device):
+            start_sends()
         if not self.is_last:
             self._hidden = out.cpu() if out.is_cuda else out
             return {}

@@ -25,6 +25,7 @@ class SenderLike(Protocol):
     def poll(self) -> KVPoll: ...
     def set_receiver_info(self, info: ReceiverInfo) -> None: ...
     def send(self, page_indices: list[int], first_token: FirstToken | None = None) -> None: ...
+    def send_first_token(self, first_token: FirstToken) -> None: ...
     def abort(self, reason: str = "aborted") -> None: ...
     @property
     def failure_reason(self) -> str | None: ...
@@ -66,6 +67,16 @@ class StageRequests:
         sender = self.senders.get(rid)
         if sender is not None:
             sender.send(self.pages.get(rid, []), first_token)
+
+    def send_first_token(self, rid: str, first_token: FirstToken | None) -> None:
+        """The last stage's sampled token for a request whose KV `send` already started."""
+        sender = self.senders.get(rid)
+        if sender is None:
+            return
+        if first_token is None:  # the forward sampled nothing for it: fail, never hang
+            sender.abort("the last stage sampled no first token")
+        else:
+            sender.send_first_token(first_token)
 
     def drop(self, rid: str, reason: str) -> None:
         """Forget `rid`: abort its sender and release its pages. Idempotent."""

@@ -1,8 +1,9 @@
 """What every stage does with each `StepPlan`, shared by the Ray actor and the pure tests.
 
 A step applies the plan's admissions, receiver info, drops and reconcile, hands the plan's
-consensus tick to the tick runner, runs the forward of the micro-batch and starts the KV sends
-of requests whose prompt is complete, then reports.
+consensus tick to the tick runner, queues the forward of the micro-batch, starts the KV sends
+of requests whose prompt is complete before waiting for the forward (the last stage adds each
+first token once sampled), then reports.
 
 Consensus ticks run on their own thread (`background=True`, the actor's mode): poll, gloo
 all-reduce MIN and apply, in tick order on every rank, while the step's forward goes on. A
@@ -29,7 +30,9 @@ from transport.poll import KVPoll
 log = logging.getLogger(__name__)
 
 AllReduceMin = Callable[[list[int]], list[int]]
-Forward = Callable[[tuple[ChunkPlan, ...]], dict[str, FirstToken]]
+# A stage's forward over a micro-batch; it calls `start_sends` (the second argument) once the
+# forward is queued and before it waits for the result, and returns the last stage's tokens.
+Forward = Callable[[tuple[ChunkPlan, ...], Callable[[], None]], dict[str, FirstToken]]
 
 
 class StageLoop:
@@ -85,13 +88,26 @@ class StageLoop:
         first_tokens: dict[str, FirstToken] = {}
         start = time.perf_counter()
         if plan.batch:
-            first_tokens = self._forward(plan.batch)
-            # Each stage ships its layers right after its own forward, not after the last's.
-            with self._lock:
-                for chunk in plan.batch:
-                    if chunk.finishing:
-                        token = first_tokens.get(chunk.rid) if self._is_last else None
-                        self.requests.send(chunk.rid, token)
+            finishing = [chunk.rid for chunk in plan.batch if chunk.finishing]
+            started = False
+
+            def start_sends() -> None:
+                # Each stage ships its layers right after its own forward is queued, not after
+                # the last stage's; the last stage's first tokens follow once sampled.
+                nonlocal started
+                if started:
+                    return
+                started = True
+                with self._lock:
+                    for rid in finishing:
+                        self.requests.send(rid)
+
+            first_tokens = self._forward(plan.batch, start_sends)
+            start_sends()  # a forward that did not start them
+            if self._is_last:
+                with self._lock:
+                    for rid in finishing:
+                        self.requests.send_first_token(rid, first_tokens.get(rid))
         forward_s = time.perf_counter() - start
 
         with self._lock:

@@ -9,9 +9,12 @@ changes nothing else.
 
 Where the writes run: Mooncake's (and the fast path's general case) on the endpoint's pool,
 which moves the state when they return. The fast path's common case is launched by `send`
-itself, on the thread and stream that computed the KV, with the first-token record submitted
-to Mooncake without waiting; `poll()` (or `in_flight`) finds both finished (an event query and
-a status check, no thread hop) and only then reports `Success`. A sender that fails or is
+itself, on the caller's thread and current stream (a stage: a side stream behind the forward
+that computes the KV), with the first-token record submitted to Mooncake without waiting;
+`poll()` (or `in_flight`) finds both finished (an event query and a status check, no thread
+hop) and only then reports `Success`. The last stage may start its KV before its token is
+sampled and add the token with `send_first_token`: the fast path then submits the record on
+its own, the general path starts its one batch with it. A sender that fails or is
 aborted with such a write still running hands it to the pool, which waits for it and then
 gives back the metadata slot and the peer's mapping.
 """
@@ -23,6 +26,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from engine.kv_cache import KVLayerRegion
 from transport.cuda_ipc import IpcCopy, PageRuns
@@ -35,7 +39,7 @@ from transport.receiver_info import (
     ReceiverInfo,
     validate_receiver_info,
 )
-from transport.segments import kv_segments
+from transport.segments import Segments, kv_segments
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +68,14 @@ class _Launched:
         slot: int | None,
         start: float,
         stats: TransferStats,
+        awaiting_token: bool = False,
     ) -> None:
         self.copy = copy
         self.record = record
         self.slot = slot
         self.start = start
         self.stats = stats
+        self.awaiting_token = awaiting_token  # the last stage's record follows (`send_first_token`)
         self.settled = False  # neither runs any more and both are given back
         self.handed_off = False  # the pool waits for it (the sender failed first)
         self.lock = threading.Lock()  # held while settling
@@ -105,6 +111,8 @@ class KVSender:
         self._watch_lock = threading.Lock()
         self._in_flight = False
         self._launched: _Launched | None = None
+        self._awaiting_token = False  # `send` started the KV; the first token follows
+        self._pending: tuple[Segments, Any, float] | None = None  # a general write awaiting it
 
     # -- state -------------------------------------------------------------------------------
 
@@ -177,14 +185,15 @@ class KVSender:
     def send(self, page_indices: list[int], first_token: FirstToken | None = None) -> None:
         """Start writing K and V of `page_indices` (this stage's pages, in token order).
 
-        A sender failed meanwhile (abort, timeout, dead peer) ignores the call: the decision to
-        drop the request is already made elsewhere. The last stage must pass `first_token`.
+        Call it once the KV is queued on the current stream: the write runs behind it. The
+        last stage's first token comes here or, when it is sampled after the KV was queued,
+        through `send_first_token`; the request succeeds only once both have landed. A sender
+        failed meanwhile (abort, timeout, dead peer) ignores the call: the decision to drop
+        the request is already made elsewhere.
         """
         start = time.perf_counter()
         if self._state.state is KVPoll.Failed:
             return
-        if self.is_last_stage and first_token is None:
-            raise ValueError("the last stage must send the first token")
         # Raises IllegalTransition unless WaitingForInput; False if it failed meanwhile.
         if not self._state.advance_unless_failed(KVPoll.Transferring):
             return
@@ -195,6 +204,7 @@ class KVSender:
                 f"request needs {len(page_indices)} pages, receiver offered {len(info.page_indices)}"
             )
             return
+        self._awaiting_token = self.is_last_stage and first_token is None
         try:
             runs = mover.plan_pages(page_indices)
         except Exception as exc:
@@ -212,10 +222,53 @@ class KVSender:
             self.layout.page_nbytes,
         )
         try:
-            ticket = mover.prepare()
+            ticket = mover.prepare()  # where the KV is complete on this stream, taken now
         except Exception as exc:  # e.g. a CUDA error recording the stream's position
             self._fail(f"KV write to {info.session_id} could not start ({exc!r})")
             return
+        if self._awaiting_token:  # one batch with the record: it starts with the token
+            self._pending = (segments, ticket, start)
+            return
+        self._submit(segments, ticket, first_token, start)
+
+    def send_first_token(self, first_token: FirstToken) -> None:
+        """The last stage's first token, after `send` started its KV without one.
+
+        Ignored once the sender failed; raises if no KV write waits for a token.
+        """
+        if self._state.state is KVPoll.Failed:
+            return
+        if not self._awaiting_token:
+            raise RuntimeError(f"{self.rid}: no KV write of this sender waits for a first token")
+        self._awaiting_token = False
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            segments, ticket, start = pending
+            self._submit(segments, ticket, first_token, start)
+            return
+        launched = self._launched
+        assert launched is not None and self._info is not None
+        error = None
+        with launched.lock:  # a settle (the pool's, after a failure) either ran or waits
+            if launched.settled or launched.handed_off:
+                return
+            try:
+                launched.slot, launched.record = self._submit_record(self._info, first_token)
+            except Exception as exc:  # no metadata slot free, or Mooncake refused the write
+                error = f"first-token record to {self._info.session_id} could not start ({exc!r})"
+            else:
+                launched.stats.nbytes += SLOT_NBYTES
+                launched.stats.segments += 1
+            launched.awaiting_token = False
+        if error is not None:
+            self._fail(error)
+
+    def _submit(
+        self, segments: Segments, ticket: Any, first_token: FirstToken | None, start: float
+    ) -> None:
+        """The general path: the whole batch (KV, and the record if any) on the pool."""
+        info, mover = self._info, self._mover
+        assert info is not None and mover is not None
         slot = None
         if first_token is not None:
             slot = self.endpoint.metadata.acquire()
@@ -247,6 +300,22 @@ class KVSender:
 
         self.endpoint.submit(info.session_id, write)
 
+    def _submit_record(
+        self, info: ReceiverInfo, first_token: FirstToken
+    ) -> tuple[int, PendingWrite]:
+        """The first-token record by Mooncake, not waited for: its metadata slot and write."""
+        metadata = self.endpoint.metadata
+        slot = metadata.acquire()
+        try:
+            ctypes.memmove(metadata.address(slot), first_token.pack(), SLOT_NBYTES)
+            record = self.endpoint.write_async(
+                info.session_id, metadata.address(slot), info.metadata.address, SLOT_NBYTES
+            )
+        except BaseException:
+            metadata.release(slot)
+            raise
+        return slot, record
+
     def _launch(
         self,
         info: ReceiverInfo,
@@ -259,14 +328,9 @@ class KVSender:
 
         The record goes first: its tcp round trip then overlaps the launch and the copy.
         """
-        metadata = self.endpoint.metadata
         slot = record = None
         if first_token is not None:
-            slot = metadata.acquire()
-            ctypes.memmove(metadata.address(slot), first_token.pack(), SLOT_NBYTES)
-            record = self.endpoint.write_async(
-                info.session_id, metadata.address(slot), info.metadata.address, SLOT_NBYTES
-            )
+            slot, record = self._submit_record(info, first_token)
         try:
             copy = mover.launch(runs)  # first: what follows is off the copy's critical path
         except Exception as exc:  # the peer went away (mapping closed), or a CUDA error
@@ -276,7 +340,7 @@ class KVSender:
             return
         stats = self._stats(runs, record, mover)
         self._in_flight = True
-        self._launched = _Launched(copy, record, slot, start, stats)
+        self._launched = _Launched(copy, record, slot, start, stats, self._awaiting_token)
         if self._state.state is KVPoll.Failed:  # aborted meanwhile: nobody will poll it through
             self._hand_off()
 
@@ -305,6 +369,8 @@ class KVSender:
         try:
             if launched.settled:
                 return True
+            if launched.awaiting_token and not block:  # the record is still to come
+                return False
             try:
                 if launched.copy is not None:
                     if block:

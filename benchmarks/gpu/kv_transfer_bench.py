@@ -69,6 +69,7 @@ from transport import FirstToken, KVPoll, KVSender, TransportConfig, cuda_ipc
 from transport.cuda_ipc import Copies, CudaIpc, CudaIpcMover, PageRoute, plan_runs
 from transport.receiver_info import LayerAddress
 from transport.segments import kv_segments
+from transport.streams import behind_current_stream
 
 SHAPE = CacheShape(
     num_layers=28, num_pages=1024 + 64, page_size=16, num_kv_heads=2, head_dim=128, dtype="bfloat16"
@@ -190,6 +191,90 @@ class Prefill(PrefillStage):
         self.peer.settle(sender.rid, False, "reference only")
         return wall
 
+    def after_sync(
+        self,
+        forward: Forward,
+        local: list[int],
+        remote: list[int],
+        last: bool,
+        reference: OneCopy | None = None,
+    ) -> tuple[float, float]:
+        """The stage actor's own flow: queue `forward`, wait for it as the stage does (a middle
+        stage's `out.cpu()`; the last stage's sampling is a sync too), then `send` and poll back
+        to back to Success; with `reference`, that copy is launched in the place of `send`
+        instead and polled to its end (the same flow's bare launch). Returns the seconds from
+        `send` (or the launch) to done, and the GPU's seconds between events recorded on the
+        stream right before and after it (the copy as the GPU ran it in this state: the
+        forward has just evicted the L2 cache)."""
+        sender, token = self.prepare(remote, last)
+        forward.queue(local)
+        forward.sync()
+        before = torch.cuda.Event(enable_timing=True)
+        after = torch.cuda.Event(enable_timing=True)
+        start = time.perf_counter()
+        before.record()
+        if reference is None:
+            sender.send(local, token)
+            after.record()
+            _wait(sender, busy=True)
+        else:
+            reference()
+            after.record()
+            while not after.query():
+                pass
+        wall = time.perf_counter() - start
+        after.synchronize()
+        if reference is None:
+            self.peer.settle(sender.rid, True)
+        else:
+            sender.abort("reference only")
+            self.peer.settle(sender.rid, False, "reference only")
+        return wall, before.elapsed_time(after) / 1e3
+
+    def stage_order(
+        self,
+        forward: Forward,
+        local: list[int],
+        remote: list[int],
+        last: bool,
+        reference: OneCopy | None = None,
+    ) -> tuple[float, float]:
+        """The stage actor's order now (cluster/stage_actor.py): queue `forward`, `send` on a
+        side stream behind it (`behind_current_stream`), wait for the forward with
+        `out.cpu()`, then (last stage) the sampled token, and poll back to back to Success;
+        with `reference`, that copy goes on the side stream in the place of `send`. Returns
+        the GPU's seconds from the forward's end to the copy's end (events on the two
+        streams: the transfer from the moment its KV exists), and the host's seconds from
+        the wait's return to Success."""
+        sender, token = self.prepare(remote, last)
+        forward.queue(local)
+        ready = torch.cuda.Event(enable_timing=True)
+        landed = torch.cuda.Event(enable_timing=True)
+        ready.record()
+        with behind_current_stream(torch.device("cuda")):
+            if reference is None:
+                sender.send(local)
+            else:
+                reference()
+            landed.record()
+        forward.sync()
+        waited = time.perf_counter()
+        if reference is None:
+            if token is not None:
+                sender.send_first_token(token)
+            _wait(sender, busy=True)
+        else:
+            while not landed.query():
+                pass
+        done = time.perf_counter() - waited
+        landed.synchronize()
+        if reference is None:
+            self.peer.settle(sender.rid, True)
+        else:
+            sender.abort("reference only")
+            self.peer.settle(sender.rid, False, "reference only")
+        return ready.elapsed_time(landed) / 1e3, done
+
     def check(self, local: list[int], remote: list[int]) -> bool:
         return torch.equal(self.peer.checksums(remote), page_checksums(self.cache.layers, local))
 
@@ -218,6 +303,13 @@ class Forward:
             self.layer()
             layer[:, first:last].mul_(1)
 
+    def sync(self) -> None:
+        """Wait for the forward the way a stage does before `send`: `out.cpu()`."""
+        self.output().cpu()
+
+    def output(self) -> torch.Tensor:
+        raise NotImplementedError
+
     def gpu_ms(self, pages: list[int], reps: int = 10) -> float:
         """The forward's own GPU time (median ms, GPU busy before it: launches hidden)."""
         return 1e3 * statistics.median(_gpu_time(lambda: self.queue(pages), reps, busy=True))
@@ -232,6 +324,9 @@ class LightForward(Forward):
 
     def layer(self) -> None:
         torch.mm(self.a, self.b, out=self.c)
+
+    def output(self) -> torch.Tensor:
+        return self.c[-1]
 
 
 class ModelForward(Forward):
@@ -249,6 +344,9 @@ class ModelForward(Forward):
     def layer(self) -> None:
         torch.mm(self.x, self.up, out=self.mid)  # gate and up
         torch.mm(self.mid[:, : self.INTERMEDIATE], self.down, out=self.out)
+
+    def output(self) -> torch.Tensor:
+        return self.out  # a middle stage's hidden states, handed to Ray on the CPU
 
 
 class Timed:
@@ -598,6 +696,23 @@ CASES = [
 ]
 
 
+def _headline_row(
+    case: str, flow: str, kind: str, round_: int, write: float, one: float, in_flow: float
+) -> dict:
+    return {
+        "case": case,
+        "flow": flow,
+        "kind": kind,
+        "round": round_,
+        "write_ms": 1e3 * write,
+        "send_ms": float("nan"),
+        "copy_one_ms": 1e3 * one,
+        "vs_copy": one / write,
+        "copy_in_flow_ms": 1e3 * in_flow,
+        "vs_copy_in_flow": in_flow / write,
+    }
+
+
 def headline(reps: int, rounds: int) -> None:
     """Only the headline column: send->Success with the GPU idle at `send` (KV only, last
     stage) per case, against one `copy_` timed on the GPU in the same process (`vs_copy`, the
@@ -605,7 +720,16 @@ def headline(reps: int, rounds: int) -> None:
     processes of two versions of the code can alternate on one machine: the spread between
     processes is larger than within one. For reference, `copy_in_flow_ms`: one `copy_` launched
     where `send` would be and polled to its end (`Prefill.copy_in_flow`), and `vs_copy_in_flow`
-    = that over the write: how much of the write any launch from that state would cost too."""
+    = that over the write: how much of the write any launch from that state would cost too.
+
+    Flow `GPU idle`: `send` comes straight from the bootstrap's sleep on the pipe to the decode
+    process. Flow `after sync`: the stage actor's own order (`Prefill.after_sync`): a
+    model-sized forward queued and waited for with `out.cpu()`, then `send`; its
+    `copy_in_flow_ms` is the same `copy_` launched in that flow. Flow `stage order`: the order
+    the stage actor uses now (`Prefill.stage_order`): the sends start on a side stream once
+    the forward is queued, before `out.cpu()`; `write_ms` there is the GPU's time from the
+    forward's end to the copy's end, `copy_in_flow_ms` the same for a `copy_` in its place,
+    and `after_wait_ms` the host's time from `out.cpu()`'s return to Success."""
     torch.cuda.set_device(0)
     peer = DecodePeer(SHAPE, device="cuda", timeout_s=120)
     fast = Prefill(peer, TransportConfig(hostname="127.0.0.1"), "fast")
@@ -618,29 +742,62 @@ def headline(reps: int, rounds: int) -> None:
             checks[name] = fast.check(local, remote)
             reference = OneCopy(nbytes)
             one = statistics.median(_gpu_time(reference, reps))
+            model = ModelForward(fast.cache, tokens)
             for round_ in range(rounds):
                 in_flow = statistics.median(
                     fast.copy_in_flow(reference, remote) for _ in range(reps)
                 )
                 for last, kind in ((False, "KV only"), (True, "last stage")):
                     write, in_send = fast_series(fast, local, remote, reps, last)
-                    rows.append(
-                        {
-                            "case": name,
-                            "kind": kind,
-                            "round": round_,
-                            "write_ms": 1e3 * write,
-                            "send_ms": 1e3 * in_send,
-                            "copy_one_ms": 1e3 * one,
-                            "vs_copy": one / write,
-                            "copy_in_flow_ms": 1e3 * in_flow,
-                            "vs_copy_in_flow": in_flow / write,
-                        }
-                    )
+                    rows.append(_headline_row(name, "GPU idle", kind, round_, write, one, in_flow))
+                    rows[-1]["send_ms"] = 1e3 * in_send
                     print(rows[-1], file=sys.stderr, flush=True)
+                # The stage's flow, the three kinds interleaved rep by rep (side by side); the
+                # target's measure there is the copy's GPU time in that same state.
+                synced: dict[str, list[tuple[float, float]]] = {
+                    "copy": [],
+                    "KV only": [],
+                    "last stage": [],
+                }
+                for _ in range(reps):
+                    synced["copy"].append(fast.after_sync(model, local, remote, False, reference))
+                    synced["KV only"].append(fast.after_sync(model, local, remote, False))
+                    synced["last stage"].append(fast.after_sync(model, local, remote, True))
+                copy_wall = statistics.median(w for w, _ in synced["copy"])
+                copy_gpu = statistics.median(g for _, g in synced["copy"])
+                for kind in ("KV only", "last stage"):
+                    write = statistics.median(w for w, _ in synced[kind])
+                    rows.append(
+                        _headline_row(name, "after sync", kind, round_, write, copy_gpu, copy_wall)
+                    )
+                    rows[-1]["write_gpu_ms"] = 1e3 * statistics.median(g for _, g in synced[kind])
+                    rows[-1]["copy_one_idle_ms"] = 1e3 * one
+                    print(rows[-1], file=sys.stderr, flush=True)
+                # The stage's order now: the sends before the wait, on a side stream.
+                ordered: dict[str, list[tuple[float, float]]] = {
+                    "copy": [],
+                    "KV only": [],
+                    "last stage": [],
+                }
+                for _ in range(reps):
+                    ordered["copy"].append(fast.stage_order(model, local, remote, False, reference))
+                    ordered["KV only"].append(fast.stage_order(model, local, remote, False))
+                    ordered["last stage"].append(fast.stage_order(model, local, remote, True))
+                copy_gpu = statistics.median(g for g, _ in ordered["copy"])
+                for kind in ("KV only", "last stage"):
+                    write = statistics.median(g for g, _ in ordered[kind])
+                    rows.append(
+                        _headline_row(name, "stage order", kind, round_, write, one, copy_gpu)
+                    )
+                    rows[-1]["after_wait_ms"] = 1e3 * statistics.median(h for _, h in ordered[kind])
+                    print(rows[-1], file=sys.stderr, flush=True)
+            checks[f"{name}: after sync"] = fast.check(local, remote)
+            del model
+            torch.cuda.empty_cache()
         backend = fast.endpoint.cuda_ipc.backend if fast.endpoint.cuda_ipc else None
         columns = [
             "case",
+            "flow",
             "kind",
             "round",
             "write_ms",
@@ -649,6 +806,9 @@ def headline(reps: int, rounds: int) -> None:
             "vs_copy",
             "copy_in_flow_ms",
             "vs_copy_in_flow",
+            "write_gpu_ms",
+            "copy_one_idle_ms",
+            "after_wait_ms",
         ]
         write_report(
             "kv_transfer_headline",

@@ -32,6 +32,7 @@ from transport import (  # noqa: E402
     cuda_ipc,
 )
 from transport.cuda_ipc import CudaIpc, CudaIpcMover, _Staging, node_id  # noqa: E402
+from transport.streams import behind_current_stream  # noqa: E402
 
 SHAPE = CacheShape(
     num_layers=4, num_pages=64, page_size=16, num_kv_heads=2, head_dim=128, dtype="bfloat16"
@@ -163,6 +164,41 @@ def test_the_copy_waits_for_kv_still_being_computed_on_the_stage_stream(
     assert not sender.in_flight
     assert torch.equal(peer.checksums(remote), page_checksums(stage.cache.layers, local))
     assert_arrived(stage, peer, local, remote)
+
+
+def test_in_the_stage_order_the_copy_follows_the_forward_and_the_host_copy_does_not_wait(
+    stage: GpuStage, peer: DecodePeer
+) -> None:
+    """The stage actor's order: forward queued, `send` on a side stream behind it
+    (`behind_current_stream`), then the hidden states to the host, then the sampled token.
+    What arrives is the forward's KV; the hidden states' copy does not wait for the KV copy."""
+    peer.reset()
+    local, remote = list(range(0, 16)), list(range(16, 32))
+    sender = stage.toward(peer, remote)
+    hidden = torch.empty(1 << 20, device="cuda")
+    torch.cuda._sleep(100_000_000)  # the forward: ~50 ms of GPU time, then its KV
+    for i, layer in enumerate(stage.cache.layers):
+        layer[:, local[0] : local[-1] + 1].fill_(float(i + 3))
+    hidden.fill_(7.0)
+    compute = torch.cuda.current_stream()
+    with behind_current_stream(torch.device("cuda")):
+        side = torch.cuda.current_stream()
+        assert side != compute
+        sender.send(local)
+        assert sender.poll() is KVPoll.Transferring and sender.in_flight  # behind the forward
+        torch.cuda._sleep(400_000_000)  # more work on the side stream: ~200 ms
+        side_done = side.record_event()
+    assert torch.cuda.current_stream() == compute
+    assert bool((hidden.cpu() == 7.0).all())  # waited for the forward only
+    assert not side_done.query()  # the side stream is still busy
+    sender.send_first_token(TOKEN)
+    state = wait_done(sender, timeout=30)
+    state, reason, first = peer.settle(sender.rid, state is KVPoll.Success, sender.failure_reason)
+    assert sender.stats.mover == "cuda_ipc" and KVPoll(state) is KVPoll.Success, reason
+    assert first == TOKEN
+    assert torch.equal(peer.checksums(remote), page_checksums(stage.cache.layers, local))
+    assert_arrived(stage, peer, local, remote)
+    side_done.synchronize()
 
 
 def test_more_requests_behind_compute_than_staging_slots_each_arrive_byte_exact(

@@ -9,6 +9,7 @@ info lands on each rank, when a rank fails locally and when a write completes.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -53,6 +54,11 @@ class ScriptedSender:
             return
         self.state.advance(KVPoll.Transferring)
         self.sent_pages, self.sent_token = list(page_indices), first_token
+
+    def send_first_token(self, first_token: FirstToken) -> None:
+        if self.state.state is not KVPoll.Failed:
+            assert self.sent_pages is not None and self.sent_token is None, "token before send"
+            self.sent_token = first_token
 
     def complete(self) -> None:
         if self.state.state is KVPoll.Transferring:
@@ -137,7 +143,10 @@ class World:
         return make
 
     def _forward(self, rank: Rank):
-        def forward(batch: tuple[ChunkPlan, ...]) -> dict[str, FirstToken]:
+        def forward(
+            batch: tuple[ChunkPlan, ...], start_sends: Callable[[], None]
+        ) -> dict[str, FirstToken]:
+            start_sends()  # as a stage does: before its result is waited for
             if rank.pp_rank != self.pp - 1:
                 return {}
             return {

@@ -500,6 +500,58 @@ def test_success_waits_until_the_copy_and_the_record_have_landed(fresh_decode: S
         stage.close()
 
 
+def test_the_kv_can_go_before_the_first_token_and_success_waits_for_both(
+    fresh_decode: Side,
+) -> None:
+    """The stage's order: `send` once the forward is queued, the token once sampled."""
+    backend = FakeIpc(hold=True)
+    stage = Side(backend)
+    try:
+        local, remote = [2, 3], [40, 41]
+        receiver = fresh_decode.receiver("kv-first", remote)
+        sender = stage.sender("kv-first")
+        sender.set_receiver_info(receiver.publish())
+        sender.send(local)
+        assert backend.page_launches == 1  # the copy is queued at once
+        assert stage.endpoint.metadata.num_held == 0  # no record before the token
+        backend.finish()
+        for _ in range(5):  # the KV landed, but the request is not done without its token
+            assert sender.poll() is KVPoll.Transferring and sender.in_flight
+            time.sleep(0.01)
+        sender.send_first_token(TOKEN)
+        assert wait_done(sender) is KVPoll.Success, sender.failure_reason
+        assert not sender.in_flight and stage.endpoint.metadata.num_held == 0
+        assert sender.stats.segments == SHAPE.num_layers * 2 + 1
+        receiver.on_stage_result(0, True)
+        assert receiver.poll() is KVPoll.Success and receiver.first_token == TOKEN
+        assert_arrived(stage, fresh_decode, local, remote)
+    finally:
+        stage.close()
+
+
+def test_an_abort_between_the_kv_and_the_token_gives_everything_back(
+    fresh_decode: Side,
+) -> None:
+    backend = FakeIpc(hold=True)
+    stage = Side(backend)
+    try:
+        receiver = fresh_decode.receiver("kv-then-abort", [9])
+        sender = stage.sender("kv-then-abort")
+        sender.set_receiver_info(receiver.publish())
+        sender.send([1])
+        sender.abort("dropped by consensus")
+        sender.send_first_token(TOKEN)  # too late: ignored, no record, no slot
+        assert stage.endpoint.metadata.num_held == 0
+        assert sender.in_flight  # the copy still reads this stage's pages
+        backend.finish()
+        _wait_until(lambda: not sender.in_flight)
+        assert _mapping(stage, fresh_decode).users == 0
+        assert sender.poll() is KVPoll.Failed
+        receiver.abort("test done")
+    finally:
+        stage.close()
+
+
 def test_abort_with_a_copy_still_queued_holds_pages_and_mapping_until_it_ends(
     fresh_decode: Side,
 ) -> None:

@@ -123,3 +123,51 @@ def test_four_stages_one_layer_each(decode: DecodePeer, shape: CacheShape) -> No
     finally:
         for stage in stages:
             stage.close()
+
+
+def test_the_last_stage_may_start_its_kv_before_sampling_its_first_token(
+    stages: list[PrefillStage], decode: DecodePeer
+) -> None:
+    """A stage starts its sends once its forward is queued; the last stage's token comes after
+    sampling. Over Mooncake the write (KV and record, one batch) starts with the token."""
+    token = FirstToken(room=5, token_id=11, logprob=-0.75, num_prompt_tokens=12)
+    local, remote = [[1, 2, 3] for _ in stages], [20, 21, 22]
+    info = decode.receive("later", 5, remote, num_stages=len(stages))
+    senders = [stage.sender("later", 5, pp_rank=i) for i, stage in enumerate(stages)]
+    for stage, sender, pages in zip(stages, senders, local, strict=True):
+        sender.set_receiver_info(info.for_layers(stage.layers.start, stage.layers.stop))
+        sender.send(pages)
+    last = senders[-1]
+    with pytest.raises(RuntimeError, match="waits for a first token"):
+        senders[0].send_first_token(token)  # a middle stage never takes one
+    time.sleep(0.05)
+    assert last.poll() is KVPoll.Transferring and not last.in_flight  # nothing submitted yet
+    assert stages[-1].endpoint.metadata.num_held == 0
+    last.send_first_token(token)
+    with pytest.raises(RuntimeError, match="waits for a first token"):
+        last.send_first_token(token)  # exactly once
+    for i, sender in enumerate(senders):
+        assert wait_done(sender) is KVPoll.Success, sender.failure_reason
+        decode.result("later", i, True)
+    state, reason, first = decode.poll("later")
+    assert KVPoll(state) is KVPoll.Success, reason
+    assert first == token
+    assert last.stats.segments == 2 * 2 + 1  # the record went in the same batch
+    assert_pages_arrived(stages, decode, [(local, remote)])
+    assert all(stage.endpoint.metadata.num_held == 0 for stage in stages)
+
+
+def test_a_last_stage_aborted_before_its_token_submits_nothing(
+    stages: list[PrefillStage], decode: DecodePeer
+) -> None:
+    info = decode.receive("dropped", 6, [30], num_stages=len(stages))
+    sender = stages[-1].sender("dropped", 6, pp_rank=len(stages) - 1)
+    sender.set_receiver_info(info.for_layers(stages[-1].layers.start, stages[-1].layers.stop))
+    sender.send([4])
+    sender.abort("dropped by consensus")
+    sender.send_first_token(FirstToken(room=6, token_id=1, logprob=0.0, num_prompt_tokens=4))
+    time.sleep(0.05)
+    assert sender.poll() is KVPoll.Failed and sender.failure_reason == "dropped by consensus"
+    assert not sender.in_flight and stages[-1].endpoint.metadata.num_held == 0
+    decode.abort("dropped")
+    assert all(bool((layer == FILL).all()) for layer in decode.layers())

@@ -1,0 +1,102 @@
+"""One rank's step: its KV sends start while its forward is still running, exactly once.
+
+A stage queues its forward, starts the sends of the requests whose prompt is complete, and
+only then waits for the forward's result (hidden states to the host, or sampling); the last
+stage hands each first token to its sender after sampling. Scripted senders record the order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from cluster.plan import ChunkPlan, StepPlan
+from cluster.stage_requests import StageRequests
+from cluster.stage_step import StageLoop
+from tests.prefill.world import ScriptedSender
+from transport.metadata import FirstToken
+from transport.poll import KVPoll
+
+Events = list[object]
+
+
+class RecordingSender(ScriptedSender):
+    def __init__(self, rid: str, room: int, events: Events) -> None:
+        super().__init__(rid, room)
+        self.events = events
+
+    def send(self, page_indices: list[int], first_token: FirstToken | None = None) -> None:
+        self.events.append(("send", self.rid, first_token))
+        super().send(page_indices, first_token)
+
+    def send_first_token(self, first_token: FirstToken) -> None:
+        self.events.append(("token", self.rid))
+        super().send_first_token(first_token)
+
+
+def token_for(chunk: ChunkPlan) -> FirstToken:
+    return FirstToken(chunk.room, 5, -0.5, chunk.start + len(chunk.token_ids))
+
+
+def make_loop(
+    events: Events, is_last: bool, forward: Callable[..., dict[str, FirstToken]]
+) -> StageLoop:
+    requests = StageRequests(lambda rid, room: RecordingSender(rid, room, events))
+    loop = StageLoop(requests, lambda v: v, forward, is_last_stage=is_last, background=False)
+    loop.step(StepPlan(step=0, tick=None, admit=(("a", 1), ("b", 2))))
+    for sender in requests.senders.values():
+        sender.ready()
+    return loop
+
+
+def batch() -> tuple[ChunkPlan, ...]:
+    return (
+        ChunkPlan("a", 0, [1, 2, 3], [0], finishing=True, room=1),
+        ChunkPlan("b", 0, [4, 5], [1], finishing=False, room=2),  # more chunks to come
+    )
+
+
+@pytest.mark.parametrize("is_last", [True, False])
+def test_sends_start_while_the_forward_runs_and_the_token_follows_sampling(is_last: bool) -> None:
+    events: Events = []
+
+    def forward(chunks: tuple[ChunkPlan, ...], start_sends: Callable[[], None]):
+        events.append("forward queued")
+        start_sends()
+        start_sends()  # a second call starts nothing
+        events.append("waited for the forward")
+        return {c.rid: token_for(c) for c in chunks if c.finishing} if is_last else {}
+
+    loop = make_loop(events, is_last, forward)
+    report = loop.step(StepPlan(step=1, tick=None, batch=batch()))
+    expected: Events = ["forward queued", ("send", "a", None), "waited for the forward"]
+    if is_last:
+        expected.append(("token", "a"))
+    assert events == expected
+    sender = loop.requests.senders["a"]
+    assert sender.poll() is KVPoll.Transferring and sender.sent_pages == [0]
+    assert sender.sent_token == (token_for(batch()[0]) if is_last else None)
+    assert set(report.first_tokens) == ({"a"} if is_last else set())
+    assert loop.requests.senders["b"].poll() is KVPoll.WaitingForInput  # not finishing
+
+
+def test_a_forward_that_never_starts_the_sends_still_sends_after_it() -> None:
+    events: Events = []
+
+    def forward(chunks: tuple[ChunkPlan, ...], start_sends: Callable[[], None]):
+        events.append("forward done")
+        return {c.rid: token_for(c) for c in chunks if c.finishing}
+
+    loop = make_loop(events, True, forward)
+    loop.step(StepPlan(step=1, tick=None, batch=batch()))
+    assert events == ["forward done", ("send", "a", None), ("token", "a")]
+
+
+def test_a_finishing_request_the_last_stage_sampled_nothing_for_fails_at_once() -> None:
+    events: Events = []
+    loop = make_loop(events, True, lambda chunks, start_sends: {})
+    loop.step(StepPlan(step=1, tick=None, batch=batch()))
+    sender = loop.requests.senders["a"]
+    assert sender.poll() is KVPoll.Failed  # not left Transferring until a timeout
+    assert loop.requests.senders["b"].poll() is KVPoll.WaitingForInput
