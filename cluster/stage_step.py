@@ -98,8 +98,8 @@ class StageLoop:
                 if started:
                     return
                 started = True
-                with self._lock:
-                    for rid in finishing:
+                for rid in finishing:  # the lock per request: a send may wait for a free slot
+                    with self._lock:
                         self.requests.send(rid)
 
             first_tokens = self._forward(plan.batch, start_sends)

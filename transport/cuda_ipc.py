@@ -1393,7 +1393,7 @@ class CudaIpcMover:
         return self.path.launch(self.route, runs, self.mapping)
 
     def prepare(self) -> Any:
-        """On the thread that computed the KV: mark where on its stream the KV is complete."""
+        """On the thread that queued the KV: mark where on its stream the KV is complete."""
         return self.path.backend.record(self.mapping.device)
 
     def write(self, session: str, segments: Segments, ticket: Any) -> int:
@@ -1409,8 +1409,11 @@ class CudaIpcMover:
                 else None
             )
             try:
-                # The first-token record (CPU memory) goes by Mooncake while the copies run.
+                # The first-token record (CPU memory) goes by Mooncake while the copies run;
+                # any GPU bytes among the rest only once the KV is computed.
                 if len(rest):
+                    if ticket is not None:
+                        backend.wait(ticket)
                     return self._write_rest(session, rest.srcs, rest.dsts, rest.lengths)
                 return 0
             finally:

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
+import torch
+
 from engine.kv_cache import KVLayerRegion, PagedKVCache
 from transport.config import TransportConfig
 from transport.cuda_ipc import CudaIpc, CudaIpcMover, CudaIpcPath, IpcBackend
@@ -61,7 +63,8 @@ class KVMover(Protocol):
         ...
 
     def prepare(self) -> Any:
-        """Called by `send` on the thread that computed the KV, before the write is queued."""
+        """Called by `send` on the thread and stream that queued the KV, maybe before the GPU
+        has computed it: a ticket `write` waits for before any byte of GPU memory is read."""
         ...
 
     def write(self, session: str, segments: Segments, ticket: Any) -> int:
@@ -74,9 +77,12 @@ class MooncakeMover:
 
     name = "mooncake"
 
-    def __init__(self, endpoint: TransferEndpoint, why: str) -> None:
+    def __init__(
+        self, endpoint: TransferEndpoint, why: str, device: torch.device | None = None
+    ) -> None:
         self.endpoint = endpoint
         self.why = why
+        self.device = device  # where the KV is, when in GPU memory
 
     def plan_pages(self, local_pages: list[int]) -> None:
         return None  # never launched from `send`: every write goes by `write` on the pool
@@ -84,10 +90,16 @@ class MooncakeMover:
     def launch(self, plan: Any) -> Any:
         raise NotImplementedError("Mooncake writes run on the pool")
 
-    def prepare(self) -> None:
-        return None
+    def prepare(self) -> torch.cuda.Event | None:
+        """GPU memory: an event after the KV queued so far on the caller's stream (a stage
+        sends before its forward has run on the GPU); Mooncake reads only after it passed."""
+        if self.device is None:
+            return None
+        return torch.cuda.current_stream(self.device).record_event()
 
     def write(self, session: str, segments: Segments, ticket: Any) -> int:
+        if ticket is not None:
+            ticket.synchronize()
         return self.endpoint.write(session, segments.srcs, segments.dsts, segments.lengths)
 
 
@@ -146,6 +158,7 @@ class TransferEndpoint:
             )
         self.session_id = f"{hostname}:{self._engine.get_rpc_port()}"
         self._registered: list[int] = []
+        self._kv_devices: dict[int, torch.device] = {}  # layer base -> its GPU
         self._lock = threading.Lock()
         self.metadata = MetadataSlots(self.config.metadata_slots)
         self.register(self.metadata.base_address, self.metadata.nbytes)
@@ -175,8 +188,18 @@ class TransferEndpoint:
         """
         for region in cache.regions():
             self.register(region.base_address, region.nbytes)
+        if cache.layers and cache.layers[0].is_cuda:
+            with self._lock:
+                for region in cache.regions():
+                    self._kv_devices[region.base_address] = cache.layers[0].device
         if self.cuda_ipc is not None:
             self.cuda_ipc.add_cache(cache)
+
+    def _kv_device(self, regions: list[KVLayerRegion]) -> torch.device | None:
+        """The GPU that holds `regions` (registered with `register_cache`), or None."""
+        with self._lock:
+            devices = {self._kv_devices.get(r.base_address) for r in regions}
+        return devices.pop() if len(devices) == 1 else None
 
     def cuda_ipc_offer(self, regions: list[KVLayerRegion]) -> CudaIpcInfo | None:
         """The fast-path part of receiver info for `regions`, when they can be mapped."""
@@ -190,11 +213,12 @@ class TransferEndpoint:
         CUDA IPC when the receiver is on this node, both sides' KV is in GPU memory and its
         handles open here; Mooncake in every other case.
         """
+        device = self._kv_device(regions)
         if self.cuda_ipc is None:
-            return MooncakeMover(self, "fast path turned off")
+            return MooncakeMover(self, "fast path turned off", device)
         mapping, why = self.cuda_ipc.select(info, [r.base_address for r in regions])
         if mapping is None:
-            return MooncakeMover(self, why)
+            return MooncakeMover(self, why, device)
         by_layer = {a.layer: a for a in info.layers}
         route = self.cuda_ipc.route(mapping, regions, by_layer, info.layout.page_nbytes)
         return CudaIpcMover(self.cuda_ipc, mapping, self.write, why, route, info.page_indices)

@@ -185,7 +185,8 @@ class KVSender:
     def send(self, page_indices: list[int], first_token: FirstToken | None = None) -> None:
         """Start writing K and V of `page_indices` (this stage's pages, in token order).
 
-        Call it once the KV is queued on the current stream: the write runs behind it. The
+        Call it once the KV is queued on the current stream, computed or not: the write
+        reads it only after (the copy queued behind it, or Mooncake after the stream's event). The
         last stage's first token comes here or, when it is sampled after the KV was queued,
         through `send_first_token`; the request succeeds only once both have landed. A sender
         failed meanwhile (abort, timeout, dead peer) ignores the call: the decision to drop
@@ -255,11 +256,12 @@ class KVSender:
             try:
                 launched.slot, launched.record = self._submit_record(self._info, first_token)
             except Exception as exc:  # no metadata slot free, or Mooncake refused the write
+                # Still awaiting the token, so no poll settles it as a Success meanwhile.
                 error = f"first-token record to {self._info.session_id} could not start ({exc!r})"
             else:
                 launched.stats.nbytes += SLOT_NBYTES
                 launched.stats.segments += 1
-            launched.awaiting_token = False
+                launched.awaiting_token = False
         if error is not None:
             self._fail(error)
 
@@ -271,7 +273,11 @@ class KVSender:
         assert info is not None and mover is not None
         slot = None
         if first_token is not None:
-            slot = self.endpoint.metadata.acquire()
+            try:
+                slot = self.endpoint.metadata.acquire()
+            except Exception as exc:  # every slot held: this request fails, not the stage
+                self._fail(f"first-token record to {info.session_id} could not start ({exc!r})")
+                return
             self.endpoint.metadata.write(slot, first_token)
             segments.add(self.endpoint.metadata.address(slot), info.metadata.address, SLOT_NBYTES)
         self._in_flight = True

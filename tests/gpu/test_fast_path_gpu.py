@@ -32,6 +32,7 @@ from transport import (  # noqa: E402
     cuda_ipc,
 )
 from transport.cuda_ipc import CudaIpc, CudaIpcMover, _Staging, node_id  # noqa: E402
+from transport.endpoint import MooncakeMover  # noqa: E402
 from transport.streams import behind_current_stream  # noqa: E402
 
 SHAPE = CacheShape(
@@ -289,6 +290,36 @@ def test_fast_path_off_moves_gpu_kv_by_mooncake(peer: DecodePeer) -> None:
         local, remote = [0, 1, 2, 9], [4, 5, 6, 33]
         sender, (state, reason, _) = off.send(peer, local, remote)
         assert sender.stats.mover == "mooncake" and KVPoll(state) is KVPoll.Success, reason
+        assert_arrived(off, peer, local, remote)
+    finally:
+        off.close()
+
+
+@pytest.mark.parametrize("last", [False, True])
+def test_over_mooncake_a_send_before_the_forward_ran_reads_the_forward_kv(
+    peer: DecodePeer, last: bool
+) -> None:
+    """The stage's order with the fast path off: `send` right after the forward is queued,
+    on the side stream. Mooncake reads the GPU pages only once the stream passed the KV."""
+    peer.reset()
+    off = GpuStage(TransportConfig(hostname=LOOPBACK, cuda_ipc=False))
+    try:
+        local, remote = list(range(0, 8)), list(range(24, 32))
+        sender = off.toward(peer, remote, last=last)
+        assert isinstance(sender.mover, MooncakeMover)
+        assert sender.mover.device == torch.device("cuda", 0)  # so `send` takes a stream ticket
+        torch.cuda._sleep(100_000_000)  # the forward: ~50 ms of GPU time, then its KV
+        for i, layer in enumerate(off.cache.layers):
+            layer[:, local[0] : local[-1] + 1].fill_(float(i + 5))
+        with behind_current_stream(torch.device("cuda")):
+            sender.send(local)
+        if last:
+            sender.send_first_token(TOKEN)
+        assert wait_done(sender, timeout=30) is KVPoll.Success, sender.failure_reason
+        state, reason, first = peer.settle(sender.rid, True)
+        if last:  # a middle stage writes no record, so its receiver alone cannot succeed
+            assert KVPoll(state) is KVPoll.Success and first == TOKEN, reason
+        assert torch.equal(peer.checksums(remote), page_checksums(off.cache.layers, local))
         assert_arrived(off, peer, local, remote)
     finally:
         off.close()

@@ -23,7 +23,15 @@ from engine.kv_cache import PagedKVCache
 from tests.transport.fake_ipc import FAKE_GPU, FakeIpc, FakeRuntime
 from tests.transport.peer import FILL, CacheShape, DecodePeer
 from tests.transport.test_transfer import wait_done
-from transport import FirstToken, KVPoll, KVReceiver, KVSender, TransferEndpoint, TransportConfig
+from transport import (
+    FirstToken,
+    KVPoll,
+    KVReceiver,
+    KVSender,
+    MetadataSlotsExhausted,
+    TransferEndpoint,
+    TransportConfig,
+)
 from transport.cuda_ipc import (
     CudaIpcMover,
     IpcBackend,
@@ -525,6 +533,33 @@ def test_the_kv_can_go_before_the_first_token_and_success_waits_for_both(
         receiver.on_stage_result(0, True)
         assert receiver.poll() is KVPoll.Success and receiver.first_token == TOKEN
         assert_arrived(stage, fresh_decode, local, remote)
+    finally:
+        stage.close()
+
+
+def test_a_token_whose_record_cannot_start_fails_the_request_never_succeeds_it(
+    fresh_decode: Side, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = FakeIpc(hold=True)
+    stage = Side(backend)
+    try:
+        receiver = fresh_decode.receiver("no-slot", [12])
+        sender = stage.sender("no-slot")
+        sender.set_receiver_info(receiver.publish())
+        sender.send([3])
+        backend.finish()  # the KV landed: only the record stands between it and Success
+
+        def exhausted() -> int:
+            assert sender.poll() is KVPoll.Transferring  # a poll in the gap settles nothing
+            raise MetadataSlotsExhausted("every metadata slot is held")
+
+        monkeypatch.setattr(stage.endpoint.metadata, "acquire", exhausted)
+        sender.send_first_token(TOKEN)
+        assert sender.poll() is KVPoll.Failed
+        assert "every metadata slot is held" in (sender.failure_reason or "")
+        _wait_until(lambda: not sender.in_flight)
+        assert _mapping(stage, fresh_decode).users == 0
+        receiver.abort("test done")
     finally:
         stage.close()
 

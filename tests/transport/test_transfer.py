@@ -10,7 +10,8 @@ import torch
 
 from tests.transport.conftest import make_stages
 from tests.transport.peer import FILL, CacheShape, DecodePeer, PrefillStage
-from transport import FirstToken, KVPoll, KVSender
+from transport import FirstToken, KVPoll, KVSender, MetadataSlotsExhausted
+from transport.endpoint import MooncakeMover
 
 
 def wait_for(sender: KVSender, states: set[KVPoll], timeout: float = 10.0) -> KVPoll:
@@ -171,3 +172,27 @@ def test_a_last_stage_aborted_before_its_token_submits_nothing(
     assert not sender.in_flight and stages[-1].endpoint.metadata.num_held == 0
     decode.abort("dropped")
     assert all(bool((layer == FILL).all()) for layer in decode.layers())
+
+
+def test_a_token_whose_record_cannot_get_a_slot_fails_only_that_request(
+    stages: list[PrefillStage], decode: DecodePeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    info = decode.receive("full", 8, [31], num_stages=len(stages))
+    sender = stages[-1].sender("full", 8, pp_rank=len(stages) - 1)
+    sender.set_receiver_info(info.for_layers(stages[-1].layers.start, stages[-1].layers.stop))
+    sender.send([5])
+
+    def exhausted() -> int:
+        raise MetadataSlotsExhausted("every metadata slot is held")
+
+    monkeypatch.setattr(stages[-1].endpoint.metadata, "acquire", exhausted)
+    sender.send_first_token(FirstToken(room=8, token_id=1, logprob=0.0, num_prompt_tokens=4))
+    assert sender.poll() is KVPoll.Failed and not sender.in_flight
+    assert "every metadata slot is held" in (sender.failure_reason or "")
+    decode.abort("full")
+
+
+def test_mooncake_takes_a_stream_ticket_only_for_gpu_kv(stages: list[PrefillStage]) -> None:
+    """CPU KV needs no ticket; GPU KV gets an event `write` waits for (tests/gpu runs it)."""
+    mover = MooncakeMover(stages[0].endpoint, "test")
+    assert mover.device is None and mover.prepare() is None
