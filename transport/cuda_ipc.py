@@ -481,9 +481,9 @@ class _Staging:
     event that ends the copy which read it.
 
     The GPU reads a slot where it lies (a graph's table node, or the direct kernel), so a
-    request writes its table through a memoryview and makes no upload call. A slot is written again only
-    after the copy that read it has finished (its event), so a table is never overwritten
-    under a copy still queued behind the caller's compute. Generations tell a request's end
+    request writes its table through a memoryview and makes no upload call. A slot is written
+    again only after the copy that read it has finished (its event), so a table is never
+    overwritten under a copy still queued behind the caller's compute. Generations tell a request's end
     from a later one on the same slot: `passed` never reports a request done early, and once
     any poll saw a slot's event pass, taking the slot again costs no CUDA call.
 

@@ -111,8 +111,8 @@ class KVSender:
         self._watch_lock = threading.Lock()
         self._in_flight = False
         self._launched: _Launched | None = None
-        self._awaiting_token = False  # `send` started the KV; the first token follows
-        self._pending: tuple[Segments, Any, float] | None = None  # a general write awaiting it
+        # A general write `send` started without the last stage's token: it waits for it.
+        self._pending: tuple[Segments, Any, float] | None = None
 
     # -- state -------------------------------------------------------------------------------
 
@@ -205,14 +205,14 @@ class KVSender:
                 f"request needs {len(page_indices)} pages, receiver offered {len(info.page_indices)}"
             )
             return
-        self._awaiting_token = self.is_last_stage and first_token is None
+        awaiting_token = self.is_last_stage and first_token is None
         try:
             runs = mover.plan_pages(page_indices)
         except Exception as exc:
             self._fail(f"KV write to {info.session_id} could not start ({exc!r})")
             return
         if runs is not None:
-            self._launch(info, mover, runs, first_token, start)
+            self._launch(info, mover, runs, first_token, start, awaiting_token)
             return
         remote = {address.layer: address for address in info.layers}
         segments = kv_segments(
@@ -227,7 +227,7 @@ class KVSender:
         except Exception as exc:  # e.g. a CUDA error recording the stream's position
             self._fail(f"KV write to {info.session_id} could not start ({exc!r})")
             return
-        if self._awaiting_token:  # one batch with the record: it starts with the token
+        if awaiting_token:  # one batch with the record: it starts with the token
             self._pending = (segments, ticket, start)
             return
         self._submit(segments, ticket, first_token, start)
@@ -239,16 +239,15 @@ class KVSender:
         """
         if self._state.state is KVPoll.Failed:
             return
-        if not self._awaiting_token:
-            raise RuntimeError(f"{self.rid}: no KV write of this sender waits for a first token")
-        self._awaiting_token = False
         pending, self._pending = self._pending, None
         if pending is not None:
             segments, ticket, start = pending
             self._submit(segments, ticket, first_token, start)
             return
         launched = self._launched
-        assert launched is not None and self._info is not None
+        if launched is None or not launched.awaiting_token:
+            raise RuntimeError(f"{self.rid}: no KV write of this sender waits for a first token")
+        assert self._info is not None
         error = None
         with launched.lock:  # a settle (the pool's, after a failure) either ran or waits
             if launched.settled or launched.handed_off:
@@ -329,6 +328,7 @@ class KVSender:
         runs: PageRuns,
         first_token: FirstToken | None,
         start: float,
+        awaiting_token: bool,
     ) -> None:
         """The fast path from `send`: record submitted, copy queued behind the KV, no waiting.
 
@@ -346,7 +346,7 @@ class KVSender:
             return
         stats = self._stats(runs, record, mover)
         self._in_flight = True
-        self._launched = _Launched(copy, record, slot, start, stats, self._awaiting_token)
+        self._launched = _Launched(copy, record, slot, start, stats, awaiting_token)
         if self._state.state is KVPoll.Failed:  # aborted meanwhile: nobody will poll it through
             self._hand_off()
 

@@ -25,6 +25,11 @@ side is a spawned process with its cache on the same GPU (tests/transport/peer.p
   from the first poll that sees the forward done to Success. Also the GPU's view
   (`*_gpu_ms`): time between that event and one recorded after `send` on the stream (the copy
   plus any gap where the GPU waited for the host's launch).
+- `stage order` (`stage_order_*`): the order the stage actor uses: a model-sized forward
+  queued, `send` on a side stream behind it, then `out.cpu()`; `stage_order_ms` is the GPU's
+  time from the forward's end to the copy's end (the headline's `stage order` flow, whose
+  target figure this is), `stage_order_copy_ms` the same for a `copy_` in the place of `send`,
+  `*_after_wait_ms` the host's time from `out.cpu()`'s return to Success.
 - `mooncake tcp`: the same sender with the fast path off (Mooncake tcp on loopback, written on
   the pool; polled every 20 us so the pool thread gets the GIL).
 - `device copy`: in this process, one `copy_` of as many contiguous bytes (GPU time: the
@@ -37,8 +42,8 @@ side is a spawned process with its cache on the same GPU (tests/transport/peer.p
   `hot_*_ms` the same calls in a loop of launches alone (the last row); `busy_*`: KV-only writes
   with this thread kept busy for 1 ms before `send` instead of coming from a sleep on the pipe.
 
-Target: fast path (write) >= 0.5x the one-copy bandwidth. Bandwidth counts bytes moved once
-(a copy reads and writes each: 1.5 TB/s here is 3.0 TB/s read+write). Pages are checked by
+Target: fast path >= 0.5x the one-copy bandwidth, in the stage's order
+(`stage_order_vs_copy`). Bandwidth counts bytes moved once (a copy reads and writes each: 1.5 TB/s here is 3.0 TB/s read+write). Pages are checked by
 checksum after the first transfer of each kind. Also probed: whether host memory can be
 exported with CUDA IPC (the first-token slot is host memory). The probes only attach to calls
 the code has, so this file also measures the previous code (`.before/`) the same way.
@@ -55,6 +60,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 
 os.environ.setdefault("GLOG_minloglevel", "2")
@@ -187,9 +193,17 @@ class Prefill(PrefillStage):
         while not end.query():
             pass
         wall = time.perf_counter() - start
-        sender.abort("reference only")
-        self.peer.settle(sender.rid, False, "reference only")
+        self._let_go(sender, reference=True)
         return wall
+
+    def _let_go(self, sender: KVSender, reference: bool) -> None:
+        """Free the decode side's receiver: settled as delivered, or (a reference copy ran in
+        the place of `send`) the sender aborted and the receiver failed."""
+        if reference:
+            sender.abort("reference only")
+            self.peer.settle(sender.rid, False, "reference only")
+        else:
+            self.peer.settle(sender.rid, True)
 
     def after_sync(
         self,
@@ -199,13 +213,12 @@ class Prefill(PrefillStage):
         last: bool,
         reference: OneCopy | None = None,
     ) -> tuple[float, float]:
-        """The stage actor's own flow: queue `forward`, wait for it as the stage does (a middle
+        """The stage actor's old order: queue `forward`, wait for it as the stage did (a middle
         stage's `out.cpu()`; the last stage's sampling is a sync too), then `send` and poll back
         to back to Success; with `reference`, that copy is launched in the place of `send`
         instead and polled to its end (the same flow's bare launch). Returns the seconds from
         `send` (or the launch) to done, and the GPU's seconds between events recorded on the
-        stream right before and after it (the copy as the GPU ran it in this state: the
-        forward has just evicted the L2 cache)."""
+        stream right before and after it (so the wait for the host's launch included)."""
         sender, token = self.prepare(remote, last)
         forward.queue(local)
         forward.sync()
@@ -224,11 +237,7 @@ class Prefill(PrefillStage):
                 pass
         wall = time.perf_counter() - start
         after.synchronize()
-        if reference is None:
-            self.peer.settle(sender.rid, True)
-        else:
-            sender.abort("reference only")
-            self.peer.settle(sender.rid, False, "reference only")
+        self._let_go(sender, reference is not None)
         return wall, before.elapsed_time(after) / 1e3
 
     def stage_order(
@@ -268,11 +277,7 @@ class Prefill(PrefillStage):
                 pass
         done = time.perf_counter() - waited
         landed.synchronize()
-        if reference is None:
-            self.peer.settle(sender.rid, True)
-        else:
-            sender.abort("reference only")
-            self.peer.settle(sender.rid, False, "reference only")
+        self._let_go(sender, reference is not None)
         return ready.elapsed_time(landed) / 1e3, done
 
     def check(self, local: list[int], remote: list[int]) -> bool:
@@ -696,6 +701,19 @@ CASES = [
 ]
 
 
+def side_by_side(
+    measure: Callable[..., tuple[float, float]], reference: OneCopy, reps: int
+) -> dict[str, list[tuple[float, float]]]:
+    """`measure(last, reference)` for a `copy_` in the place of `send`, KV only and the last
+    stage, interleaved rep by rep so that the three see the same machine."""
+    out: dict[str, list[tuple[float, float]]] = {"copy": [], "KV only": [], "last stage": []}
+    for _ in range(reps):
+        out["copy"].append(measure(False, reference))
+        out["KV only"].append(measure(False))
+        out["last stage"].append(measure(True))
+    return out
+
+
 def _headline_row(
     case: str, flow: str, kind: str, round_: int, write: float, one: float, in_flow: float
 ) -> dict:
@@ -714,22 +732,22 @@ def _headline_row(
 
 
 def headline(reps: int, rounds: int) -> None:
-    """Only the headline column: send->Success with the GPU idle at `send` (KV only, last
-    stage) per case, against one `copy_` timed on the GPU in the same process (`vs_copy`, the
-    target's measure), in `rounds` series of `reps` (a median each). Short, so that several
-    processes of two versions of the code can alternate on one machine: the spread between
-    processes is larger than within one. For reference, `copy_in_flow_ms`: one `copy_` launched
-    where `send` would be and polled to its end (`Prefill.copy_in_flow`), and `vs_copy_in_flow`
-    = that over the write: how much of the write any launch from that state would cost too.
+    """Only the headline column, in three flows per case: the write against one `copy_` of as
+    many bytes timed alone on the GPU in the same process (`vs_copy`), in `rounds` series of
+    `reps` (a median each). Short, so that several processes of two versions of the code can
+    alternate on one machine: the spread between processes is larger than within one.
 
-    Flow `GPU idle`: `send` comes straight from the bootstrap's sleep on the pipe to the decode
-    process. Flow `after sync`: the stage actor's own order (`Prefill.after_sync`): a
-    model-sized forward queued and waited for with `out.cpu()`, then `send`; its
-    `copy_in_flow_ms` is the same `copy_` launched in that flow. Flow `stage order`: the order
-    the stage actor uses now (`Prefill.stage_order`): the sends start on a side stream once
-    the forward is queued, before `out.cpu()`; `write_ms` there is the GPU's time from the
-    forward's end to the copy's end, `copy_in_flow_ms` the same for a `copy_` in its place,
-    and `after_wait_ms` the host's time from `out.cpu()`'s return to Success."""
+    - `stage order`, the target's flow: the order the stage actor uses
+      (`Prefill.stage_order`): a model-sized forward queued, `send` on a side stream behind it,
+      then `out.cpu()`. `write_ms` is the GPU's time from the forward's end to the copy's end,
+      `copy_in_flow_ms` the same for a `copy_` in the place of `send`, `after_wait_ms` the
+      host's time from `out.cpu()`'s return to Success.
+    - `GPU idle`: send->Success, `send` straight from the bootstrap's sleep on the pipe to the
+      decode process; `copy_in_flow_ms` is one `copy_` launched there and polled to its end
+      (`Prefill.copy_in_flow`): what any launch from that state costs.
+    - `after sync`: the stage's old order (`Prefill.after_sync`): the forward waited for with
+      `out.cpu()`, then `send`; its `copy_in_flow_ms` is a `copy_` launched there.
+    """
     torch.cuda.set_device(0)
     peer = DecodePeer(SHAPE, device="cuda", timeout_s=120)
     fast = Prefill(peer, TransportConfig(hostname="127.0.0.1"), "fast")
@@ -752,19 +770,13 @@ def headline(reps: int, rounds: int) -> None:
                     rows.append(_headline_row(name, "GPU idle", kind, round_, write, one, in_flow))
                     rows[-1]["send_ms"] = 1e3 * in_send
                     print(rows[-1], file=sys.stderr, flush=True)
-                # The stage's flow, the three kinds interleaved rep by rep (side by side); the
-                # target's measure there is the copy's GPU time in that same state.
-                synced: dict[str, list[tuple[float, float]]] = {
-                    "copy": [],
-                    "KV only": [],
-                    "last stage": [],
-                }
-                for _ in range(reps):
-                    synced["copy"].append(fast.after_sync(model, local, remote, False, reference))
-                    synced["KV only"].append(fast.after_sync(model, local, remote, False))
-                    synced["last stage"].append(fast.after_sync(model, local, remote, True))
+                # The stage's old order, then its new one: each flow's three kinds interleaved
+                # rep by rep (side by side), a `copy_` in the place of `send` among them.
+                synced = side_by_side(
+                    partial(fast.after_sync, model, local, remote), reference, reps
+                )
                 copy_wall = statistics.median(w for w, _ in synced["copy"])
-                copy_gpu = statistics.median(g for _, g in synced["copy"])
+                copy_gpu = statistics.median(g for _, g in synced["copy"])  # that state's copy
                 for kind in ("KV only", "last stage"):
                     write = statistics.median(w for w, _ in synced[kind])
                     rows.append(
@@ -773,16 +785,9 @@ def headline(reps: int, rounds: int) -> None:
                     rows[-1]["write_gpu_ms"] = 1e3 * statistics.median(g for _, g in synced[kind])
                     rows[-1]["copy_one_idle_ms"] = 1e3 * one
                     print(rows[-1], file=sys.stderr, flush=True)
-                # The stage's order now: the sends before the wait, on a side stream.
-                ordered: dict[str, list[tuple[float, float]]] = {
-                    "copy": [],
-                    "KV only": [],
-                    "last stage": [],
-                }
-                for _ in range(reps):
-                    ordered["copy"].append(fast.stage_order(model, local, remote, False, reference))
-                    ordered["KV only"].append(fast.stage_order(model, local, remote, False))
-                    ordered["last stage"].append(fast.stage_order(model, local, remote, True))
+                ordered = side_by_side(
+                    partial(fast.stage_order, model, local, remote), reference, reps
+                )
                 copy_gpu = statistics.median(g for g, _ in ordered["copy"])
                 for kind in ("KV only", "last stage"):
                     write = statistics.median(g for g, _ in ordered[kind])
@@ -889,7 +894,17 @@ def main() -> None:
                     if last:
                         row[f"{prefix}forward_ms"] = 1e3 * times["forward"]
                         row[f"{prefix}forward_send_ms"] = 1e3 * times["forward_send"]
-            del model
+            # The stage actor's order: sends on a side stream before the wait (the headline).
+            ordered = side_by_side(
+                partial(fast.stage_order, model, local, remote), OneCopy(nbytes), args.reps
+            )
+            for kind, key in (("KV only", "stage_order"), ("last stage", "stage_order_last")):
+                landed = statistics.median(g for g, _ in ordered[kind])
+                row[f"{key}_ms"] = 1e3 * landed
+                row[f"{key}_GB_s"] = nbytes / landed / 1e9
+                row[f"{key}_after_wait_ms"] = 1e3 * statistics.median(h for _, h in ordered[kind])
+            row["stage_order_copy_ms"] = 1e3 * statistics.median(g for g, _ in ordered["copy"])
+            del model, ordered
             checks[f"{name}: fast path behind a forward"] = fast.check(local, remote)
 
             # Where `send`'s time goes: KV-only runs with timers on each step and call.
@@ -937,6 +952,7 @@ def main() -> None:
                 "fast",
                 "fast_kv_only",
                 "busy_kv_only",
+                "stage_order",
                 "added",
                 "added_kv_only",
                 "hostbound_added",
@@ -971,6 +987,11 @@ def main() -> None:
             "hostbound_added_vs_copy",
             "hostbound_added_kv_only_vs_copy",
             "busy_kv_only_vs_copy",
+            "stage_order_vs_copy",
+            "stage_order_ms",
+            "stage_order_copy_ms",
+            "stage_order_after_wait_ms",
+            "stage_order_last_after_wait_ms",
             "target_vs_copy",
             "fast_write_ms",
             "fast_send_ms",

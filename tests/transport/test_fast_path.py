@@ -482,137 +482,129 @@ def _mapping(side: Side, decode: Side) -> PeerMapping:
     return path._mappings[decode.endpoint.session_id]
 
 
-def test_success_waits_until_the_copy_and_the_record_have_landed(fresh_decode: Side) -> None:
-    backend = FakeIpc(hold=True)  # the copy sits queued behind compute on the "GPU"
+@pytest.fixture
+def held() -> Iterator[tuple[FakeIpc, Side]]:
+    """A stage whose (fake) copies sit queued behind compute until `backend.finish()`."""
+    backend = FakeIpc(hold=True)
     stage = Side(backend)
-    try:
-        local, remote = [4, 5], [33, 34]
-        receiver = fresh_decode.receiver("held", remote)
-        sender = stage.sender("held")
-        sender.set_receiver_info(receiver.publish())
-        sender.send(local, TOKEN)
-        for _ in range(5):
-            assert sender.poll() is KVPoll.Transferring
-            time.sleep(0.01)
-        assert sender.in_flight and _mapping(stage, fresh_decode).users == 1
-        assert stage.endpoint.metadata.num_held == 1  # the record's source slot
-        assert_untouched(fresh_decode)
-        backend.finish()
-        assert sender.poll() is KVPoll.Success, sender.failure_reason
-        assert not sender.in_flight and _mapping(stage, fresh_decode).users == 0
-        assert stage.endpoint.metadata.num_held == 0
-        receiver.on_stage_result(0, True)
-        assert receiver.poll() is KVPoll.Success and receiver.first_token == TOKEN
-        assert_arrived(stage, fresh_decode, local, remote)
-    finally:
-        stage.close()
+    yield backend, stage
+    stage.close()
+
+
+def ready(stage: Side, decode: Side, rid: str, remote: list[int]) -> tuple[KVReceiver, KVSender]:
+    """A receiver for `remote` and a stage sender holding its info: waiting for input."""
+    receiver = decode.receiver(rid, remote)
+    sender = stage.sender(rid)
+    sender.set_receiver_info(receiver.publish())
+    return receiver, sender
+
+
+def test_success_waits_until_the_copy_and_the_record_have_landed(
+    held: tuple[FakeIpc, Side], fresh_decode: Side
+) -> None:
+    backend, stage = held
+    local, remote = [4, 5], [33, 34]
+    receiver, sender = ready(stage, fresh_decode, "held", remote)
+    sender.send(local, TOKEN)
+    for _ in range(5):
+        assert sender.poll() is KVPoll.Transferring
+        time.sleep(0.01)
+    assert sender.in_flight and _mapping(stage, fresh_decode).users == 1
+    assert stage.endpoint.metadata.num_held == 1  # the record's source slot
+    assert_untouched(fresh_decode)
+    backend.finish()
+    assert sender.poll() is KVPoll.Success, sender.failure_reason
+    assert not sender.in_flight and _mapping(stage, fresh_decode).users == 0
+    assert stage.endpoint.metadata.num_held == 0
+    receiver.on_stage_result(0, True)
+    assert receiver.poll() is KVPoll.Success and receiver.first_token == TOKEN
+    assert_arrived(stage, fresh_decode, local, remote)
 
 
 def test_the_kv_can_go_before_the_first_token_and_success_waits_for_both(
+    held: tuple[FakeIpc, Side],
     fresh_decode: Side,
 ) -> None:
     """The stage's order: `send` once the forward is queued, the token once sampled."""
-    backend = FakeIpc(hold=True)
-    stage = Side(backend)
-    try:
-        local, remote = [2, 3], [40, 41]
-        receiver = fresh_decode.receiver("kv-first", remote)
-        sender = stage.sender("kv-first")
-        sender.set_receiver_info(receiver.publish())
-        sender.send(local)
-        assert backend.page_launches == 1  # the copy is queued at once
-        assert stage.endpoint.metadata.num_held == 0  # no record before the token
-        backend.finish()
-        for _ in range(5):  # the KV landed, but the request is not done without its token
-            assert sender.poll() is KVPoll.Transferring and sender.in_flight
-            time.sleep(0.01)
-        sender.send_first_token(TOKEN)
-        assert wait_done(sender) is KVPoll.Success, sender.failure_reason
-        assert not sender.in_flight and stage.endpoint.metadata.num_held == 0
-        assert sender.stats.segments == SHAPE.num_layers * 2 + 1
-        receiver.on_stage_result(0, True)
-        assert receiver.poll() is KVPoll.Success and receiver.first_token == TOKEN
-        assert_arrived(stage, fresh_decode, local, remote)
-    finally:
-        stage.close()
+    backend, stage = held
+    local, remote = [2, 3], [40, 41]
+    receiver, sender = ready(stage, fresh_decode, "kv-first", remote)
+    sender.send(local)
+    assert backend.page_launches == 1  # the copy is queued at once
+    assert stage.endpoint.metadata.num_held == 0  # no record before the token
+    backend.finish()
+    for _ in range(5):  # the KV landed, but the request is not done without its token
+        assert sender.poll() is KVPoll.Transferring and sender.in_flight
+        time.sleep(0.01)
+    sender.send_first_token(TOKEN)
+    assert wait_done(sender) is KVPoll.Success, sender.failure_reason
+    assert not sender.in_flight and stage.endpoint.metadata.num_held == 0
+    assert sender.stats.segments == SHAPE.num_layers * 2 + 1
+    receiver.on_stage_result(0, True)
+    assert receiver.poll() is KVPoll.Success and receiver.first_token == TOKEN
+    assert_arrived(stage, fresh_decode, local, remote)
 
 
 def test_a_token_whose_record_cannot_start_fails_the_request_never_succeeds_it(
-    fresh_decode: Side, monkeypatch: pytest.MonkeyPatch
+    held: tuple[FakeIpc, Side], fresh_decode: Side, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    backend = FakeIpc(hold=True)
-    stage = Side(backend)
-    try:
-        receiver = fresh_decode.receiver("no-slot", [12])
-        sender = stage.sender("no-slot")
-        sender.set_receiver_info(receiver.publish())
-        sender.send([3])
-        backend.finish()  # the KV landed: only the record stands between it and Success
+    backend, stage = held
+    receiver, sender = ready(stage, fresh_decode, "no-slot", [12])
+    sender.send([3])
+    backend.finish()  # the KV landed: only the record stands between it and Success
 
-        def exhausted() -> int:
-            assert sender.poll() is KVPoll.Transferring  # a poll in the gap settles nothing
-            raise MetadataSlotsExhausted("every metadata slot is held")
+    def exhausted() -> int:
+        assert sender.poll() is KVPoll.Transferring  # a poll in the gap settles nothing
+        raise MetadataSlotsExhausted("every metadata slot is held")
 
-        monkeypatch.setattr(stage.endpoint.metadata, "acquire", exhausted)
-        sender.send_first_token(TOKEN)
-        assert sender.poll() is KVPoll.Failed
-        assert "every metadata slot is held" in (sender.failure_reason or "")
-        _wait_until(lambda: not sender.in_flight)
-        assert _mapping(stage, fresh_decode).users == 0
-        receiver.abort("test done")
-    finally:
-        stage.close()
+    monkeypatch.setattr(stage.endpoint.metadata, "acquire", exhausted)
+    sender.send_first_token(TOKEN)
+    assert sender.poll() is KVPoll.Failed
+    assert "every metadata slot is held" in (sender.failure_reason or "")
+    _wait_until(lambda: not sender.in_flight)
+    assert _mapping(stage, fresh_decode).users == 0
+    receiver.abort("test done")
 
 
 def test_an_abort_between_the_kv_and_the_token_gives_everything_back(
+    held: tuple[FakeIpc, Side],
     fresh_decode: Side,
 ) -> None:
-    backend = FakeIpc(hold=True)
-    stage = Side(backend)
-    try:
-        receiver = fresh_decode.receiver("kv-then-abort", [9])
-        sender = stage.sender("kv-then-abort")
-        sender.set_receiver_info(receiver.publish())
-        sender.send([1])
-        sender.abort("dropped by consensus")
-        sender.send_first_token(TOKEN)  # too late: ignored, no record, no slot
-        assert stage.endpoint.metadata.num_held == 0
-        assert sender.in_flight  # the copy still reads this stage's pages
-        backend.finish()
-        _wait_until(lambda: not sender.in_flight)
-        assert _mapping(stage, fresh_decode).users == 0
-        assert sender.poll() is KVPoll.Failed
-        receiver.abort("test done")
-    finally:
-        stage.close()
+    backend, stage = held
+    receiver, sender = ready(stage, fresh_decode, "kv-then-abort", [9])
+    sender.send([1])
+    sender.abort("dropped by consensus")
+    sender.send_first_token(TOKEN)  # too late: ignored, no record, no slot
+    assert stage.endpoint.metadata.num_held == 0
+    assert sender.in_flight  # the copy still reads this stage's pages
+    backend.finish()
+    _wait_until(lambda: not sender.in_flight)
+    assert _mapping(stage, fresh_decode).users == 0
+    assert sender.poll() is KVPoll.Failed
+    receiver.abort("test done")
 
 
 def test_abort_with_a_copy_still_queued_holds_pages_and_mapping_until_it_ends(
+    held: tuple[FakeIpc, Side],
     fresh_decode: Side,
 ) -> None:
-    backend = FakeIpc(hold=True)
-    stage = Side(backend)
-    try:
-        receiver = fresh_decode.receiver("gone-mid", [1, 2])
-        sender = stage.sender("gone-mid")
-        sender.set_receiver_info(receiver.publish())
-        sender.send([6, 7], TOKEN)
-        sender.abort()
-        sender.abort()
-        assert sender.poll() is KVPoll.Failed and sender.failure_reason == "aborted"
-        assert sender.in_flight  # the GPU may still read this stage's pages
-        path = stage.endpoint.cuda_ipc
-        assert path is not None
-        path.drop_peer(fresh_decode.endpoint.session_id)  # and the peer goes away
-        assert backend.closed == 0  # a copy still uses the mapping: not unmapped yet
-        backend.finish()
-        _wait_until(lambda: not sender.in_flight)
-        assert backend.closed == backend.opened == SHAPE.num_layers
-        assert stage.endpoint.metadata.num_held == 0
-        assert sender.poll() is KVPoll.Failed  # a late completion does not revive it
-        receiver.abort("test done")
-    finally:
-        stage.close()
+    backend, stage = held
+    receiver, sender = ready(stage, fresh_decode, "gone-mid", [1, 2])
+    sender.send([6, 7], TOKEN)
+    sender.abort()
+    sender.abort()
+    assert sender.poll() is KVPoll.Failed and sender.failure_reason == "aborted"
+    assert sender.in_flight  # the GPU may still read this stage's pages
+    path = stage.endpoint.cuda_ipc
+    assert path is not None
+    path.drop_peer(fresh_decode.endpoint.session_id)  # and the peer goes away
+    assert backend.closed == 0  # a copy still uses the mapping: not unmapped yet
+    backend.finish()
+    _wait_until(lambda: not sender.in_flight)
+    assert backend.closed == backend.opened == SHAPE.num_layers
+    assert stage.endpoint.metadata.num_held == 0
+    assert sender.poll() is KVPoll.Failed  # a late completion does not revive it
+    receiver.abort("test done")
 
 
 def test_a_transfer_timeout_with_a_copy_still_queued_fails_then_releases(
@@ -621,9 +613,7 @@ def test_a_transfer_timeout_with_a_copy_still_queued_fails_then_releases(
     backend = FakeIpc(hold=True)
     stage = Side(backend, TransportConfig(transfer_timeout_s=0.2))
     try:
-        receiver = fresh_decode.receiver("slow-ipc", [3])
-        sender = stage.sender("slow-ipc")
-        sender.set_receiver_info(receiver.publish())
+        receiver, sender = ready(stage, fresh_decode, "slow-ipc", [3])
         sender.send([0], TOKEN)
         assert wait_done(sender) is KVPoll.Failed
         assert "transfer timeout" in (sender.failure_reason or "")

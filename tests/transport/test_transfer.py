@@ -139,6 +139,8 @@ def test_the_last_stage_may_start_its_kv_before_sampling_its_first_token(
         sender.set_receiver_info(info.for_layers(stage.layers.start, stage.layers.stop))
         sender.send(pages)
     last = senders[-1]
+    assert isinstance(last.mover, MooncakeMover)
+    assert last.mover.device is None  # CPU KV: no stream ticket (tests/gpu covers the GPU's)
     with pytest.raises(RuntimeError, match="waits for a first token"):
         senders[0].send_first_token(token)  # a middle stage never takes one
     time.sleep(0.05)
@@ -190,9 +192,3 @@ def test_a_token_whose_record_cannot_get_a_slot_fails_only_that_request(
     assert sender.poll() is KVPoll.Failed and not sender.in_flight
     assert "every metadata slot is held" in (sender.failure_reason or "")
     decode.abort("full")
-
-
-def test_mooncake_takes_a_stream_ticket_only_for_gpu_kv(stages: list[PrefillStage]) -> None:
-    """CPU KV needs no ticket; GPU KV gets an event `write` waits for (tests/gpu runs it)."""
-    mover = MooncakeMover(stages[0].endpoint, "test")
-    assert mover.device is None and mover.prepare() is None
