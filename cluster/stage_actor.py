@@ -36,7 +36,7 @@ from transport.endpoint import TransferEndpoint
 from transport.metadata import FirstToken
 from transport.receiver_info import KVLayout
 from transport.sender import KVSender
-from transport.streams import behind_current_stream
+from transport.streams import after_sends, behind_current_stream
 
 log = logging.getLogger(__name__)
 
@@ -198,9 +198,12 @@ class StageActor:
         """This stage's layers over the micro-batch; the last stage samples first tokens.
 
         The KV sends start once the forward is queued, on a side stream behind it: the copies
-        run while this stage hands its hidden states to the host or samples."""
+        run while this stage hands its hidden states to the host or samples. The forward
+        itself waits (on the GPU) for the sends queued before it, which may read pages it is
+        about to write."""
         inputs = self._inputs(batch, self._upstream)
         chunks = [SeqChunk(c.start, len(c.token_ids), c.pages, c.finishing) for c in batch]
+        after_sends(self.runner.device)
         out = self.runner.forward(chunks, inputs)
         with behind_current_stream(out.device):
             start_sends()

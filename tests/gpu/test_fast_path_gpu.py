@@ -33,7 +33,7 @@ from transport import (  # noqa: E402
 )
 from transport.cuda_ipc import CudaIpc, CudaIpcMover, _Staging, node_id  # noqa: E402
 from transport.endpoint import MooncakeMover  # noqa: E402
-from transport.streams import behind_current_stream  # noqa: E402
+from transport.streams import after_sends, behind_current_stream  # noqa: E402
 
 SHAPE = CacheShape(
     num_layers=4, num_pages=64, page_size=16, num_kv_heads=2, head_dim=128, dtype="bfloat16"
@@ -199,6 +199,35 @@ def test_in_the_stage_order_the_copy_follows_the_forward_and_the_host_copy_does_
     assert torch.equal(peer.checksums(remote), page_checksums(stage.cache.layers, local))
     assert_arrived(stage, peer, local, remote)
     side_done.synchronize()
+
+
+def test_the_next_forward_writes_a_failed_requests_pages_only_after_its_copy_read_them(
+    stage: GpuStage, peer: DecodePeer
+) -> None:
+    """A request fails with its copy still queued on the side stream, and the controller gives
+    its pages to the next forward at once. That forward starts behind the queued sends
+    (`after_sends`, as the stage actor calls it), so the copy reads the bytes it was sent for."""
+    peer.reset()
+    local, remote = list(range(0, 16)), list(range(16, 32))
+    sender = stage.toward(peer, remote, last=False)
+    for i, layer in enumerate(stage.cache.layers):
+        layer[:, local[0] : local[-1] + 1].fill_(float(i + 3))
+    sent = page_checksums(stage.cache.layers, local)
+    cuda = torch.device("cuda")
+    with behind_current_stream(cuda):
+        torch.cuda._sleep(200_000_000)  # a busy side stream: the copy starts ~100 ms from now
+        sender.send(local)
+    sender.abort("failed by consensus")  # its pages are free for the next forward now
+    after_sends(cuda)
+    for layer in stage.cache.layers:  # the next forward writes them
+        layer[:, local[0] : local[-1] + 1].fill_(-1.0)
+    torch.cuda.synchronize()
+    assert torch.equal(peer.checksums(remote), sent)
+    deadline = time.monotonic() + 15
+    while sender.in_flight:
+        assert time.monotonic() < deadline, "the aborted copy was never released"
+        time.sleep(0.005)
+    peer.settle(sender.rid, False, "failed by consensus")
 
 
 def test_more_requests_behind_compute_than_staging_slots_each_arrive_byte_exact(
