@@ -21,11 +21,11 @@ _streams: dict[int, torch.cuda.Stream] = {}
 _lock = threading.Lock()
 
 
-def _side_stream(device: torch.device, create: bool = True) -> torch.cuda.Stream | None:
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
     index = device.index if device.index is not None else torch.cuda.current_device()
     with _lock:
         stream = _streams.get(index)
-        if stream is None and create:
+        if stream is None:
             stream = _streams[index] = torch.cuda.Stream(index)
         return stream
 
@@ -38,7 +38,6 @@ def behind_current_stream(device: torch.device) -> Iterator[None]:
         yield
         return
     stream = _side_stream(device)
-    assert stream is not None
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
         yield
@@ -52,8 +51,5 @@ def after_sends(device: torch.device) -> None:
     request failed or aborted) while their copy was still queued behind the previous one.
     Successful requests need no such care: their pages are freed only after the copy landed.
     """
-    if device.type != "cuda":
-        return
-    stream = _side_stream(device, create=False)
-    if stream is not None:
-        torch.cuda.current_stream(device).wait_stream(stream)
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).wait_stream(_side_stream(device))
