@@ -138,6 +138,18 @@ requests_in_flight = Gauge(
     LABELS,
     registry=REGISTRY,
 )
+request_retries = Counter(
+    "pdserve_request_retries_total",
+    "Requests that failed inside pdserve before their first token and were sent again, by reason",
+    (*LABELS, "reason"),
+    registry=REGISTRY,
+)
+transport_repairs = Counter(
+    "pdserve_transport_repairs_total",
+    "Mooncake peer sessions repaired after a failed KV write",
+    LABELS,
+    registry=REGISTRY,
+)
 replica_healthy = Gauge(
     "pdserve_replica_healthy",
     "1 while a replica can serve, 0 while it cannot (its stages are being rebuilt)",
@@ -220,6 +232,10 @@ class Owner:
             self.child(bootstrap_failures, pp_rank=pp_rank, reason=reason)
             self.child(transfer_failures, pp_rank=pp_rank, reason=reason)
 
+    def healthy(self, up: bool) -> None:
+        """1 while this replica can serve (its readiness), 0 while it cannot."""
+        self.child(replica_healthy).set(1 if up else 0)
+
     def close(self) -> None:
         for metric, values in self._children:
             with contextlib.suppress(KeyError):
@@ -256,8 +272,12 @@ class StageMetrics(Owner):
         self.child(kv_pages_in_use).set_function(_live(pages_in_use))
         self.live_queues(QUEUES_PREFILL_RANK, queues)
         self.child(kv_transfer_bytes)
+        self.child(transport_repairs)
         self._transfer = self.child(kv_transfer_seconds)
         self._tick = self.child(consensus_tick_seconds)
+
+    def repaired(self) -> None:
+        self.child(transport_repairs).inc()
 
     def observe_tick(self, seconds: float) -> None:
         self._tick.observe(seconds)
@@ -297,9 +317,6 @@ class PrefillMetrics(Owner):
     def stage_failure(self) -> None:
         self.child(stage_failures).inc()
 
-    def healthy(self, up: bool) -> None:
-        self.child(replica_healthy).set(1 if up else 0)
-
 
 class DecodeMetrics(Owner):
     """The series a decode replica owns: its queues, pages, and the latencies users feel."""
@@ -321,7 +338,7 @@ class DecodeMetrics(Owner):
         self.e2e = self.child(e2e_request_latency)
         self.prompt = self.child(prompt_tokens)
         self.generated = self.child(generation_tokens)
-        self.child(replica_healthy).set(1)
+        self.healthy(True)
 
     def request(self, num_prompt_tokens: int) -> RequestTimer:
         return RequestTimer(self, num_prompt_tokens)
@@ -368,13 +385,17 @@ class IngressMetrics(Owner):
         self.in_flight = self.child(requests_in_flight)
         for reason in REASONS:
             self.child(request_failures, reason=reason)
+            self.child(request_retries, reason=reason)
         for route in ("/completions", "/chat/completions"):  # error rates exist before errors
             for status in ("200", "400", "500", "503"):
                 self.child(http_requests, route=route, status=status)
-        self.child(replica_healthy).set(1)
+        self.healthy(True)
 
     def response(self, route: str, status: int) -> None:
         self.child(http_requests, route=route, status=str(status)).inc()
 
     def failure(self, reason: str) -> None:
         self.child(request_failures, reason=reason_label(reason)).inc()
+
+    def retried(self, reason: str) -> None:
+        self.child(request_retries, reason=reason_label(reason)).inc()

@@ -25,6 +25,9 @@ class PrefillRequest:
     # The decode side's receiver info, when the caller has it already (the usual case: the
     # decode replica allocates first, then asks for the prefill with its info attached).
     receiver_info: ReceiverInfo | None = None
+    # The decode replica's Ray actor name: the prefill side checks it is alive before it
+    # counts an unreachable session against its own health.
+    decode_replica: str | None = None
 
 
 @dataclass(frozen=True)

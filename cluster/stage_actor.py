@@ -153,6 +153,18 @@ class StageActor:
             "metadata_slots_held": self.endpoint.metadata.num_held,
         }
 
+    def unreachable(self, sessions: list[str]) -> dict[str, str]:
+        """The decode sessions this stage's transport cannot reach now, with why."""
+        return {s: "probe failed" for s in sessions if not self.endpoint.reachable(s)}
+
+    def inject_fault(self, fault: str, *args: Any) -> None:
+        """Fault hook (tests, the soak): `fail_next_writes(count)` or
+        `set_unreachable(session or None, on)` on this stage's transport."""
+        if fault not in ("fail_next_writes", "set_unreachable"):
+            raise ValueError(f"unknown fault {fault!r}")
+        log.warning("fault injected: %s%s", fault, args, extra={"pp_rank": self.spec.pp_rank})
+        getattr(self.endpoint.faults, fault)(*args)
+
     def admit_untracked(self, rid: str) -> None:
         """Test hook: a request only this rank holds (see `StageLoop.admit_untracked`)."""
         self.loop.admit_untracked(rid)

@@ -122,6 +122,7 @@ def build_app(config: AppConfig) -> Any:
     return ingress.bind(
         config.ingress().model_dump(mode="json"),
         decode.bind(decode_config.model_dump(mode="json"), prefill),
+        prefill,  # the ingress asks it for its readiness only
     )
 
 

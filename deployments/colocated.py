@@ -19,6 +19,7 @@ from deployments.decode import (
     chunk_of,
     step_and_dispatch,
 )
+from deployments.health import Readiness
 from engine import LLM, EngineConfig, OutOfPagesError
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,14 @@ class ColocatedDeployment:
             "transfer": 0,
             "metadata_slots_held": 0,
         }
+
+    async def readiness(self) -> dict[str, Any]:
+        reasons = ["colocated: the engine loop stopped"] if self._task.done() else []
+        return Readiness("colocated", tuple(reasons)).as_dict()
+
+    async def check_health(self) -> None:
+        if self._task.done():
+            raise RuntimeError("the engine loop stopped")
 
     async def _loop(self) -> None:
         while True:

@@ -30,6 +30,7 @@ from cluster.gpu_visibility import actor_device
 from cluster.metrics import DecodeMetrics
 from cluster.metrics_export import export_process_metrics, serve_replica_identity
 from cluster.plan import PrefillRequest
+from deployments.health import FailureStreak, Readiness
 from engine import LLM, EngineConfig, SamplingParams
 from engine.page_allocator import pages_needed
 from transport.config import TransportConfig
@@ -120,9 +121,18 @@ class _Join:
 class DecodeInstance:
     """The decode engine of one replica and the per-request protocol around it."""
 
-    def __init__(self, config: DecodeConfig, prefill: Any, replica: str = "decode") -> None:
+    def __init__(
+        self,
+        config: DecodeConfig,
+        prefill: Any,
+        replica: str = "decode",
+        actor_name: str | None = None,
+    ) -> None:
         self.config = config
         self.prefill = prefill  # a handle (or object) with `async prefill(PrefillRequest)`
+        self.replica = replica
+        self.actor_name = actor_name  # told to prefill, which checks we are alive
+        self.streak = FailureStreak()
         self.llm = LLM(
             EngineConfig(
                 model=config.model,
@@ -190,6 +200,7 @@ class DecodeInstance:
                         request.prompt_token_ids,
                         request.sampling,
                         receiver_info=receiver.publish(),
+                        decode_replica=self.actor_name,
                     )
                 )
             except Exception as exc:
@@ -202,6 +213,7 @@ class DecodeInstance:
             if receiver.poll() is not KVPoll.Success or receiver.first_token is None:
                 reason = f"KV transfer incomplete: {receiver.failure_reason}"
                 self.metrics.failed(reason, before_transfer=False)
+                self.streak.failed(reason)
                 raise DecodeFailed(reason)
             # The first token was read from our own pages' metadata slot; the loop joins the
             # request between steps and puts its first output in the stream.
@@ -210,12 +222,14 @@ class DecodeInstance:
             self._work.set()
             while not finished:
                 item = await join.stream.get()
-                if isinstance(item, BaseException):
+                if isinstance(item, BaseException):  # the batch failed it: our own failure
+                    self.streak.failed(str(item))
                     raise item
                 timer.tokens(len(item.token_ids))
                 yield chunk_of(item)
                 finished = item.finished
             timer.finished()
+            self.streak.succeeded()
         finally:
             self._leave(request.rid, join, finished, pages, receiver)
             receiver.release()
@@ -385,6 +399,16 @@ class DecodeInstance:
             "metadata_slots_held": self.endpoint.metadata.num_held,
         }
 
+    def readiness(self) -> Readiness:
+        """Ready unless the decode loop stopped or the last requests all failed here."""
+        reasons = []
+        if self._loop_task.done():
+            reasons.append(f"decode {self.replica}: the decode loop stopped")
+        if (streak := self.streak.verdict()) is not None:
+            reasons.append(f"decode {self.replica}: {streak}")
+        self.metrics.healthy(not reasons)
+        return Readiness(f"decode/{self.replica}", tuple(reasons))
+
     async def close(self) -> None:
         """Stop the loop and let go of the transport and the metrics (a replica's process ends
         with them; tests that start an instance in-process call this)."""
@@ -443,8 +467,11 @@ class DecodeDeployment:
 
         configure_logging()
         self.config = DecodeConfig.model_validate(config)
+        import ray
+
         app, replica = serve_replica_identity()
-        self.instance = DecodeInstance(self.config, _PrefillHandle(prefill), replica)
+        actor_name = ray.get_runtime_context().get_actor_name() if ray.is_initialized() else None
+        self.instance = DecodeInstance(self.config, _PrefillHandle(prefill), replica, actor_name)
         export_process_metrics(app, "decode")
 
     async def generate(self, request: DecodeRequest) -> AsyncIterator[TokenChunk]:
@@ -453,6 +480,15 @@ class DecodeDeployment:
 
     async def stats(self) -> dict[str, Any]:
         return self.instance.stats()
+
+    async def readiness(self) -> dict[str, Any]:
+        return self.instance.readiness().as_dict()
+
+    async def check_health(self) -> None:
+        """Serve replaces a replica that stays unready (three failed checks in a row)."""
+        readiness = self.instance.readiness()
+        if not readiness.ready:
+            raise RuntimeError("; ".join(readiness.reasons))
 
 
 class _PrefillHandle:

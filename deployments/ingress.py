@@ -8,6 +8,8 @@ replica's call to the prefill role is routed the same way. A client that disconn
 runs down to the decode and prefill replicas, which abort the request.
 """
 
+import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -28,7 +30,8 @@ from cluster.metrics_export import (
     scrape_app,
     serve_replica_identity,
 )
-from deployments.decode import DecodeRequest
+from deployments.decode import DecodeRequest, TokenChunk
+from deployments.health import Readiness
 from deployments.openai_api import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -43,6 +46,9 @@ log = logging.getLogger(__name__)
 
 API_KEY_ENV = "PDSERVE_API_KEY"
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+READINESS_TIMEOUT_S = 5.0
+# Serve's view of a deployment that means it cannot serve (UPDATING and scaling can).
+UNHEALTHY_DEPLOYMENT = ("UNHEALTHY", "DEPLOY_FAILED")
 
 # The API replica's own series; module-level because FastAPI's error handlers are too.
 _metrics: IngressMetrics | None = None
@@ -111,7 +117,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 class Ingress:
     """The API surface; one instance per ingress replica."""
 
-    def __init__(self, config: dict[str, Any], decode: Any) -> None:
+    def __init__(self, config: dict[str, Any], decode: Any, prefill: Any = None) -> None:
         from engine.logs import configure_logging
 
         global _metrics
@@ -127,11 +133,43 @@ class Ingress:
             self.config.model, extra_eos_token_ids=model_config.eos_token_ids
         )
         self.decode = decode
+        self.prefill = prefill  # asked only for its readiness
 
     # -- routes (bound by `build_ingress`) ----------------------------------------------------
 
-    async def health(self) -> dict[str, str]:
-        return {"status": "ok"}
+    async def health(self) -> JSONResponse:
+        """200 while every part can serve; 503 with the reasons while one cannot."""
+        parts = await self.readiness_parts()
+        reasons = [reason for part in parts for reason in part.reasons]
+        if reasons:
+            return JSONResponse({"status": "unhealthy", "reasons": reasons}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def ready(self) -> JSONResponse:
+        """The readiness view: every part, ready or not and why."""
+        parts = await self.readiness_parts()
+        ready = all(part.ready for part in parts)
+        body = {"ready": ready, "parts": {part.part: part.as_dict() for part in parts}}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    async def readiness_parts(self) -> list[Readiness]:
+        """This replica, one replica of each role (Serve routes the ask), and Serve's own view
+        of every deployment of the application (its health checks cover every replica)."""
+        roles = [("decode", self.decode), ("prefill", self.prefill)]
+        asks = [self._role_readiness(role, handle) for role, handle in roles if handle is not None]
+        parts = [Readiness("ingress"), *await asyncio.gather(*asks)]
+        if self.app_name:
+            parts.append(await asyncio.to_thread(_serve_readiness, self.app_name))
+        return parts
+
+    async def _role_readiness(self, role: str, handle: Any) -> Readiness:
+        try:
+            answer = await asyncio.wait_for(handle.readiness.remote(), READINESS_TIMEOUT_S)
+        except Exception as exc:  # no replica answered: none is up, or it hangs
+            reason = f"{role}: no replica answered a readiness check ({_short(exc)})"
+            return Readiness(role, (reason,))
+        detail = {k: v for k, v in answer.items() if k not in ("ready", "reasons")}
+        return Readiness(role, tuple(answer["reasons"]), detail)
 
     async def metrics(self) -> PlainTextResponse:
         """Every `pdserve_*` series of this application: all replicas and stage actors."""
@@ -221,7 +259,7 @@ class Ingress:
         room = secrets.randbits(63)
         request = DecodeRequest(rid, room, prompt_ids, sampling)
         in_flight = _InFlight()
-        stream = self.decode.generate.options(stream=True).remote(request)
+        stream = self._generate(request)
         log.info("request", extra={"rid": rid, "room": room, "prompt_tokens": n})
         if body.stream:
             _count("/chat/completions" if chat else "/completions", 200)
@@ -233,6 +271,33 @@ class Ingress:
             return await self._collect(stream, rid, chat, n)
         finally:
             in_flight.release()
+
+    async def _generate(self, request: DecodeRequest) -> AsyncIterator[TokenChunk]:
+        """The decode stream of `request`. One that fails inside pdserve before its first token
+        (a stage died, a KV write failed, a replica was lost) is sent again, once, as a new
+        internal request (its own rid and room: the first may still be ending somewhere);
+        the client sees one answer. An overloaded decode (503) is not retried."""
+        for attempt in range(2):
+            started = False
+            try:
+                async for chunk in self.decode.generate.options(stream=True).remote(request):
+                    started = True
+                    yield chunk
+                return
+            except Exception as exc:
+                if started or attempt or _overloaded(exc):
+                    raise
+                reason = _short(exc)
+                log.warning(
+                    "retrying a request that failed before its first token: %s",
+                    reason,
+                    extra={"rid": request.rid, "room": request.room},
+                )
+                if _metrics is not None:
+                    _metrics.retried(reason)
+                request = dataclasses.replace(
+                    request, rid=f"{request.rid}-retry", room=secrets.randbits(63)
+                )
 
     async def _collect(self, stream: Any, rid: str, chat: bool, n: int) -> JSONResponse:
         text, tokens, finish, logprobs = "", 0, None, []
@@ -330,15 +395,43 @@ class Ingress:
             )
 
 
-def _server_error(exc: BaseException, rid: str) -> ApiError:
+def _short(exc: BaseException) -> str:
+    """The last line of an error (Ray wraps the cause in its traceback)."""
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__
+
+
+def _overloaded(exc: BaseException) -> bool:
     from deployments.decode import DecodeOverloaded
 
-    text = str(exc).strip().splitlines()
-    reason = text[-1] if text else type(exc).__name__
+    return isinstance(exc, DecodeOverloaded) or "DecodeOverloaded" in str(exc)
+
+
+def _serve_readiness(app: str) -> Readiness:
+    """Serve's status of `app`'s deployments (blocking: asks the Serve controller)."""
+    from ray import serve
+
+    try:
+        status = serve.status().applications[app]
+    except Exception as exc:
+        return Readiness("serve", (f"serve: no status for application {app!r} ({_short(exc)})",))
+    states = {
+        name: str(getattr(d.status, "value", d.status)) for name, d in status.deployments.items()
+    }
+    reasons = tuple(
+        f"serve: deployment {name} is {states[name]}: {d.message}".rstrip(": ")
+        for name, d in status.deployments.items()
+        if states[name] in UNHEALTHY_DEPLOYMENT
+    )
+    return Readiness("serve", reasons, {"deployments": states})
+
+
+def _server_error(exc: BaseException, rid: str) -> ApiError:
+    reason = _short(exc)
     log.error("request failed: %s", reason, extra={"rid": rid})
     if _metrics is not None:
         _metrics.failure(reason)
-    if isinstance(exc, DecodeOverloaded) or "DecodeOverloaded" in str(exc):
+    if _overloaded(exc):
         return ApiError(503, f"server overloaded: {reason}", "server_error")
     return ApiError(500, f"request {rid} failed: {reason}", "server_error")
 
@@ -365,8 +458,12 @@ def build_ingress_class() -> type:
     @serve.ingress(app)
     class OpenAIIngress(Ingress):
         @app.get("/health")
-        async def health_route(self) -> dict[str, str]:
+        async def health_route(self) -> JSONResponse:
             return await self.health()
+
+        @app.get("/ready")
+        async def ready_route(self) -> JSONResponse:
+            return await self.ready()
 
         @app.get("/metrics")
         async def metrics_route(self) -> PlainTextResponse:

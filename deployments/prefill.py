@@ -19,11 +19,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
 
-from cluster.metrics import PrefillMetrics
+from cluster.metrics import PrefillMetrics, reason_label
 from cluster.metrics_export import export_process_metrics, serve_replica_identity
 from cluster.plan import PrefillRequest
 from cluster.stage_actor import StageSpec
 from cluster.stage_group import Placement, StageGroup, StageGroupError
+from deployments.health import FailureStreak, Readiness
 from deployments.prefill_controller import ControllerConfig, Ended, PrefillController
 from engine.config import ModelConfig
 from engine.model import split_layers
@@ -32,6 +33,20 @@ from transport.metadata import FirstToken
 from transport.receiver_info import ReceiverInfo
 
 log = logging.getLogger(__name__)
+
+# Failures that are this instance's own doing (a stage died: the rebuild is the repair, and
+# the readiness view says so while it runs; a decode peer died or the caller left: not ours).
+OWN_FAILURES = frozenset({"write_failed", "transfer_timeout", "other", "unknown"})
+PEER_RECENT_S = 60.0  # a decode peer that sent nothing this long is no longer checked
+PROBE_TIMEOUT_S = 5.0
+
+
+@dataclass
+class DecodePeer:
+    """A decode replica this instance writes to, as its requests named it."""
+
+    replica: str | None  # its Ray actor name (Serve replicas are named), when it has one
+    last_seen: float
 
 
 class PrefillConfig(BaseModel):
@@ -118,6 +133,9 @@ class PrefillInstance:
         self.healthy = False
         self.last_error: str | None = None
         self.ended_log: deque[Ended] = deque(maxlen=1024)  # recent outcomes, for diagnostics
+        self.streak = FailureStreak()
+        self.peers: dict[str, DecodePeer] = {}  # decode session -> who it is, last request
+        self._lost: str | None = None  # a stage found dead outside a step: rebuild it
 
     async def start(self) -> None:
         await self.group.start()
@@ -152,6 +170,9 @@ class PrefillInstance:
         self.controller.add(request)  # PromptRejected propagates before any state exists
         if request.receiver_info is not None:
             self.controller.set_receiver_info(request.rid, request.receiver_info)
+            self.peers[request.receiver_info.session_id] = DecodePeer(
+                request.decode_replica, time.monotonic()
+            )
         future: asyncio.Future[Ended] = asyncio.get_running_loop().create_future()
         self._futures[request.rid] = future
         self._wake.set()
@@ -179,8 +200,64 @@ class PrefillInstance:
 
     # -- the loop -----------------------------------------------------------------------------
 
+    async def readiness(self) -> Readiness:
+        """Ready unless the stages are being rebuilt, a stage cannot reach a live decode peer,
+        or the last requests all failed here. A stage found dead is rebuilt now, not at the
+        next request."""
+        reasons: list[str] = []
+        if not self.healthy:
+            reasons.append(f"prefill stages are being rebuilt ({self.last_error})")
+        elif self._lost is None:
+            reasons += await self._unreachable_peers()
+        if (streak := self.streak.verdict()) is not None:
+            reasons.append(f"prefill {self.name}: {streak}")
+        self.metrics.healthy(not reasons)
+        return Readiness(f"prefill/{self.name}", tuple(reasons), {"peers": len(self.peers)})
+
+    async def _unreachable_peers(self) -> list[str]:
+        """Probe every live decode peer from every stage (the path KV writes take)."""
+        sessions = await asyncio.to_thread(self._live_peers)
+        try:
+            found = await asyncio.wait_for(
+                self.group.call_all("unreachable", sessions), PROBE_TIMEOUT_S
+            )
+        except TimeoutError:
+            return [f"prefill {self.name}: a stage did not answer a probe in {PROBE_TIMEOUT_S}s"]
+        except Exception as exc:  # a stage died while idle: rebuild it before the next request
+            self._lost = f"a prefill stage failed: {exc}"
+            self._wake.set()
+            return [f"prefill {self.name}: {self._lost}"]
+        return [
+            f"prefill {self.name} pp_rank {rank} cannot reach decode peer {session}: {why}"
+            for rank, unreachable in enumerate(found)
+            for session, why in unreachable.items()
+        ]
+
+    def _live_peers(self) -> list[str]:
+        """Decode sessions heard from lately whose replica is alive (a replica that died or
+        was replaced is no reason for this one to be restarted). Blocking: GCS lookups."""
+        import ray
+
+        now = time.monotonic()
+        live = []
+        for session, peer in list(self.peers.items()):
+            if now - peer.last_seen > PEER_RECENT_S:
+                self.peers.pop(session, None)
+                continue
+            if peer.replica is not None:
+                try:
+                    ray.get_actor(peer.replica, namespace="serve")
+                except ValueError:  # gone: forget it
+                    self.peers.pop(session, None)
+                    continue
+            live.append(session)
+        return live
+
     async def _run(self) -> None:
         while True:
+            if self._lost is not None:
+                await self._recover(self._lost)
+                continue
             if not self.controller.has_work:
                 self._wake.clear()
                 await self._wake.wait()
@@ -205,6 +282,7 @@ class PrefillInstance:
     async def _recover(self, reason: str) -> None:
         """A stage died: fail everything in flight, rebuild the stages, serve again."""
         log.error("prefill stage group failed; rebuilding", extra={"reason": reason})
+        self._lost = None
         self._set_healthy(False)
         self.last_error = reason
         self.metrics.stage_failure()
@@ -225,6 +303,10 @@ class PrefillInstance:
     def _resolve(self, ended: Ended) -> None:
         self.metrics.request_ended(ended)
         self.ended_log.append(ended)
+        if ended.ok:
+            self.streak.succeeded()
+        elif reason_label(ended.reason) in OWN_FAILURES:
+            self.streak.failed(ended.reason or "unknown")
         future = self._futures.get(ended.rid)
         if future is not None and not future.done():
             future.set_result(ended)
@@ -272,10 +354,25 @@ class PrefillDeployment:
         orphan SGLang's per-rank queues leave behind), so alerts on it can be exercised."""
         await self.instance.group.call_one(pp_rank, "admit_untracked", rid)
 
+    async def readiness(self) -> dict[str, Any]:
+        return (await self.instance.readiness()).as_dict()
+
     async def check_health(self) -> None:
-        """Serve replaces a replica whose stages are down and cannot be rebuilt."""
-        if not self.instance.healthy:
-            raise RuntimeError(f"prefill stages unavailable: {self.instance.last_error}")
+        """Serve replaces a replica that stays unready (three failed checks in a row)."""
+        readiness = await self.instance.readiness()
+        if not readiness.ready:
+            raise RuntimeError("; ".join(readiness.reasons))
+
+    async def debug_inject_fault(self, pp_rank: int, fault: str, *args: Any) -> None:
+        """Fault hook for tests and the soak: `fault` on stage `pp_rank`'s transport
+        (`StageActor.inject_fault`)."""
+        await self.instance.group.call_one(pp_rank, "inject_fault", fault, *args)
+
+    async def debug_kill_stage(self, pp_rank: int) -> None:
+        """Fault hook for tests and the soak: kill one stage actor, as a node loss would."""
+        import ray
+
+        ray.kill(self.instance.group.actors[pp_rank], no_restart=True)
 
 
 def build_prefill_app(config: PrefillConfig, name: str = "prefill") -> Any:
