@@ -16,8 +16,10 @@ PP ?= 2
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
+# `make soak`: how long the chaos soak runs, and on which model (MODEL above).
+MINUTES ?= 10
 
-.PHONY: serve test bench lint install sysdeps clean dashboards dashboards-snapshot
+.PHONY: serve test bench soak lint install sysdeps clean dashboards dashboards-snapshot
 
 install: $(STAMP)
 
@@ -67,10 +69,17 @@ lint: $(STAMP) sysdeps
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Chaos soak: a `make serve`-like deployment under load while stages and the decode replica
+# are killed and KV writes fail; prints a table, writes benchmarks/results/soak.json, and
+# exits non-zero if a request failed that should not have.
+soak: $(STAMP) sysdeps $(if $(filter generated,$(MODEL)),$(GENERATED)/config.json)
+	$(PY) -m benchmarks.soak --minutes $(MINUTES) --model $(SERVE_MODEL)
+
 bench: $(STAMP) sysdeps
 	$(PY) -m benchmarks.engine_bench
 	$(PY) -m benchmarks.real_model_bench
 	$(PY) -m benchmarks.transport_bench
+	$(PY) -m benchmarks.fragmentation_bench
 	$(PY) -m benchmarks.consensus_bench
 	$(PY) -m benchmarks.serving_bench
 
