@@ -18,6 +18,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.errors import error_reason
 from cluster.gpu_visibility import all_gpus_visible_runtime_env
 from cluster.plan import StageReport, StepPlan
 from cluster.stage_actor import StageActor, StageSpec
@@ -110,7 +111,7 @@ class StageGroup:
         try:
             return list(await asyncio.gather(*reports))
         except Exception as exc:
-            raise StageGroupError(f"a prefill stage failed: {_short(exc)}") from exc
+            raise StageGroupError(f"a prefill stage failed: {error_reason(exc)}") from exc
 
     async def call_all(self, method: str, *args: Any) -> list[Any]:
         return list(await asyncio.gather(*(getattr(a, method).remote(*args) for a in self.actors)))
@@ -148,8 +149,3 @@ class StageGroup:
                 [self.placement.bundle() for _ in self.specs], strategy=self.placement.strategy
             )
         return self._own_pg, 0
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[-1][:300] if text else type(exc).__name__

@@ -26,6 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
 
+from cluster.errors import error_reason
 from cluster.gpu_visibility import actor_device
 from cluster.metrics import DecodeMetrics
 from cluster.metrics_export import export_process_metrics, serve_replica_identity
@@ -205,7 +206,7 @@ class DecodeInstance:
                 )
             except Exception as exc:
                 receiver.abort(f"prefill failed: {exc}")
-                raise DecodeFailed(f"prefill failed: {_reason(exc)}") from exc
+                raise DecodeFailed(f"prefill failed: {error_reason(exc)}") from exc
             finally:
                 self.counts["transfer"] -= 1
             for stage in range(len(result.stage_sessions)):
@@ -362,7 +363,9 @@ class DecodeInstance:
                 log.exception("joining the batch failed", extra={"rid": request.rid})
                 join.state = JoinState.FAILED
                 self._undo_join(join)
-                join.stream.put_nowait(DecodeFailed(f"joining the batch failed: {_reason(exc)}"))
+                join.stream.put_nowait(
+                    DecodeFailed(f"joining the batch failed: {error_reason(exc)}")
+                )
                 continue
             join.state = JoinState.JOINED
             if not out.finished:
@@ -451,12 +454,6 @@ def chunk_of(out: Any) -> TokenChunk:
         num_prompt_tokens=out.num_prompt_tokens,
         num_output_tokens=out.num_output_tokens,
     )
-
-
-def _reason(exc: BaseException) -> str:
-    cause = getattr(exc, "cause", None) or exc
-    text = str(cause).strip().splitlines()
-    return text[-1] if text else type(cause).__name__
 
 
 class DecodeDeployment:

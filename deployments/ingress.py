@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, PositiveInt
 
+from cluster.errors import error_reason
 from cluster.metrics import IngressMetrics
 from cluster.metrics_export import (
     directory,
@@ -166,7 +167,7 @@ class Ingress:
         try:
             answer = await asyncio.wait_for(handle.readiness.remote(), READINESS_TIMEOUT_S)
         except Exception as exc:  # no replica answered: none is up, or it hangs
-            reason = f"{role}: no replica answered a readiness check ({_short(exc)})"
+            reason = f"{role}: no replica answered a readiness check ({error_reason(exc)})"
             return Readiness(role, (reason,))
         detail = {k: v for k, v in answer.items() if k not in ("ready", "reasons")}
         return Readiness(role, tuple(answer["reasons"]), detail)
@@ -287,7 +288,7 @@ class Ingress:
             except Exception as exc:
                 if started or attempt or _overloaded(exc):
                     raise
-                reason = _short(exc)
+                reason = error_reason(exc)
                 log.warning(
                     "retrying a request that failed before its first token: %s",
                     reason,
@@ -395,12 +396,6 @@ class Ingress:
             )
 
 
-def _short(exc: BaseException) -> str:
-    """The last line of an error (Ray wraps the cause in its traceback)."""
-    text = str(exc).strip().splitlines()
-    return text[-1] if text else type(exc).__name__
-
-
 def _overloaded(exc: BaseException) -> bool:
     from deployments.decode import DecodeOverloaded
 
@@ -414,7 +409,9 @@ def _serve_readiness(app: str) -> Readiness:
     try:
         status = serve.status().applications[app]
     except Exception as exc:
-        return Readiness("serve", (f"serve: no status for application {app!r} ({_short(exc)})",))
+        return Readiness(
+            "serve", (f"serve: no status for application {app!r} ({error_reason(exc)})",)
+        )
     states = {
         name: str(getattr(d.status, "value", d.status)) for name, d in status.deployments.items()
     }
@@ -427,7 +424,7 @@ def _serve_readiness(app: str) -> Readiness:
 
 
 def _server_error(exc: BaseException, rid: str) -> ApiError:
-    reason = _short(exc)
+    reason = error_reason(exc)
     log.error("request failed: %s", reason, extra={"rid": rid})
     if _metrics is not None:
         _metrics.failure(reason)

@@ -17,8 +17,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import ray
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
 
+from cluster.errors import error_reason
 from cluster.metrics import PrefillMetrics, reason_label
 from cluster.metrics_export import export_process_metrics, serve_replica_identity
 from cluster.plan import PrefillRequest
@@ -223,10 +225,12 @@ class PrefillInstance:
             )
         except TimeoutError:
             return [f"prefill {self.name}: a stage did not answer a probe in {PROBE_TIMEOUT_S}s"]
-        except Exception as exc:  # a stage died while idle: rebuild it before the next request
-            self._lost = f"a prefill stage failed: {exc}"
+        except ray.exceptions.RayActorError as exc:  # died while idle: rebuild it now
+            self._lost = f"a prefill stage failed: {error_reason(exc)}"
             self._wake.set()
             return [f"prefill {self.name}: {self._lost}"]
+        except Exception as exc:  # the probe itself failed: say so, it is not a dead stage
+            return [f"prefill {self.name}: probing decode peers failed: {error_reason(exc)}"]
         return [
             f"prefill {self.name} pp_rank {rank} cannot reach decode peer {session}: {why}"
             for rank, unreachable in enumerate(found)
@@ -236,8 +240,6 @@ class PrefillInstance:
     def _live_peers(self) -> list[str]:
         """Decode sessions heard from lately whose replica is alive (a replica that died or
         was replaced is no reason for this one to be restarted). Blocking: GCS lookups."""
-        import ray
-
         now = time.monotonic()
         live = []
         for session, peer in list(self.peers.items()):
@@ -370,8 +372,6 @@ class PrefillDeployment:
 
     async def debug_kill_stage(self, pp_rank: int) -> None:
         """Fault hook for tests and the soak: kill one stage actor, as a node loss would."""
-        import ray
-
         ray.kill(self.instance.group.actors[pp_rank], no_restart=True)
 
 
