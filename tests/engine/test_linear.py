@@ -50,6 +50,29 @@ def test_packed_linear_rounds_a_row_the_same_at_any_batch_size(bias):
     torch.testing.assert_close(full, F.linear(x, layer.weight, layer.bias))
 
 
+@needs_onednn
+def test_packed_linear_sees_only_bucketed_row_counts(monkeypatch):
+    """oneDNN caches a kernel per shape: every call reaches it with a multiple of ROW_BUCKET
+    rows (so a stage's native memory stops growing early), and the caller gets its own rows,
+    in its own leading shape."""
+    seen: list[int] = []
+    real = engine.linear._onednn_linear
+
+    def spy(x, *args):
+        seen.append(x.shape[0])
+        return real(x, *args)
+
+    monkeypatch.setattr(engine.linear, "_onednn_linear", spy)
+    layer = Linear(64, 96)
+    pack_linears(layer)
+    for shape in ((1, 64), (33, 64), (64, 64), (3, 5, 64)):
+        x = torch.randn(shape)
+        out = layer(x)
+        assert out.shape == (*shape[:-1], 96)
+        torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias))
+    assert seen == [32, 64, 64, 32]
+
+
 @pytest.mark.parametrize("n,k", [(1, 1), (7, 40), (32, 256), (100, 257), (688, 256)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_decode_panels_equal_float64_and_round_a_row_the_same_at_any_batch_size(n, k, bias):
