@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import os
 import random
+import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -95,6 +96,7 @@ class PhaseRow:
     seconds: float = 0.0
     time_to_serve_s: float | None = None  # fault -> first success afterwards
     idle_to_zero_s: float | None = None  # load over -> every gauge at 0
+    last_busy: list[str] = field(default_factory=list)  # the gauges that took longest
 
 
 @dataclass
@@ -205,13 +207,16 @@ class Soak:
             for s in family.samples
         }
 
-    async def until_idle(self) -> float:
-        """Seconds until every gauge reads 0 (raises past transfer_timeout_s + margin)."""
+    async def until_idle(self, row: PhaseRow | None = None) -> float:
+        """Seconds until every gauge reads 0 (raises past transfer_timeout_s + margin); the
+        row learns which gauges were the last above 0."""
         start = time.monotonic()
         bound = self.target.transfer_timeout_s + IDLE_MARGIN_S
         while True:
             values = await self.gauges()
             busy = {k: v for k, v in values.items() if v != 0}
+            if row is not None and busy:
+                row.last_busy = sorted(busy)
             if values and not busy:
                 return time.monotonic() - start
             if time.monotonic() - start > bound:
@@ -342,7 +347,7 @@ class Soak:
                     stop.set()
                     await asyncio.gather(*steady)
                 row.seconds = time.monotonic() - row.start
-                row.idle_to_zero_s = await self.until_idle()
+                row.idle_to_zero_s = await self.until_idle(row)
                 self.rows.append(row)
                 if cycles and time.monotonic() > deadline:
                     break
@@ -389,7 +394,9 @@ class Soak:
             "succeeded": sum(o.ok for o in self.outcomes),
             "cancelled_by_client": sum(o.cancelled for o in self.outcomes),
             "failed": len(failed),
-            "failed_by_reason": dict(Counter(f"{o.status} {o.reason[:120]}" for o in failed)),
+            "failed_by_reason": dict(
+                Counter(f"{o.status} {_without_ids(o.reason)}" for o in failed)
+            ),
             "failed_without_a_token": len([o for o in failed if not o.streamed]),
             "failed_without_a_token_outside_decode_death": len(unexcused),
             "unexcused_failures": [vars(o) for o in unexcused[:20]],
@@ -423,6 +430,7 @@ class Soak:
                     "excused": sum(not o.streamed and self.excused(o) for o in failed),
                     "time_to_serve_s": row.time_to_serve_s,
                     "idle_to_zero_s": row.idle_to_zero_s,
+                    "last_above_zero": ", ".join(row.last_busy),
                 }
             )
         return rows
@@ -479,6 +487,11 @@ def run_soak(target: SoakTarget, minutes: float, scale: Scale, seed: int = 0) ->
         start, end = summary["rss_start"].get(name), summary["rss_end"].get(name)
         print(f"  {name:40s} {_mb(start):>8s} -> {_mb(end):>8s}")
     return summary
+
+
+def _without_ids(reason: str) -> str:
+    """A failure reason with request ids taken out, so equal failures count together."""
+    return re.sub(r"\b(chatcmpl|cmpl)-[0-9a-f]+(-retry)?\b", "<rid>", reason)[:160]
 
 
 def _mb(value: int | None) -> str:

@@ -108,6 +108,7 @@ class StageActor:
             queues=self.loop.queue_sizes,
             pages_in_use=lambda: self.requests.pages_in_use,
         )
+        self.endpoint.on_repair = self.metrics.repaired
         export_process_metrics(spec.app, "prefill-stage")
 
     def ready(self) -> dict[str, Any]:

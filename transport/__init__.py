@@ -2,6 +2,7 @@
 
 from transport.config import TransportConfig
 from transport.endpoint import TransferEndpoint, TransportError
+from transport.faults import TransportFaults
 from transport.metadata import FirstToken, MetadataSlotsExhausted
 from transport.poll import IllegalTransition, KVPoll
 from transport.receiver import KVReceiver
@@ -21,4 +22,5 @@ __all__ = [
     "TransferEndpoint",
     "TransportConfig",
     "TransportError",
+    "TransportFaults",
 ]

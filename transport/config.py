@@ -35,6 +35,18 @@ class TransportConfig(BaseModel):
         1.0, description="how often peers with transfers pending are probed"
     )
     send_threads: PositiveInt = Field(4, description="threads that run KV writes")
+    max_segments_per_write: PositiveInt = Field(
+        512,
+        description=(
+            "most segments in one Mooncake batch write; a request's KV with more goes in several "
+            "batches, one after another. Mooncake's tcp transport (0.3.13) holds at most 1024 "
+            "segments per peer in its queue plus 1024 waiting up to 1 s for a place "
+            "(MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER, MC_TCP_MAX_PENDING_ADMISSIONS_PER_PEER), "
+            "shared by every batch in flight to that peer: a batch of about 2050 or more fails "
+            "(rc -1) and can wedge the path to that peer. rdma has no per-batch count limit (it "
+            "cuts segments into 64 KiB slices queued behind 256 work requests per queue pair)"
+        ),
+    )
     metadata_slots: PositiveInt = Field(
         1024, description="first-token metadata slots; bounds requests in flight per process"
     )

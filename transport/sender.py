@@ -14,7 +14,7 @@ that computes the KV), with the first-token record submitted to Mooncake without
 `poll()` (or `in_flight`) finds both finished (an event query and a status check, no thread
 hop) and only then reports `Success`. The last stage may start its KV before its token is
 sampled and add the token with `send_first_token`: the fast path then submits the record on
-its own, the general path starts its one batch with it. A sender that fails or is
+its own, the general path starts its write with it (the record last). A sender that fails or is
 aborted with such a write still running hands it to the pool, which waits for it and then
 gives back the metadata slot and the peer's mapping.
 """
@@ -227,7 +227,7 @@ class KVSender:
         except Exception as exc:  # e.g. a CUDA error recording the stream's position
             self._fail(f"KV write to {info.session_id} could not start ({exc!r})")
             return
-        if awaiting_token:  # one batch with the record: it starts with the token
+        if awaiting_token:  # one write with the record: it starts with the token
             self._pending = (segments, ticket, start)
             return
         self._submit(segments, ticket, first_token, start)
@@ -267,7 +267,7 @@ class KVSender:
     def _submit(
         self, segments: Segments, ticket: Any, first_token: FirstToken | None, start: float
     ) -> None:
-        """The general path: the whole batch (KV, and the record if any) on the pool."""
+        """The general path: one write (KV, then the record if any) on the pool."""
         info, mover = self._info, self._mover
         assert info is not None and mover is not None
         slot = None

@@ -211,7 +211,14 @@ class DecodePeer:
         self.process.join(10)
 
     def pause(self) -> None:
+        """SIGSTOP, returning once the process is stopped (the signal lands asynchronously)."""
         os.kill(self.process.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            with open(f"/proc/{self.process.pid}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                    return
+            time.sleep(0.001)
 
     def resume(self) -> None:
         os.kill(self.process.pid, signal.SIGCONT)
