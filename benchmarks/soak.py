@@ -23,6 +23,7 @@ import contextlib
 import os
 import random
 import re
+import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -326,9 +327,7 @@ class Soak:
             ("storm", self.storm),
             ("max_length", self.max_length),
             ("stage_kill", self.stage_kill),
-            ("storm", self.storm),
             ("transfer_faults", self.transfer_faults),
-            ("max_length", self.max_length),
             ("decode_kill", self.decode_kill),
         ]
         rss_start = await self.rss()
@@ -349,6 +348,7 @@ class Soak:
                 row.seconds = time.monotonic() - row.start
                 row.idle_to_zero_s = await self.until_idle(row)
                 self.rows.append(row)
+                _progress(self.phase_rows()[-1])
                 if cycles and time.monotonic() > deadline:
                     break
             cycles += 1
@@ -487,6 +487,17 @@ def run_soak(target: SoakTarget, minutes: float, scale: Scale, seed: int = 0) ->
         start, end = summary["rss_start"].get(name), summary["rss_end"].get(name)
         print(f"  {name:40s} {_mb(start):>8s} -> {_mb(end):>8s}")
     return summary
+
+
+def _progress(row: dict[str, Any]) -> None:
+    """One line per phase on stderr: a soak runs for minutes."""
+    sys.stderr.write(
+        f"soak: {row['phase']:16s} {row['seconds']:6.1f}s  requests {row['requests']:4d}  "
+        f"ok {row['ok']:4d}  cut {row['cut_by_client']:4d}  failed {row['failed']:3d} "
+        f"(no token {row['failed_no_token']}, excused {row['excused']})  "
+        f"idle->0 {row['idle_to_zero_s']:.1f}s\n"
+    )
+    sys.stderr.flush()
 
 
 def _without_ids(reason: str) -> str:

@@ -41,6 +41,10 @@ from transport.streams import after_sends, behind_current_stream
 log = logging.getLogger(__name__)
 
 
+# Ray concurrency groups of a stage actor beside its one default thread (steps, in order).
+HEALTH_GROUP = {"health": 1}
+
+
 @dataclass(frozen=True)
 class StageSpec:
     """Everything one stage actor needs to build itself."""
@@ -154,8 +158,10 @@ class StageActor:
             "metadata_slots_held": self.endpoint.metadata.num_held,
         }
 
+    @ray.method(concurrency_group="health")
     def unreachable(self, sessions: list[str]) -> dict[str, str]:
-        """The decode sessions this stage's transport cannot reach now, with why."""
+        """The decode sessions this stage's transport cannot reach now, with why. On a thread
+        of its own (`HEALTH_GROUP`), so a health check never waits behind a long step."""
         return {s: "probe failed" for s in sessions if not self.endpoint.reachable(s)}
 
     def inject_fault(self, fault: str, *args: Any) -> None:

@@ -21,7 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.errors import error_reason
 from cluster.gpu_visibility import all_gpus_visible_runtime_env
 from cluster.plan import StageReport, StepPlan
-from cluster.stage_actor import StageActor, StageSpec
+from cluster.stage_actor import HEALTH_GROUP, StageActor, StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ class StageGroup:
                     pg, placement_group_bundle_index=offset + i
                 ),
                 max_concurrency=1,
+                concurrency_groups=HEALTH_GROUP,
                 name=None,
             ).remote(spec)
             for i, spec in enumerate(self.specs)
