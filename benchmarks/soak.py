@@ -98,6 +98,7 @@ class PhaseRow:
     time_to_serve_s: float | None = None  # fault -> first success afterwards
     idle_to_zero_s: float | None = None  # load over -> every gauge at 0
     last_busy: list[str] = field(default_factory=list)  # the gauges that took longest
+    rss: dict[str, int] = field(default_factory=dict)  # every process once the phase is over
 
 
 @dataclass
@@ -347,6 +348,7 @@ class Soak:
                     await asyncio.gather(*steady)
                 row.seconds = time.monotonic() - row.start
                 row.idle_to_zero_s = await self.until_idle(row)
+                row.rss = await self.rss()
                 self.rows.append(row)
                 _progress(self.phase_rows()[-1])
                 if cycles and time.monotonic() > deadline:
@@ -431,6 +433,7 @@ class Soak:
                     "time_to_serve_s": row.time_to_serve_s,
                     "idle_to_zero_s": row.idle_to_zero_s,
                     "last_above_zero": ", ".join(row.last_busy),
+                    "rss_MB": _rss_by_role(row.rss),
                 }
             )
         return rows
@@ -495,9 +498,17 @@ def _progress(row: dict[str, Any]) -> None:
         f"soak: {row['phase']:16s} {row['seconds']:6.1f}s  requests {row['requests']:4d}  "
         f"ok {row['ok']:4d}  cut {row['cut_by_client']:4d}  failed {row['failed']:3d} "
         f"(no token {row['failed_no_token']}, excused {row['excused']})  "
-        f"idle->0 {row['idle_to_zero_s']:.1f}s\n"
+        f"idle->0 {row['idle_to_zero_s']:.1f}s  RSS MB {row['rss_MB']}\n"
     )
     sys.stderr.flush()
+
+
+def _rss_by_role(rss: dict[str, int]) -> str:
+    """ "decode 3800 prefill 570 prefill-stage 1650,1700 ...": MB per process, by role."""
+    roles: dict[str, list[str]] = {}
+    for name in sorted(rss):
+        roles.setdefault(name.split()[0], []).append(_mb(rss[name]))
+    return " ".join(f"{role} {','.join(mbs)}" for role, mbs in sorted(roles.items()))
 
 
 def _without_ids(reason: str) -> str:

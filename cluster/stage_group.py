@@ -68,7 +68,7 @@ class StageGroup:
         self.generation += 1
         pg, offset = self._placement_group()
         await asyncio.wait_for(pg.ready(), self.placement.ready_timeout_s)
-        remote = ray.remote(StageActor)
+        remote = ray.remote(concurrency_groups=HEALTH_GROUP)(StageActor)
         self.actors = [
             remote.options(
                 num_cpus=self.placement.num_cpus,
@@ -78,7 +78,6 @@ class StageGroup:
                     pg, placement_group_bundle_index=offset + i
                 ),
                 max_concurrency=1,
-                concurrency_groups=HEALTH_GROUP,
                 name=None,
             ).remote(spec)
             for i, spec in enumerate(self.specs)
