@@ -61,9 +61,18 @@ class MetricsDirectory:
 
 
 def directory() -> Any:
-    """The cluster's directory actor, created by whoever asks first."""
+    """The cluster's directory actor, created by whoever asks first.
+
+    Never inside the asker's placement group: a Serve replica captures the actors it creates
+    in its own group, and when that replica went away the group took the directory with it
+    and its restart could never be placed (`/metrics` failed for good).
+    """
     return MetricsDirectory.options(
-        name=DIRECTORY_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+        name=DIRECTORY_NAME,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        scheduling_strategy="DEFAULT",
     ).remote()
 
 
@@ -141,7 +150,11 @@ async def scrape_app(app: str, own_address: str | None) -> str:
     """Every `pdserve_*` series of `app`: this process's own plus every registered process's."""
     import aiohttp
 
-    groups = await directory().targets.remote(app)
+    try:
+        groups = await asyncio.wait_for(directory().targets.remote(app), SCRAPE_TIMEOUT_S)
+    except Exception as exc:  # restarting: this process's own series are still worth serving
+        log.warning("metrics directory unavailable; serving this process's series only: %s", exc)
+        groups = []
     addresses = [a for g in groups for a in g["targets"] if a != own_address]
     timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_S)
     async with aiohttp.ClientSession(timeout=timeout) as session:

@@ -183,3 +183,73 @@ def test_chaos_soak_two_minutes(target) -> None:
     summary = run_soak(target, minutes=2, scale=SMALL, seed=1)
     assert summary["passed"], summary
     assert summary["retried"] > 0
+
+
+def test_a_streak_of_own_failures_makes_a_replica_unready_until_a_success_or_a_quiet_spell(
+    monkeypatch,
+) -> None:
+    """What Serve's health check reads besides rebuilds and peers: the replica's own failures
+    in a row (a wedged transport, a broken engine). Failures that are not its own never count."""
+    from cluster.metrics import reason_label
+    from deployments import health
+    from deployments.health import FailureStreak
+    from deployments.prefill import OWN_FAILURES
+
+    own = ["KV write to 10.0.0.2:1234 failed (rc=-1)", "transfer timeout: KV write unfinished"]
+    not_own = [
+        "a prefill stage failed: The actor is dead",
+        "aborted by the caller",
+        "decode peer 10.0.0.2:1234 unreachable",
+        "bootstrap timeout: no receiver info after 30.0s",
+    ]
+    assert all(reason_label(r) in OWN_FAILURES for r in own)
+    assert not any(reason_label(r) in OWN_FAILURES for r in not_own)
+
+    now = [1000.0]
+    monkeypatch.setattr(health.time, "monotonic", lambda: now[0])
+    streak = FailureStreak(threshold=3, window_s=60)
+    for _ in range(2):
+        streak.failed(own[0])
+    assert streak.verdict() is None
+    streak.failed(own[0])
+    assert "the last 3 requests failed" in (streak.verdict() or "")
+    streak.succeeded()
+    assert streak.verdict() is None
+    for _ in range(3):
+        streak.failed(own[1])
+    now[0] += 61  # nothing to disprove it for a minute: a restart is not needed for that
+    assert streak.verdict() is None
+
+
+def test_the_metrics_directory_outlives_the_placement_group_of_its_creator(target) -> None:
+    """Whoever asks first creates the directory; a Serve replica captures what it creates in
+    its own placement group, which went away with the replica and took the directory (and
+    every later `/metrics`) with it. Here its creator is such an actor, then its group goes."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from cluster.metrics_export import DIRECTORY_NAME, NAMESPACE, directory
+
+    ray.kill(ray.get_actor(DIRECTORY_NAME, namespace=NAMESPACE), no_restart=True)
+
+    @ray.remote(num_cpus=0.1)
+    class Creator:  # as a Serve replica is: an actor whose group captures what it creates
+        def create(self) -> None:
+            ray.get(directory().register.remote("127.0.0.1:1", {"app": "probe"}))
+
+    pg = placement_group([{"CPU": 0.1}])
+    ray.get(pg.ready(), timeout=60)
+    strategy = PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)
+    creator = Creator.options(scheduling_strategy=strategy).remote()
+    ray.get(creator.create.remote(), timeout=60)
+    remove_placement_group(pg)
+    time.sleep(2)
+    assert ray.get(directory().targets.remote("probe"), timeout=30)
+    deadline = time.monotonic() + 60  # every process registers again within REFRESH_S
+    while (
+        metric(target, "pdserve_stage_failures_total") is None
+        or not httpx.get(f"{target.base_url}/metrics/targets", timeout=10).json()
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(1)
