@@ -432,9 +432,15 @@ class KVSender:
     # -- internals ---------------------------------------------------------------------------
 
     def _fail(self, reason: str) -> None:
-        if self._state.fail(reason):
+        # Stop watching before anyone can see `Failed`: whoever sees it may check that
+        # nothing is watched any more (the pool's thread fails a write while a poller looks).
+        with self._watch_lock:
+            session, self._watching = self._watching, None
+            if session is not None:
+                self.endpoint.liveness.unwatch(session)
+            failed_now = self._state.fail(reason)
+        if failed_now:
             log.warning("KV sender failed: %s", reason, extra=self._log_extra())
-        self._unwatch()
         if self._launched is not None:
             self._hand_off()
 
