@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 # `make soak`: how long the chaos soak runs, and on which model (MODEL above).
 MINUTES ?= 10
 
-.PHONY: serve test bench soak lint install sysdeps clean dashboards dashboards-snapshot
+.PHONY: serve test test-deploy bench soak lint install sysdeps deploy-sysdeps clean dashboards dashboards-snapshot
 
 install: $(STAMP)
 
@@ -31,6 +31,18 @@ sysdeps:
 	/sbin/ldconfig -p 2>/dev/null | grep -q 'libibverbs\.so\.1' || missing="$$missing libibverbs1"; \
 	command -v cc >/dev/null || command -v gcc >/dev/null || missing="$$missing gcc libc6-dev"; \
 	command -v prometheus >/dev/null && command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
+	  echo "pdserve: installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  ( $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing ) >/dev/null \
+	    || { echo "pdserve: could not install$$missing. Install them yourself (apt-get install$$missing) and run make again." >&2; exit 1; }; \
+	fi
+
+# `make test-deploy` launches the `ray up` path over SSH to 127.0.0.1: an SSH server and rsync.
+deploy-sysdeps:
+	@missing=; \
+	test -x /usr/sbin/sshd || missing="$$missing openssh-server"; \
+	command -v rsync >/dev/null || missing="$$missing rsync"; \
 	if [ -n "$$missing" ]; then \
 	  echo "pdserve: installing Debian packages:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
@@ -68,6 +80,11 @@ lint: $(STAMP) sysdeps
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# `ray up` for real (minutes): an SSH server on 127.0.0.1, cluster/ray_up/pdserve-local.yaml
+# launched, a chat request, `ray down`, nothing left running. Needs root (sshd on port 22).
+test-deploy: $(STAMP) sysdeps deploy-sysdeps
+	$(PY) -m pytest tests/launch $(PYTEST_ARGS)
 
 # Chaos soak: a `make serve`-like deployment under load while stages and the decode replica
 # are killed and KV writes fail; prints a table, writes benchmarks/results/soak.json, and

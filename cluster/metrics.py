@@ -144,6 +144,13 @@ request_retries = Counter(
     (*LABELS, "reason"),
     registry=REGISTRY,
 )
+requests_unavailable = Counter(
+    "pdserve_requests_unavailable_total",
+    "Requests answered 503 because no replica of a deployment took them within the queue "
+    "timeout (placement pending, no running replica), by deployment",
+    (*LABELS, "deployment"),
+    registry=REGISTRY,
+)
 transport_repairs = Counter(
     "pdserve_transport_repairs_total",
     "Mooncake peer sessions repaired after a failed KV write",
@@ -386,6 +393,8 @@ class IngressMetrics(Owner):
         for reason in REASONS:
             self.child(request_failures, reason=reason)
             self.child(request_retries, reason=reason)
+        for deployment in ("decode", "prefill"):
+            self.child(requests_unavailable, deployment=deployment)
         for route in ("/completions", "/chat/completions"):  # error rates exist before errors
             for status in ("200", "400", "500", "503"):
                 self.child(http_requests, route=route, status=status)
@@ -396,6 +405,9 @@ class IngressMetrics(Owner):
 
     def failure(self, reason: str) -> None:
         self.child(request_failures, reason=reason_label(reason)).inc()
+
+    def unavailable(self, deployment: str) -> None:
+        self.child(requests_unavailable, deployment=deployment).inc()
 
     def retried(self, reason: str) -> None:
         self.child(request_retries, reason=reason_label(reason)).inc()

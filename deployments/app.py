@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
 
 from cluster.gpu_visibility import all_gpus_visible_runtime_env
+from deployments.admission import DEFAULT_QUEUE_TIMEOUT_S
 from deployments.decode import DecodeConfig, DecodeDeployment
 from deployments.ingress import API_KEY_ENV, IngressConfig, build_ingress_class
 from deployments.prefill import PrefillConfig, build_prefill_app
@@ -40,9 +41,17 @@ class AppConfig(BaseModel):
     max_num_seqs: PositiveInt = 64
     placement_strategy: Literal["STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK"] = "PACK"
     num_gpus_per_stage: float = Field(1.0, ge=0)
+    # CPUs each process asks Ray for. A GPU node has several cores per GPU; a 2-core machine
+    # that simulates GPUs (`pdserve-local.yaml`) gives each a fraction.
     num_cpus_per_stage: float = Field(1.0, ge=0)
     decode_num_gpus: float = Field(1.0, ge=0)
+    decode_num_cpus: float = Field(1.0, ge=0)
+    ingress_num_cpus: float = Field(0.5, ge=0)
     prealloc_timeout_s: PositiveFloat = 30.0
+    queue_timeout_s: PositiveFloat = Field(
+        DEFAULT_QUEUE_TIMEOUT_S,
+        description="a request that no replica of a role takes within this gets a 503",
+    )
     transport: TransportConfig = Field(default_factory=TransportConfig)
     host: str = "127.0.0.1"
     port: PositiveInt = 8000
@@ -82,6 +91,7 @@ class AppConfig(BaseModel):
             num_prefill_stages=self.pp_size,
             num_gpus=self.decode_num_gpus,
             num_replicas=self.decode_replicas,
+            queue_timeout_s=self.queue_timeout_s,
             transport=self.transport,
         )
 
@@ -91,6 +101,7 @@ class AppConfig(BaseModel):
             served_model_name=self.served_model_name or Path(self.model).name,
             max_model_len=self.resolved_max_model_len(),
             max_prompt_len=self.max_prompt_len or self.resolved_max_model_len(),
+            queue_timeout_s=self.queue_timeout_s,
             api_key=self.api_key,  # the ingress also reads $PDSERVE_API_KEY where it runs
         )
 
@@ -101,7 +112,7 @@ def build_app(config: AppConfig) -> Any:
 
     prefill = build_prefill_app(config.prefill())
     decode_config = config.decode()
-    decode_actor: dict[str, Any] = {"num_cpus": 1}
+    decode_actor: dict[str, Any] = {"num_cpus": config.decode_num_cpus}
     if decode_config.num_gpus:
         decode_actor["num_gpus"] = decode_config.num_gpus
         # Prefill stages on this node map its KV through CUDA IPC (cluster/gpu_visibility.py).
@@ -116,7 +127,7 @@ def build_app(config: AppConfig) -> Any:
     ingress = serve.deployment(build_ingress_class()).options(
         name="ingress",
         num_replicas=config.ingress_replicas,
-        ray_actor_options={"num_cpus": 0.5},
+        ray_actor_options={"num_cpus": config.ingress_num_cpus},
         max_ongoing_requests=10_000,
     )
     return ingress.bind(

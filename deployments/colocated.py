@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from deployments.admission import Accepted
 from deployments.decode import (
     DecodeConfig,
     DecodeRequest,
@@ -50,7 +51,9 @@ class ColocatedDeployment:
         self._work = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
-    async def generate(self, request: DecodeRequest) -> AsyncIterator[TokenChunk]:
+    async def generate(self, request: DecodeRequest) -> AsyncIterator[Accepted | TokenChunk]:
+        """`Accepted` first (the ingress's queue wait ends here), then the tokens."""
+        yield Accepted()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._streams[request.rid] = queue
         self._new.append(request)
@@ -116,7 +119,7 @@ def build_colocated_app(config: Any) -> Any:
     from deployments.ingress import build_ingress_class
 
     engine_config = config.decode()
-    actor: dict[str, Any] = {"num_cpus": 1}
+    actor: dict[str, Any] = {"num_cpus": config.decode_num_cpus}
     if engine_config.num_gpus:
         actor["num_gpus"] = engine_config.num_gpus
     engine = serve.deployment(ColocatedDeployment).options(
@@ -126,7 +129,9 @@ def build_colocated_app(config: Any) -> Any:
         max_ongoing_requests=10_000,
     )
     ingress = serve.deployment(build_ingress_class()).options(
-        name="ingress", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=10_000
+        name="ingress",
+        ray_actor_options={"num_cpus": config.ingress_num_cpus},
+        max_ongoing_requests=10_000,
     )
     return ingress.bind(
         config.ingress().model_dump(mode="json"), engine.bind(engine_config.model_dump(mode="json"))

@@ -31,6 +31,12 @@ from cluster.gpu_visibility import actor_device
 from cluster.metrics import DecodeMetrics
 from cluster.metrics_export import export_process_metrics, serve_replica_identity
 from cluster.plan import PrefillRequest
+from deployments.admission import (
+    DEFAULT_QUEUE_TIMEOUT_S,
+    Accepted,
+    RoleUnavailable,
+    accepted_stream,
+)
 from deployments.health import FailureStreak, Readiness
 from engine import LLM, EngineConfig, SamplingParams
 from engine.page_allocator import pages_needed
@@ -60,6 +66,10 @@ class DecodeConfig(BaseModel):
     num_prefill_stages: PositiveInt = Field(2, description="the prefill role's PP size")
     num_gpus: float = Field(1.0, ge=0)
     num_replicas: PositiveInt = 1
+    queue_timeout_s: PositiveFloat = Field(
+        DEFAULT_QUEUE_TIMEOUT_S,
+        description="a request no prefill replica takes within this fails with 503",
+    )
     transport: TransportConfig = Field(default_factory=TransportConfig)
 
 
@@ -204,6 +214,9 @@ class DecodeInstance:
                         decode_replica=self.actor_name,
                     )
                 )
+            except RoleUnavailable as exc:  # no prefill replica took it: 503, as it is
+                receiver.abort(str(exc))
+                raise
             except Exception as exc:
                 receiver.abort(f"prefill failed: {exc}")
                 raise DecodeFailed(f"prefill failed: {error_reason(exc)}") from exc
@@ -468,10 +481,13 @@ class DecodeDeployment:
 
         app, replica = serve_replica_identity()
         actor_name = ray.get_runtime_context().get_actor_name() if ray.is_initialized() else None
-        self.instance = DecodeInstance(self.config, _PrefillHandle(prefill), replica, actor_name)
+        prefill_handle = _PrefillHandle(prefill, app, self.config.queue_timeout_s)
+        self.instance = DecodeInstance(self.config, prefill_handle, replica, actor_name)
         export_process_metrics(app, "decode")
 
-    async def generate(self, request: DecodeRequest) -> AsyncIterator[TokenChunk]:
+    async def generate(self, request: DecodeRequest) -> AsyncIterator[Accepted | TokenChunk]:
+        """`Accepted` first (the caller's queue wait ends here), then the tokens."""
+        yield Accepted()
         async for chunk in self.instance.generate(request):
             yield chunk
 
@@ -489,10 +505,23 @@ class DecodeDeployment:
 
 
 class _PrefillHandle:
-    """Adapts a Serve handle to the `async prefill(request)` the instance calls."""
+    """Adapts a Serve handle to the `async prefill(request)` the instance calls, with a bounded
+    wait for a prefill replica to take the request (`deployments.admission`)."""
 
-    def __init__(self, handle: Any) -> None:
+    def __init__(self, handle: Any, app: str, queue_timeout_s: float) -> None:
         self._handle = handle
+        self._app = app
+        self._timeout_s = queue_timeout_s
 
     async def prefill(self, request: PrefillRequest) -> Any:
-        return await self._handle.prefill.remote(request)
+        name = self._handle.deployment_name
+        stream = accepted_stream(
+            self._handle.prefill.options(stream=True).remote(request),
+            role=name,
+            app=self._app,
+            deployment=name,
+            timeout_s=self._timeout_s,
+        )
+        async for result in stream:
+            return result
+        raise RuntimeError(f"{name} ended its stream without a result")

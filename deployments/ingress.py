@@ -21,7 +21,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, PositiveInt
+from pydantic import BaseModel, PositiveFloat, PositiveInt
 
 from cluster.errors import error_reason
 from cluster.metrics import IngressMetrics
@@ -30,6 +30,12 @@ from cluster.metrics_export import (
     export_process_metrics,
     scrape_app,
     serve_replica_identity,
+)
+from deployments.admission import (
+    DEFAULT_QUEUE_TIMEOUT_S,
+    RoleUnavailable,
+    accepted_stream,
+    deployment_problem,
 )
 from deployments.decode import DecodeRequest, TokenChunk
 from deployments.health import Readiness
@@ -48,8 +54,6 @@ log = logging.getLogger(__name__)
 API_KEY_ENV = "PDSERVE_API_KEY"
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 READINESS_TIMEOUT_S = 5.0
-# Serve's view of a deployment that means it cannot serve (UPDATING and scaling can).
-UNHEALTHY_DEPLOYMENT = ("UNHEALTHY", "DEPLOY_FAILED")
 
 # The API replica's own series; module-level because FastAPI's error handlers are too.
 _metrics: IngressMetrics | None = None
@@ -62,6 +66,7 @@ class IngressConfig(BaseModel):
     max_prompt_len: PositiveInt
     default_max_tokens: PositiveInt = 256
     api_key: str | None = None
+    queue_timeout_s: PositiveFloat = DEFAULT_QUEUE_TIMEOUT_S
 
 
 class ApiError(Exception):
@@ -263,6 +268,16 @@ class Ingress:
         stream = self._generate(request)
         log.info("request", extra={"rid": rid, "room": room, "prompt_tokens": n})
         if body.stream:
+            # The status line waits for the first token: a request that fails before it
+            # (no replica took it, overloaded) gets its real status, not a 200 and an event.
+            try:
+                stream = await _started(stream)
+            except Exception as exc:
+                in_flight.release()
+                raise _server_error(exc, rid) from exc
+            except BaseException:
+                in_flight.release()
+                raise
             _count("/chat/completions" if chat else "/completions", 200)
             return StreamingResponse(
                 _releasing(self._sse(stream, rid, chat, body.include_usage, n), in_flight),
@@ -277,16 +292,24 @@ class Ingress:
         """The decode stream of `request`. One that fails inside pdserve before its first token
         (a stage died, a KV write failed, a replica was lost) is sent again, once, as a new
         internal request (its own rid and room: the first may still be ending somewhere);
-        the client sees one answer. An overloaded decode (503) is not retried."""
+        the client sees one answer. An overloaded or unavailable role (503) is not retried:
+        it has had its bounded wait already."""
         for attempt in range(2):
             started = False
             try:
-                async for chunk in self.decode.generate.options(stream=True).remote(request):
+                stream = accepted_stream(
+                    self.decode.generate.options(stream=True).remote(request),
+                    role=self.decode.deployment_name,
+                    app=self.app_name,
+                    deployment=self.decode.deployment_name,
+                    timeout_s=self.config.queue_timeout_s,
+                )
+                async for chunk in stream:
                     started = True
                     yield chunk
                 return
             except Exception as exc:
-                if started or attempt or _overloaded(exc):
+                if started or attempt or _overloaded(exc) or isinstance(exc, RoleUnavailable):
                     raise
                 reason = error_reason(exc)
                 log.warning(
@@ -403,7 +426,8 @@ def _overloaded(exc: BaseException) -> bool:
 
 
 def _serve_readiness(app: str) -> Readiness:
-    """Serve's status of `app`'s deployments (blocking: asks the Serve controller)."""
+    """Serve's status of `app`'s deployments, and why any of them cannot take requests
+    (blocking: asks the Serve controller)."""
     from ray import serve
 
     try:
@@ -415,22 +439,48 @@ def _serve_readiness(app: str) -> Readiness:
     states = {
         name: str(getattr(d.status, "value", d.status)) for name, d in status.deployments.items()
     }
-    reasons = tuple(
-        f"serve: deployment {name} is {states[name]}: {d.message}".rstrip(": ")
-        for name, d in status.deployments.items()
-        if states[name] in UNHEALTHY_DEPLOYMENT
-    )
+    problems = {name: deployment_problem(d) for name, d in status.deployments.items()}
+    reasons = tuple(f"serve: {name}: {why}" for name, why in problems.items() if why)
     return Readiness("serve", reasons, {"deployments": states})
 
 
 def _server_error(exc: BaseException, rid: str) -> ApiError:
-    reason = error_reason(exc)
+    unavailable = isinstance(exc, RoleUnavailable)
+    reason = error_reason(exc, limit=1000 if unavailable else 300)  # Serve's account is long
     log.error("request failed: %s", reason, extra={"rid": rid})
+    if unavailable:
+        if _metrics is not None:
+            _metrics.unavailable(reason.split(" unavailable:", 1)[0])
+        return ApiError(503, reason, "server_error")
     if _metrics is not None:
         _metrics.failure(reason)
     if _overloaded(exc):
         return ApiError(503, f"server overloaded: {reason}", "server_error")
     return ApiError(500, f"request {rid} failed: {reason}", "server_error")
+
+
+async def _started(stream: AsyncIterator[TokenChunk]) -> AsyncIterator[TokenChunk]:
+    """`stream` once its first chunk has arrived (raises what the stream raises before it)."""
+    try:
+        first = await anext(stream)
+    except StopAsyncIteration:
+        return _chain((), stream)
+    except BaseException:
+        await stream.aclose()  # type: ignore[attr-defined]
+        raise
+    return _chain((first,), stream)
+
+
+async def _chain(
+    head: tuple[TokenChunk, ...], rest: AsyncIterator[TokenChunk]
+) -> AsyncIterator[TokenChunk]:
+    try:
+        for chunk in head:
+            yield chunk
+        async for chunk in rest:
+            yield chunk
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]
 
 
 async def _releasing(events: AsyncIterator[str], in_flight: _InFlight) -> AsyncIterator[str]:

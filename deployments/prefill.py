@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -26,6 +27,7 @@ from cluster.metrics_export import export_process_metrics, serve_replica_identit
 from cluster.plan import PrefillRequest
 from cluster.stage_actor import StageSpec
 from cluster.stage_group import Placement, StageGroup, StageGroupError
+from deployments.admission import Accepted
 from deployments.health import FailureStreak, Readiness
 from deployments.prefill_controller import ControllerConfig, Ended, PrefillController
 from engine.config import ModelConfig
@@ -327,8 +329,11 @@ class PrefillDeployment:
         export_process_metrics(app, "prefill")
         await self.instance.start()
 
-    async def prefill(self, request: PrefillRequest) -> PrefillResult:
-        return await self.instance.prefill(request)
+    async def prefill(self, request: PrefillRequest) -> AsyncIterator[Accepted | PrefillResult]:
+        """`Accepted` the moment this replica takes the request (the caller's bounded queue
+        wait ends there), then the result."""
+        yield Accepted()
+        yield await self.instance.prefill(request)
 
     async def set_receiver_info(self, rid: str, info: ReceiverInfo) -> bool:
         return self.instance.set_receiver_info(rid, info)

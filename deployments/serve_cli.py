@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -19,6 +20,11 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("pdserve.serve")
+# How soon (and how often) Serve says that a replica waits for resources: 30 s each by default.
+SERVE_STARTUP_WARNING_ENV = (
+    "RAY_SERVE_SLOW_STARTUP_WARNING_S",
+    "RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S",
+)
 
 
 def _progress(message: str) -> None:
@@ -92,13 +98,23 @@ Health: {base}/health   Metrics (every replica and PP stage): {base}/metrics   S
 """
 
 
+def set_ray_environment(auth_mode: str) -> None:
+    """Ray's auth mode for the cluster this process starts and every client it runs (Ray 2.60
+    turns token auth on by itself when ~/.ray/auth_token exists and the mode is unset), and
+    how soon Serve says a replica waits for resources (pdserve's 503s quote it)."""
+    os.environ["RAY_AUTH_MODE"] = auth_mode
+    for name in SERVE_STARTUP_WARNING_ENV:
+        os.environ.setdefault(name, "10")
+
+
 def serve_main(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    set_ray_environment(args.ray_auth_mode)
     import ray
     from ray import serve
 
     from deployments.app import build_app
 
-    config = load_config(args)
     cluster = None
     if args.local_cluster:
         cluster = start_local_cluster(args.gpu_nodes, args.gpus_per_node)
@@ -154,6 +170,13 @@ def add_parser(sub: Any) -> None:
         "--local-cluster",
         action="store_true",
         help="start a multi-node Ray cluster on this machine with simulated GPUs",
+    )
+    p.add_argument(
+        "--ray-auth-mode",
+        choices=("disabled", "token"),
+        default=os.environ.get("RAY_AUTH_MODE", "disabled"),
+        help="Ray's token authentication for the cluster and its clients (default: "
+        "$RAY_AUTH_MODE, else disabled); token: Ray reads or creates ~/.ray/auth_token",
     )
     p.add_argument("--gpu-nodes", type=int, default=2)
     p.add_argument("--gpus-per-node", type=int, default=2)

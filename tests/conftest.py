@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,11 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
+    # Serve says a replica waits for resources after this long, and again after each period
+    # (30 s and 30 s by default); the 503s
+    # of a pending placement quote it (the Serve controller inherits it from the raylets).
+    os.environ.setdefault("RAY_SERVE_SLOW_STARTUP_WARNING_S", "2")
+    os.environ.setdefault("RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S", "2")
     cluster = Cluster(
         initialize_head=True,
         head_node_args={

@@ -181,9 +181,19 @@ def test_api_key_comes_from_a_secret() -> None:
     for spec in [pod(rayservice["spec"]["rayClusterConfig"]["headGroupSpec"])] + [
         pod(g) for g in workers(rayservice)
     ]:
-        (env,) = spec["containers"][0]["env"]
-        assert env["name"] == "PDSERVE_API_KEY"
-        assert env["valueFrom"]["secretKeyRef"] == {"name": "pdserve-key", "key": "api-key"}
+        env = {e["name"]: e for e in spec["containers"][0]["env"]}
+        assert env["PDSERVE_API_KEY"]["valueFrom"]["secretKeyRef"] == {
+            "name": "pdserve-key",
+            "key": "api-key",
+        }
+
+
+def test_ray_auth_mode_is_set_on_purpose() -> None:
+    """KubeRay sets RAY_AUTH_MODE (and the token) on every Ray container from authOptions."""
+    (default,) = render()["RayService"]
+    assert default["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "disabled"}
+    (token,) = render({"rayService": {"authMode": "token"}})["RayService"]
+    assert token["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
 
 
 def test_service_targets_the_serve_proxies() -> None:

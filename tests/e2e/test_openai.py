@@ -13,6 +13,7 @@ import httpx
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
+from deployments.admission import Accepted
 from deployments.decode import DecodeRequest
 from engine import LLM, EngineConfig, SamplingParams
 from tests.e2e.conftest import API_KEY, app_config
@@ -37,7 +38,9 @@ async def pd_tokens(app: str, prompt: list[int], max_tokens: int) -> list[int]:
         SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
     )
     tokens: list[int] = []
-    async for chunk in decode.generate.options(stream=True).remote(request):
+    stream = decode.generate.options(stream=True).remote(request)
+    assert isinstance(await anext(stream), Accepted)  # the replica took it
+    async for chunk in stream:
         tokens.extend(chunk.token_ids)
     return tokens
 

@@ -4,11 +4,11 @@ to end through deployment handles, and a prompt rejected before it enters any qu
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
 from cluster.plan import PrefillRequest
+from deployments.admission import Accepted
 from deployments.prefill import PrefillConfig, build_prefill_app
 from deployments.prefill_controller import PromptRejected
 from tests.prefill.test_ray_prefill import decode_shape
@@ -43,17 +43,19 @@ def test_serve_replica_places_stages_across_nodes_and_prefills(ray_cluster, llam
         assert all(p["all_gpus_visible"] for p in stats["placement"])
 
         info = decode.receive("s1", 11, [0, 1], num_stages=2)
-        response = handle.prefill.remote(PrefillRequest("s1", 11, list(range(5, 25))))
-        time.sleep(0.2)
+        stream = handle.prefill.options(stream=True).remote(
+            PrefillRequest("s1", 11, list(range(5, 25)))
+        )
+        assert isinstance(next(stream), Accepted)  # the replica took it
         assert handle.set_receiver_info.remote("s1", info).result(timeout_s=30)
-        result = response.result(timeout_s=60)
+        (result,) = list(stream)
         assert result.first_token.num_prompt_tokens == 20
         for stage in range(2):
             decode.result("s1", stage, True)
         assert KVPoll(decode.poll("s1")[0]) is KVPoll.Success
 
         with pytest.raises(PromptRejected, match="65 tokens"):
-            handle.prefill.remote(PrefillRequest("long", 12, [1] * 65)).result(timeout_s=30)
+            list(handle.prefill.options(stream=True).remote(PrefillRequest("long", 12, [1] * 65)))
         stats = handle.stats.remote().result(timeout_s=30)
         assert set(stats["queues"].values()) == {0} and stats["pages_in_use"] == 0
         assert all(s["num_requests"] == 0 for s in stats["stages"])

@@ -142,6 +142,12 @@ ray.io/serve: "true"
 {{- end }}
 
 {{- define "pdserve.env" -}}
+{{- /* How soon and how often Serve says a replica waits for resources (30 s each by
+default); pdserve's 503s and /ready quote it. */}}
+- name: RAY_SERVE_SLOW_STARTUP_WARNING_S
+  value: "10"
+- name: RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S
+  value: "10"
 {{- with .Values.serve.apiKeySecret }}
 {{- if .name }}
 - name: PDSERVE_API_KEY
