@@ -281,10 +281,15 @@ def overview() -> Json:
                     target(
                         rate(sel("pdserve_request_failures_total", **ingress), "reason"),
                         "{{reason}}",
-                    )
+                    ),
+                    target(
+                        rate(sel("pdserve_requests_unavailable_total", **ingress), "deployment"),
+                        "no {{deployment}} replica (503)",
+                    ),
                 ],
                 "reqps",
-                "Requests that failed inside pdserve, per second.",
+                "Requests that failed inside pdserve, and requests no replica of a deployment "
+                "took within queue_timeout_s, per second.",
             ),
         ],
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
 import yaml
@@ -29,3 +30,27 @@ def test_missing_model_is_a_clear_error() -> None:
     )
     with pytest.raises(ValueError, match="no model"):
         load_config(args)
+
+
+@pytest.mark.parametrize(("env", "expected"), [(None, "disabled"), ("token", "token")])
+def test_serve_sets_the_ray_auth_mode_on_purpose(
+    monkeypatch: pytest.MonkeyPatch, env: str | None, expected: str
+) -> None:
+    """Start and deploy agree: the mode goes into this process's environment before Ray
+    starts, never left to whether ~/.ray/auth_token happens to exist."""
+    from deployments.cli import build_parser
+    from deployments.serve_cli import set_ray_environment
+
+    if env is None:
+        monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    else:
+        monkeypatch.setenv("RAY_AUTH_MODE", env)
+    args = build_parser().parse_args(["serve", "--model", "m"])
+    assert args.ray_auth_mode == expected
+    monkeypatch.setenv("RAY_AUTH_MODE", "unset")  # undone after the test, as are these:
+    monkeypatch.setenv("RAY_SERVE_SLOW_STARTUP_WARNING_S", "2")
+    monkeypatch.setenv("RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S", "2")
+    set_ray_environment(args.ray_auth_mode)
+    assert os.environ["RAY_AUTH_MODE"] == expected
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--ray-auth-mode", "maybe"])

@@ -187,6 +187,7 @@ def test_alerts_check(promtool: str) -> None:
         "PdserveTransferFailures",
         "PdserveNoHealthyPrefill",
         "PdserveNoHealthyDecode",
+        "PdserveRequestsUnavailable",
     }
     for rule in alert_rules():
         assert rule.get("for"), rule["alert"]
