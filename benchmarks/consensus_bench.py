@@ -2,7 +2,7 @@
 
 On a simulated 2-node Ray cluster (2 GPUs a node), PP 1, 2 and 4 stage actors hold N queued
 requests (1, 100, 1,000, 10,000). Each step fans the same plan out to every stage, either as a
-no-op (the round trip a scheduler step pays anyway) or through the production `run_plan`
+no-op (the round trip a scheduler step pays anyway) or through the production `PlanExecutor`
 (poll N senders, one gloo MIN all-reduce of N int32, apply). Ratio = consensus step / no-op
 step, alternating rounds in one run. Target: <= 1.5x at 1,000 requests and PP 4.
 
@@ -31,9 +31,11 @@ import ray
 import torch
 
 from benchmarks.report import write_report
-from cluster.plan import PrefillRequest, StepPlan
+from cluster.consensus import gloo_allreduce_min
+from cluster.messages import PrefillRequest, StepPlan
+from cluster.plan_executor import PlanExecutor
 from cluster.stage_requests import StageRequests
-from cluster.stage_step import StageLoop
+from engine import EngineConfig
 from engine.testmodel import make_test_model
 
 
@@ -56,9 +58,8 @@ class BenchStage:
     def __init__(self, rank: int, world: int, group: str) -> None:
         self.rank, self.world, self.group = rank, world, group
         self.requests = StageRequests(lambda rid, room: _IdleSender(), pp_rank=rank)
-        self.loop = StageLoop(
-            self.requests, self._allreduce, lambda batch, start_sends: {}, rank == world - 1
-        )
+        # Plans here carry no batch: no forward runs, so no compute is needed.
+        self.executor = PlanExecutor(self.requests, self._allreduce, None, rank == world - 1)  # type: ignore[arg-type]
 
     def join(self) -> None:
         if self.world > 1:
@@ -73,20 +74,14 @@ class BenchStage:
         return []
 
     def step(self, plan: StepPlan) -> list[int]:
-        return [t.tick for t in self.loop.step(plan).ticks]
+        report, _ = self.executor.step(plan)
+        return [t.tick for t in report.ticks]
 
     def relay(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
     def _allreduce(self, values: list[int]) -> list[int]:
-        if self.world == 1:
-            return values
-        from ray.util import collective
-        from ray.util.collective.types import ReduceOp
-
-        t = torch.tensor(values, dtype=torch.int32)
-        collective.allreduce(t, group_name=self.group, op=ReduceOp.MIN)
-        return t.tolist()
+        return gloo_allreduce_min(self.group if self.world > 1 else None)(values)
 
 
 def consensus_rows(rounds: int) -> list[dict[str, Any]]:
@@ -219,14 +214,10 @@ def ready_to_start_rows(model_dir: Path, requests: int) -> list[dict[str, Any]]:
     decode = DecodePeer(decode_shape(model_dir))
     try:
         for pp in (1, 2, 4):
-            config = PrefillConfig(
-                model=str(model_dir),
-                pp_size=pp,
-                num_cpus_per_stage=0.5,
-                dtype="float32",
-                device="cpu",
-                num_pages=256,
+            engine = EngineConfig(
+                model=str(model_dir), dtype="float32", device="cpu", num_pages=256
             )
+            config = PrefillConfig(engine=engine, pp_size=pp, num_cpus_per_stage=0.5)
             ended = asyncio.run(_ready_to_start(config, decode, requests))
             done = [e for e in ended if e.ready_to_start_steps is not None]
             rows.append(

@@ -1,42 +1,40 @@
 """The PP stage actor: layers `[a, b)` of the model, their KV pages, their senders, one
 Mooncake engine, and a seat in the instance's collective group.
 
-It runs every plan the controller sends, in order (`StageLoop`). Stage k's step takes stage
-k-1's hidden states as an argument, so Ray starts it once they exist; consensus ticks run on
-the stage's own thread, so no step waits on an all-reduce.
+It runs every plan the controller sends, in order (`PlanExecutor`). Stage k's step takes stage
+k-1's hidden states as an argument and returns its own, so Ray starts it once they exist;
+consensus ticks run on the stage's own thread, so no step waits on an all-reduce.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 import torch
 
+from cluster.consensus import gloo_allreduce_min
 from cluster.gpu_visibility import NOSET_VISIBLE_DEVICES, actor_device
+from cluster.messages import StageReport, StepPlan
 from cluster.metrics import StageMetrics
 from cluster.metrics_export import export_process_metrics
-from cluster.plan import ChunkPlan, StageReport, StepPlan
+from cluster.plan_executor import PlanExecutor
+from cluster.stage_compute import LayerCompute
 from cluster.stage_requests import StageRequests
-from cluster.stage_step import StageLoop
-from engine.attention import SeqChunk
+from engine import EngineConfig
 from engine.config import ModelConfig
 from engine.kv_cache import KVCacheSpec, PagedKVCache
 from engine.loader import load_stage
 from engine.logs import configure_logging
 from engine.model import LayerRange
 from engine.runner import StageRunner, freeze_loaded_objects, resolve_device, resolve_dtype
-from engine.sampling import sample
 from transport.config import TransportConfig
 from transport.endpoint import TransferEndpoint
-from transport.metadata import FirstToken
 from transport.receiver_info import KVLayout
 from transport.sender import KVSender
-from transport.streams import after_sends, behind_current_stream
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +45,14 @@ HEALTH_GROUP = {"health": 1}
 
 @dataclass(frozen=True)
 class StageSpec:
-    """Everything one stage actor needs to build itself."""
+    """Everything one stage actor needs to build itself: the instance's engine settings (model,
+    dtype, device, KV pages) and its own place in the pipeline."""
 
-    model: str
+    engine: EngineConfig
     start: int
     end: int
     pp_rank: int
     pp_size: int
-    page_size: int = 16
-    num_pages: int = 1024
-    dtype: str = "auto"
-    device: str = "auto"
     replica: str = ""
     app: str = ""  # the Serve application, for metrics discovery
     transport: TransportConfig = field(default_factory=TransportConfig)
@@ -69,15 +64,19 @@ class StageActor:
     def __init__(self, spec: StageSpec) -> None:
         configure_logging()
         self.spec = spec
-        config = ModelConfig.from_dir(spec.model)
-        device = resolve_device(actor_device(spec.device))
-        dtype = resolve_dtype(spec.dtype, device)
+        engine = spec.engine
+        if engine.num_pages is None:
+            raise ValueError("a stage needs its KV pages counted (engine.num_pages)")
+        self.num_pages = engine.num_pages
+        config = ModelConfig.from_dir(engine.model)
+        device = resolve_device(actor_device(engine.device))
+        dtype = resolve_dtype(engine.dtype, device)
         stage = load_stage(  # prefill only: no decode panels
-            spec.model, LayerRange(spec.start, spec.end), dtype, device, config, decode=False
+            engine.model, LayerRange(spec.start, spec.end), dtype, device, config, decode=False
         )
         kv_spec = KVCacheSpec(
-            num_pages=spec.num_pages,
-            page_size=spec.page_size,
+            num_pages=self.num_pages,
+            page_size=engine.page_size,
             num_kv_heads=config.num_key_value_heads,
             head_dim=config.head_dim,
             dtype=dtype,
@@ -95,21 +94,19 @@ class StageActor:
             on_transferred=lambda s: self.metrics.transferred(s.stats.nbytes, s.stats.seconds),
         )
         self._group: str | None = None
-        self._world = 1
-        self._upstream: torch.Tensor | None = None
-        self._hidden: torch.Tensor | None = None
-        self.loop = StageLoop(
+        compute = LayerCompute(self.runner, spec.pp_rank, spec.start == 0, self.is_last)
+        self.executor = PlanExecutor(
             self.requests,
             self._allreduce_min,
-            self._forward,
+            compute,
             self.is_last,
             on_tick=lambda seconds: self.metrics.observe_tick(seconds),
         )
         self.metrics = StageMetrics(
             spec.replica,
             spec.pp_rank,
-            spec.num_pages,
-            queues=self.loop.queue_sizes,
+            self.num_pages,
+            queues=self.executor.queue_sizes,
             pages_in_use=lambda: self.requests.pages_in_use,
         )
         self.endpoint.on_repair = self.metrics.repaired
@@ -129,7 +126,6 @@ class StageActor:
 
     def init_collective(self, world: int, rank: int, group: str) -> None:
         """Join the instance's gloo group; every stage must call this at the same time."""
-        self._world = world
         if world > 1:
             from ray.util import collective
 
@@ -138,12 +134,7 @@ class StageActor:
 
     def step(self, plan: StepPlan, upstream: torch.Tensor | None = None) -> tuple[StageReport, Any]:
         """Apply one plan; returns this stage's report and its hidden states for the next."""
-        self._upstream, self._hidden = upstream, None
-        try:
-            report = self.loop.step(plan)
-        finally:
-            hidden, self._upstream, self._hidden = self._hidden, None, None
-        return report, hidden
+        return self.executor.step(plan, upstream)
 
     def read_pages(self, pages: list[int]) -> list[torch.Tensor]:
         """K and V of `pages` for every layer of this stage (tests compare them byte for byte)."""
@@ -154,7 +145,7 @@ class StageActor:
         return {
             "num_requests": len(self.requests.senders),
             "pages_in_use": self.requests.pages_in_use,
-            "queue_sizes": self.loop.queue_sizes(),
+            "queue_sizes": self.executor.queue_sizes(),
             "metadata_slots_held": self.endpoint.metadata.num_held,
         }
 
@@ -173,12 +164,12 @@ class StageActor:
         getattr(self.endpoint.faults, fault)(*args)
 
     def admit_untracked(self, rid: str) -> None:
-        """Test hook: a request only this rank holds (see `StageLoop.admit_untracked`)."""
-        self.loop.admit_untracked(rid)
+        """Test hook: a request only this rank holds (see `PlanExecutor.admit_untracked`)."""
+        self.executor.admit_untracked(rid)
 
     def shutdown(self) -> None:
         self.metrics.close()
-        self.loop.close()
+        self.executor.close()
         for rid in list(self.requests.senders):
             self.requests.drop(rid, "stage shutting down")
         self.endpoint.close()
@@ -202,56 +193,4 @@ class StageActor:
         )
 
     def _allreduce_min(self, values: list[int]) -> list[int]:
-        if self._world == 1:
-            return values
-        from ray.util import collective
-        from ray.util.collective.types import ReduceOp
-
-        tensor = torch.tensor(values, dtype=torch.int32)
-        collective.allreduce(tensor, group_name=self._group, op=ReduceOp.MIN)
-        return tensor.tolist()
-
-    def _forward(
-        self, batch: tuple[ChunkPlan, ...], start_sends: Callable[[], None]
-    ) -> dict[str, FirstToken]:
-        """This stage's layers over the micro-batch; the last stage samples first tokens.
-
-        The KV sends start once the forward is queued, on a side stream behind it: the copies
-        run while this stage hands its hidden states to the host or samples. The forward
-        itself waits (on the GPU) for the sends queued before it, which may read pages it is
-        about to write."""
-        inputs = self._inputs(batch, self._upstream)
-        chunks = [SeqChunk(c.start, len(c.token_ids), c.pages, c.finishing) for c in batch]
-        after_sends(self.runner.device)
-        out = self.runner.forward(chunks, inputs)
-        with behind_current_stream(out.device):
-            start_sends()
-        if not self.is_last:
-            self._hidden = out.cpu() if out.is_cuda else out
-            return {}
-        return self._first_tokens(batch, out)
-
-    def _inputs(self, batch: tuple[ChunkPlan, ...], upstream: torch.Tensor | None) -> torch.Tensor:
-        if self.spec.start == 0:
-            ids = [t for c in batch for t in c.token_ids]
-            return torch.tensor(ids, dtype=torch.long)
-        if upstream is None:
-            raise RuntimeError(f"stage {self.spec.pp_rank - 1} produced no hidden states")
-        return upstream
-
-    def _first_tokens(
-        self, batch: tuple[ChunkPlan, ...], logits: torch.Tensor
-    ) -> dict[str, FirstToken]:
-        finishing = [c for c in batch if c.finishing]
-        params = [c.sampling for c in finishing]
-        generators = [p.make_generator(logits.device) if p is not None else None for p in params]
-        tokens, logprobs = sample(logits, params, generators)  # type: ignore[arg-type]
-        return {
-            c.rid: FirstToken(
-                room=c.room,
-                token_id=token,
-                logprob=logprob,
-                num_prompt_tokens=c.start + len(c.token_ids),
-            )
-            for c, token, logprob in zip(finishing, tokens, logprobs, strict=True)
-        }
+        return gloo_allreduce_min(self._group)(values)

@@ -20,7 +20,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.errors import error_reason
 from cluster.gpu_visibility import all_gpus_visible_runtime_env
-from cluster.plan import StageReport, StepPlan
+from cluster.messages import StageReport, StepPlan
 from cluster.stage_actor import HEALTH_GROUP, StageActor, StageSpec
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,10 @@
 """One rank's view of the prefill requests it holds: a sender and a page list per rid.
 
 A rank never decides anything on its own. It creates state when the controller admits a
-request, applies the consensus vector it computed together with every other rank, drops what
-the controller tells it to drop, and reconciles against the controller's tracked set so that
-nothing outlives the controller's interest in it (the orphan bug class of SGLang's design).
+request, applies the consensus vector it computed together with every other rank
+(`cluster.consensus`), drops what the controller tells it to drop, and reconciles against the
+controller's tracked set so that nothing outlives the controller's interest in it (the orphan
+bug class of SGLang's design).
 """
 
 from __future__ import annotations
@@ -95,42 +96,12 @@ class StageRequests:
             self.drop(rid, "no longer tracked by the controller")
         return stale
 
-    # -- consensus ----------------------------------------------------------------------------
-
-    def local_vector(self, rids: Sequence[str]) -> list[int]:
-        """This rank's poll of exactly `rids`, in order; a rid it does not hold is `Failed`."""
-        out = []
-        for rid in rids:
-            sender = self.senders.get(rid)
-            out.append(int(sender.poll()) if sender is not None else int(KVPoll.Failed))
-        return out
-
-    def apply(self, tick: int, rids: Sequence[str], vector: Sequence[int]) -> None:
-        """Apply the agreed vector of tick `tick`, exactly once and in tick order."""
-        if tick <= self.last_tick:
-            raise RuntimeError(f"tick {tick} applied after tick {self.last_tick}")
-        if len(rids) != len(vector):
-            raise RuntimeError(f"{len(rids)} rids but a vector of {len(vector)}")
-        self.last_tick = tick
-        for rid, state in zip(rids, vector, strict=True):
-            if state == KVPoll.Failed:
-                self.drop(rid, "failed by consensus")
-            elif state == KVPoll.Success:
-                sender = self.senders.get(rid)
-                if sender is not None and self._on_transferred is not None:
-                    self._on_transferred(sender)
-                self.drop(rid, "transferred")
-            elif state == KVPoll.WaitingForInput and rid in self.senders:
-                self.ready.add(rid)
-
-    def failure_reasons(self, rids: Sequence[str]) -> dict[str, str]:
-        """Local reasons for rids that failed on this rank, for the controller's error message."""
-        out = {}
-        for rid in rids:
-            sender = self.senders.get(rid)
-            if sender is not None and sender.poll() is KVPoll.Failed:
-                out[rid] = sender.failure_reason or "failed"
-        return out
+    def delivered(self, rid: str) -> None:
+        """Every rank agreed the KV of `rid` arrived: count it, then forget it."""
+        sender = self.senders.get(rid)
+        if sender is not None and self._on_transferred is not None:
+            self._on_transferred(sender)
+        self.drop(rid, "transferred")
 
     # -- gauges -------------------------------------------------------------------------------
 

@@ -15,21 +15,16 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 from cluster.errors import error_reason
+from cluster.messages import Accepted
 
 log = logging.getLogger(__name__)
 
 # Serve's view of a deployment that means it cannot serve (UPDATING and scaling can).
 UNHEALTHY_DEPLOYMENT = ("UNHEALTHY", "DEPLOY_FAILED")
 DEFAULT_QUEUE_TIMEOUT_S = 30.0
-
-
-@dataclass(frozen=True)
-class Accepted:
-    """The first item of every stream between roles: a replica has taken the request."""
 
 
 class RoleUnavailable(RuntimeError):

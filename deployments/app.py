@@ -9,30 +9,29 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
+from pydantic import Field, PositiveFloat, PositiveInt
 
 from cluster.gpu_visibility import all_gpus_visible_runtime_env
 from deployments.admission import DEFAULT_QUEUE_TIMEOUT_S
 from deployments.decode import DecodeConfig, DecodeDeployment
-from deployments.ingress import API_KEY_ENV, IngressConfig, build_ingress_class
+from deployments.ingress import API_KEY_ENV, IngressConfig, ingress_deployment
 from deployments.prefill import PrefillConfig, build_prefill_app
 from deployments.routing import router_config
+from engine import EngineConfig, ModelSettings
 from engine.config import ModelConfig
 from transport.config import TransportConfig
 
 
-class AppConfig(BaseModel):
-    """Everything a pdserve deployment needs, validated at the edge and passed down whole."""
+class AppConfig(ModelSettings):
+    """Everything a pdserve deployment needs, validated at the edge; each role's config is
+    derived from it (`prefill`, `decode`, `ingress`), the shared model settings
+    (`ModelSettings`: model, dtype, device, page size) through one `engine` base."""
 
-    model: str = Field(description="local Hugging Face model directory")
     served_model_name: str | None = Field(None, description="name in the API; default: dir name")
     pp_size: PositiveInt = 2
     prefill_replicas: PositiveInt = 1
     decode_replicas: PositiveInt = 1
     ingress_replicas: PositiveInt = 1
-    dtype: str = "auto"
-    device: str = "auto"
-    page_size: PositiveInt = 16
     prefill_num_pages: PositiveInt = 1024
     decode_num_pages: PositiveInt = 2048
     max_model_len: PositiveInt | None = None
@@ -61,17 +60,18 @@ class AppConfig(BaseModel):
         limit = ModelConfig.from_dir(self.model).max_position_embeddings
         return min(self.max_model_len or limit, limit)
 
+    def engine(self) -> EngineConfig:
+        """The engine settings every role starts from (each updates its own KV and batching)."""
+        shared = self.model_dump(include=set(ModelSettings.model_fields))
+        return EngineConfig(**shared, max_model_len=self.resolved_max_model_len())
+
     def prefill(self) -> PrefillConfig:
         return PrefillConfig(
-            model=self.model,
+            engine=self.engine().model_copy(update={"num_pages": self.prefill_num_pages}),
             pp_size=self.pp_size,
             placement_strategy=self.placement_strategy,
             num_gpus_per_stage=self.num_gpus_per_stage,
             num_cpus_per_stage=self.num_cpus_per_stage,
-            dtype=self.dtype,
-            device=self.device,
-            page_size=self.page_size,
-            num_pages=self.prefill_num_pages,
             max_prompt_len=self.max_prompt_len or self.resolved_max_model_len(),
             max_batched_tokens=self.max_batched_tokens,
             num_replicas=self.prefill_replicas,
@@ -79,17 +79,15 @@ class AppConfig(BaseModel):
         )
 
     def decode(self) -> DecodeConfig:
+        engine = self.engine().model_copy(
+            update={"num_pages": self.decode_num_pages, "max_num_seqs": self.max_num_seqs}
+        )
         return DecodeConfig(
-            model=self.model,
-            dtype=self.dtype,
-            device=self.device,
-            page_size=self.page_size,
-            num_pages=self.decode_num_pages,
-            max_num_seqs=self.max_num_seqs,
-            max_model_len=self.resolved_max_model_len(),
+            engine=engine,
             prealloc_timeout_s=self.prealloc_timeout_s,
             num_prefill_stages=self.pp_size,
             num_gpus=self.decode_num_gpus,
+            num_cpus=self.decode_num_cpus,
             num_replicas=self.decode_replicas,
             queue_timeout_s=self.queue_timeout_s,
             transport=self.transport,
@@ -112,7 +110,7 @@ def build_app(config: AppConfig) -> Any:
 
     prefill = build_prefill_app(config.prefill())
     decode_config = config.decode()
-    decode_actor: dict[str, Any] = {"num_cpus": config.decode_num_cpus}
+    decode_actor: dict[str, Any] = {"num_cpus": decode_config.num_cpus}
     if decode_config.num_gpus:
         decode_actor["num_gpus"] = decode_config.num_gpus
         # Prefill stages on this node map its KV through CUDA IPC (cluster/gpu_visibility.py).
@@ -124,12 +122,7 @@ def build_app(config: AppConfig) -> Any:
         max_ongoing_requests=10_000,
         **router_config(),
     )
-    ingress = serve.deployment(build_ingress_class()).options(
-        name="ingress",
-        num_replicas=config.ingress_replicas,
-        ray_actor_options={"num_cpus": config.ingress_num_cpus},
-        max_ongoing_requests=10_000,
-    )
+    ingress = ingress_deployment(config.ingress_replicas, config.ingress_num_cpus)
     return ingress.bind(
         config.ingress().model_dump(mode="json"),
         decode.bind(decode_config.model_dump(mode="json"), prefill),

@@ -12,16 +12,10 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from deployments.admission import Accepted
-from deployments.decode import (
-    DecodeConfig,
-    DecodeRequest,
-    TokenChunk,
-    chunk_of,
-    step_and_dispatch,
-)
+from cluster.messages import Accepted, DecodeRequest, TokenChunk
+from deployments.decode import DecodeConfig, chunk_of, on_this_actor, step_and_dispatch
 from deployments.health import Readiness
-from engine import LLM, EngineConfig, OutOfPagesError
+from engine import LLM, OutOfPagesError
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +28,7 @@ class ColocatedDeployment:
 
         configure_logging()
         self.config = DecodeConfig.model_validate(config)
-        self.llm = LLM(
-            EngineConfig(
-                model=self.config.model,
-                dtype=self.config.dtype,
-                device=self.config.device,
-                page_size=self.config.page_size,
-                num_pages=self.config.num_pages,
-                max_num_seqs=self.config.max_num_seqs,
-                max_model_len=self.config.max_model_len,
-            )
-        )
+        self.llm = LLM(on_this_actor(self.config.engine))
         self._streams: dict[str, asyncio.Queue[Any]] = {}
         self._new: list[DecodeRequest] = []
         self._aborts: list[str] = []
@@ -116,10 +100,10 @@ def build_colocated_app(config: Any) -> Any:
     """The same ingress in front of one colocated engine (`config` is an `AppConfig`)."""
     from ray import serve
 
-    from deployments.ingress import build_ingress_class
+    from deployments.ingress import ingress_deployment
 
     engine_config = config.decode()
-    actor: dict[str, Any] = {"num_cpus": config.decode_num_cpus}
+    actor: dict[str, Any] = {"num_cpus": engine_config.num_cpus}
     if engine_config.num_gpus:
         actor["num_gpus"] = engine_config.num_gpus
     engine = serve.deployment(ColocatedDeployment).options(
@@ -128,11 +112,7 @@ def build_colocated_app(config: Any) -> Any:
         ray_actor_options=actor,
         max_ongoing_requests=10_000,
     )
-    ingress = serve.deployment(build_ingress_class()).options(
-        name="ingress",
-        ray_actor_options={"num_cpus": config.ingress_num_cpus},
-        max_ongoing_requests=10_000,
-    )
+    ingress = ingress_deployment(config.ingress_replicas, config.ingress_num_cpus)
     return ingress.bind(
         config.ingress().model_dump(mode="json"), engine.bind(engine_config.model_dump(mode="json"))
     )

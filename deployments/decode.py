@@ -28,17 +28,16 @@ from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
 
 from cluster.errors import error_reason
 from cluster.gpu_visibility import actor_device
+from cluster.messages import Accepted, DecodeRequest, PrefillRequest, TokenChunk
 from cluster.metrics import DecodeMetrics
 from cluster.metrics_export import export_process_metrics, serve_replica_identity
-from cluster.plan import PrefillRequest
 from deployments.admission import (
     DEFAULT_QUEUE_TIMEOUT_S,
-    Accepted,
     RoleUnavailable,
     accepted_stream,
 )
 from deployments.health import FailureStreak, Readiness
-from engine import LLM, EngineConfig, SamplingParams
+from engine import LLM, EngineConfig
 from engine.page_allocator import pages_needed
 from transport.config import TransportConfig
 from transport.endpoint import TransferEndpoint
@@ -51,20 +50,16 @@ log = logging.getLogger(__name__)
 
 
 class DecodeConfig(BaseModel):
-    """One decode role: model, KV pages, batching, and how long to wait for memory."""
+    """One decode role: its engine (model, KV pages, batching), how long to wait for memory
+    and for a prefill replica, and what each replica asks Ray for."""
 
-    model: str
-    dtype: str = "auto"
-    device: str = "auto"
-    page_size: PositiveInt = 16
-    num_pages: PositiveInt = 2048
-    max_num_seqs: PositiveInt = 64
-    max_model_len: PositiveInt | None = None
+    engine: EngineConfig
     prealloc_timeout_s: PositiveFloat = Field(
         30.0, description="a request waiting this long for KV pages fails with 503"
     )
     num_prefill_stages: PositiveInt = Field(2, description="the prefill role's PP size")
     num_gpus: float = Field(1.0, ge=0)
+    num_cpus: float = Field(1.0, ge=0)
     num_replicas: PositiveInt = 1
     queue_timeout_s: PositiveFloat = Field(
         DEFAULT_QUEUE_TIMEOUT_S,
@@ -73,32 +68,18 @@ class DecodeConfig(BaseModel):
     transport: TransportConfig = Field(default_factory=TransportConfig)
 
 
+def on_this_actor(engine: EngineConfig) -> EngineConfig:
+    """The engine config as this actor runs it: `device: auto` resolves to the GPU Ray gave
+    this actor (decode and colocated replicas alike)."""
+    return engine.model_copy(update={"device": actor_device(engine.device)})
+
+
 class DecodeOverloaded(RuntimeError):
     """No KV pages freed up within the prealloc bound: the caller should retry (503)."""
 
 
 class DecodeFailed(RuntimeError):
     """The request could not be prefilled or its KV never arrived (502/500)."""
-
-
-@dataclass(frozen=True)
-class DecodeRequest:
-    rid: str
-    room: int
-    prompt_token_ids: list[int]
-    sampling: SamplingParams
-
-
-@dataclass(frozen=True)
-class TokenChunk:
-    """What the decode stream yields: new tokens, their text, and the end when it comes."""
-
-    token_ids: list[int]
-    logprobs: list[float]
-    text: str
-    finish_reason: str | None
-    num_prompt_tokens: int
-    num_output_tokens: int
 
 
 @dataclass(eq=False)
@@ -144,17 +125,7 @@ class DecodeInstance:
         self.replica = replica
         self.actor_name = actor_name  # told to prefill, which checks we are alive
         self.streak = FailureStreak()
-        self.llm = LLM(
-            EngineConfig(
-                model=config.model,
-                dtype=config.dtype,
-                device=actor_device(config.device),
-                page_size=config.page_size,
-                num_pages=config.num_pages,
-                max_num_seqs=config.max_num_seqs,
-                max_model_len=config.max_model_len,
-            )
-        )
+        self.llm = LLM(on_this_actor(config.engine))
         self.endpoint = TransferEndpoint(config.transport)
         self.endpoint.register_cache(self.llm.kv_cache)
         self.layout = KVLayout.from_spec(
@@ -170,7 +141,7 @@ class DecodeInstance:
         self.counts = {"prealloc": 0, "transfer": 0}
         self.metrics = DecodeMetrics(
             replica,
-            config.num_pages,
+            self.llm.allocator.num_pages,
             queues=self.queue_sizes,
             pages_in_use=lambda: self.llm.allocator.num_in_use,
         )
@@ -276,7 +247,7 @@ class DecodeInstance:
         """Pages for the prompt and the first token, granted by the loop between steps (the
         scheduler inside a step checks free pages, then takes them: nobody may take any in
         between). Waits, with a bound, while memory is short."""
-        need = pages_needed(len(request.prompt_token_ids) + 1, self.config.page_size)
+        need = pages_needed(len(request.prompt_token_ids) + 1, self.config.engine.page_size)
         if need > self.llm.allocator.num_pages:  # would hold the queue's head until it timed out
             raise DecodeOverloaded(
                 f"the prompt needs {need} KV pages, this decode replica's whole cache has "

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, PositiveFloat, PositiveInt
 
 from cluster.errors import error_reason
+from cluster.messages import DecodeRequest, TokenChunk
 from cluster.metrics import IngressMetrics
 from cluster.metrics_export import (
     directory,
@@ -37,7 +38,6 @@ from deployments.admission import (
     accepted_stream,
     deployment_problem,
 )
-from deployments.decode import DecodeRequest, TokenChunk
 from deployments.health import Readiness
 from deployments.openai_api import (
     ChatCompletionRequest,
@@ -46,6 +46,7 @@ from deployments.openai_api import (
     now,
     usage,
 )
+from deployments.prefill_controller import prompt_length_problem
 from engine.config import ModelConfig
 from engine.tokenizer import Tokenizer
 
@@ -141,7 +142,7 @@ class Ingress:
         self.decode = decode
         self.prefill = prefill  # asked only for its readiness
 
-    # -- routes (bound by `build_ingress`) ----------------------------------------------------
+    # -- routes (bound by `build_ingress_class`) ----------------------------------------------------
 
     async def health(self) -> JSONResponse:
         """200 while every part can serve; 503 with the reasons while one cannot."""
@@ -238,8 +239,9 @@ class Ingress:
         n = len(prompt_ids)
         limit = self.config.max_model_len
         max_tokens = body.max_tokens or min(self.config.default_max_tokens, max(1, limit - n))
-        if n == 0:
-            raise ApiError(400, "the prompt is empty", "invalid_request_error", "prompt")
+        where = "messages" if chat else "prompt"
+        if (problem := prompt_length_problem(n, self.config.max_prompt_len)) is not None:
+            raise ApiError(400, problem, "invalid_request_error", where)
         if n + max_tokens > limit:
             raise ApiError(
                 400,
@@ -247,15 +249,7 @@ class Ingress:
                 f"requested {n + max_tokens} tokens ({n} in the prompt, {max_tokens} for the "
                 "completion). Please reduce the length of the prompt or the completion.",
                 "invalid_request_error",
-                "messages" if chat else "prompt",
-            )
-        if n > self.config.max_prompt_len:
-            raise ApiError(
-                400,
-                f"the prompt has {n} tokens; this deployment prefills at most "
-                f"{self.config.max_prompt_len}",
-                "invalid_request_error",
-                "messages" if chat else "prompt",
+                where,
             )
         try:
             sampling = body.sampling(max_tokens, logprobs)
@@ -492,6 +486,18 @@ async def _releasing(events: AsyncIterator[str], in_flight: _InFlight) -> AsyncI
     finally:
         in_flight.release()
         await events.aclose()  # type: ignore[attr-defined]
+
+
+def ingress_deployment(num_replicas: int, num_cpus: float) -> Any:
+    """The ingress as a Serve deployment (the same in front of PD and colocated engines)."""
+    from ray import serve
+
+    return serve.deployment(build_ingress_class()).options(
+        name="ingress",
+        num_replicas=num_replicas,
+        ray_actor_options={"num_cpus": num_cpus},
+        max_ongoing_requests=10_000,
+    )
 
 
 def build_ingress_class() -> type:

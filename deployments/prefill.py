@@ -19,21 +19,20 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import ray
-from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
+from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, model_validator
 
 from cluster.errors import error_reason
+from cluster.messages import Accepted, PrefillRequest, PrefillResult
 from cluster.metrics import PrefillMetrics, reason_label
 from cluster.metrics_export import export_process_metrics, serve_replica_identity
-from cluster.plan import PrefillRequest
 from cluster.stage_actor import StageSpec
 from cluster.stage_group import Placement, StageGroup, StageGroupError
-from deployments.admission import Accepted
 from deployments.health import FailureStreak, Readiness
 from deployments.prefill_controller import ControllerConfig, Ended, PrefillController
+from engine import EngineConfig
 from engine.config import ModelConfig
 from engine.model import split_layers
 from transport.config import TransportConfig
-from transport.metadata import FirstToken
 from transport.receiver_info import ReceiverInfo
 
 log = logging.getLogger(__name__)
@@ -54,17 +53,14 @@ class DecodePeer:
 
 
 class PrefillConfig(BaseModel):
-    """One prefill role: model, PP size, placement, KV pages, scheduling and transport."""
+    """One prefill role: every stage's engine (model, KV pages per stage), PP size, placement,
+    scheduling and transport."""
 
-    model: str
+    engine: EngineConfig
     pp_size: PositiveInt = 2
     placement_strategy: Literal["STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK"] = "PACK"
     num_gpus_per_stage: float = Field(1.0, ge=0)
     num_cpus_per_stage: float = Field(1.0, ge=0)
-    dtype: str = "auto"
-    device: str = "auto"
-    page_size: PositiveInt = 16
-    num_pages: PositiveInt = 1024
     max_prompt_len: PositiveInt = 4096
     max_batched_tokens: PositiveInt = 2048
     max_batched_requests: PositiveInt = 64
@@ -74,25 +70,37 @@ class PrefillConfig(BaseModel):
     num_replicas: PositiveInt = 1
     transport: TransportConfig = Field(default_factory=TransportConfig)
 
+    @model_validator(mode="after")
+    def _pages_are_counted(self) -> PrefillConfig:
+        if self.engine.num_pages is None:
+            raise ValueError("engine.num_pages: a prefill instance needs its KV pages counted")
+        return self
+
     def stage_specs(self, replica: str = "", app: str = "") -> list[StageSpec]:
-        num_layers = ModelConfig.from_dir(self.model).num_hidden_layers
+        num_layers = ModelConfig.from_dir(self.engine.model).num_hidden_layers
         return [
             StageSpec(
-                model=self.model,
+                engine=self.engine,
                 start=r.start,
                 end=r.end,
                 pp_rank=i,
                 pp_size=self.pp_size,
-                page_size=self.page_size,
-                num_pages=self.num_pages,
-                dtype=self.dtype,
-                device=self.device,
                 replica=replica,
                 app=app,
                 transport=self.transport,
             )
             for i, r in enumerate(split_layers(num_layers, self.pp_size))
         ]
+
+    def controller(self) -> ControllerConfig:
+        """The controller's pages are the stages' pages: one page table for the instance."""
+        return ControllerConfig(
+            num_pages=self.engine.num_pages,  # type: ignore[arg-type]  # checked below
+            page_size=self.engine.page_size,
+            max_batched_tokens=self.max_batched_tokens,
+            max_prompt_len=self.max_prompt_len,
+            max_batched_requests=self.max_batched_requests,
+        )
 
     def placement(self) -> Placement:
         return Placement(
@@ -106,29 +114,13 @@ class PrefillFailed(RuntimeError):
     """A request the instance could not prefill and ship; the message is the reason."""
 
 
-@dataclass(frozen=True)
-class PrefillResult:
-    rid: str
-    first_token: FirstToken
-    stage_sessions: list[str]
-    prefill_pages: tuple[int, ...] = ()
-
-
 class PrefillInstance:
     """Controller loop of one prefill instance (its stages live in `StageGroup`)."""
 
     def __init__(self, config: PrefillConfig, name: str = "", app: str = "") -> None:
         self.config = config
         self.name = name or uuid.uuid4().hex[:8]
-        self.controller = PrefillController(
-            ControllerConfig(
-                num_pages=config.num_pages,
-                page_size=config.page_size,
-                max_batched_tokens=config.max_batched_tokens,
-                max_prompt_len=config.max_prompt_len,
-                max_batched_requests=config.max_batched_requests,
-            )
-        )
+        self.controller = PrefillController(config.controller())
         self.group = StageGroup(config.stage_specs(self.name, app), config.placement(), self.name)
         self.metrics = PrefillMetrics(self.name, config.pp_size, self.controller.queue_sizes)
         self._futures: dict[str, asyncio.Future[Ended]] = {}
@@ -189,7 +181,7 @@ class PrefillInstance:
             self._futures.pop(request.rid, None)
         if not ended.ok or ended.first_token is None:
             raise PrefillFailed(ended.reason or "prefill failed")
-        return PrefillResult(request.rid, ended.first_token, self.stage_sessions, ended.pages)
+        return PrefillResult(request.rid, ended.first_token, self.stage_sessions)
 
     def set_receiver_info(self, rid: str, info: ReceiverInfo) -> bool:
         accepted = self.controller.set_receiver_info(rid, info)
@@ -335,15 +327,8 @@ class PrefillDeployment:
         yield Accepted()
         yield await self.instance.prefill(request)
 
-    async def set_receiver_info(self, rid: str, info: ReceiverInfo) -> bool:
-        return self.instance.set_receiver_info(rid, info)
-
     async def abort(self, rid: str, reason: str = "aborted by the caller") -> None:
         self.instance.abort(rid, reason)
-
-    async def record_replica_metadata(self) -> dict[str, Any]:
-        """What a router pairing requests with this replica learns about it."""
-        return {"stage_sessions": self.instance.stage_sessions, "name": self.instance.name}
 
     async def stats(self) -> dict[str, Any]:
         return {

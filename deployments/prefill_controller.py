@@ -15,14 +15,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from cluster.plan import (
-    ChunkPlan,
-    PrefillRequest,
-    StagePlanError,
-    StageReport,
-    StepPlan,
-    TickResult,
-)
+from cluster.consensus import Decision, TickIssuer
+from cluster.messages import ChunkPlan, PrefillRequest, StageReport, StepPlan
 from engine.page_allocator import PageAllocator, pages_needed
 from transport.metadata import FirstToken
 from transport.poll import KVPoll
@@ -30,13 +24,19 @@ from transport.receiver_info import ReceiverInfo
 
 log = logging.getLogger(__name__)
 
-# A stage whose request count disagrees with ours is told the full tracked set at once; the
-# set also goes out every this many steps as a safety net.
-RECONCILE_EVERY = 256
-
 
 class PromptRejected(ValueError):
     """A prompt the instance cannot serve (too long, empty): the caller's error, a 4xx."""
+
+
+def prompt_length_problem(n: int, max_prompt_len: int) -> str | None:
+    """Why a prompt of `n` tokens cannot be prefilled, or None: the one rule, which the ingress
+    answers with a 400 before anything is held, and the controller enforces as its owner."""
+    if n == 0:
+        return "the prompt is empty"
+    if n > max_prompt_len:
+        return f"the prompt has {n} tokens; this deployment prefills at most {max_prompt_len}"
+    return None
 
 
 class Phase(StrEnum):
@@ -94,27 +94,18 @@ class PrefillController:
         self.waiting: OrderedDict[str, None] = OrderedDict()  # FIFO of ready requests
         self._step = 0
         self.admitted = 0  # requests that passed validation, ever (a test of "never saw it")
-        self._tick = 0
-        self._outstanding: dict[int, tuple[str, ...]] = {}  # issued ticks not yet applied
-        self._tick_reports: dict[int, list[tuple[int, TickResult]]] = {}
-        self._applied_tick = 0
+        self.ticks = TickIssuer()
         self._pending_admit: list[tuple[str, int]] = []
         self._pending_infos: list[tuple[str, ReceiverInfo]] = []
         self._pending_drop: list[tuple[str, str]] = []
-        self._reconcile_next = False
 
     # -- caller-facing ------------------------------------------------------------------------
 
     def add(self, request: PrefillRequest) -> None:
         """Admit a request into the bootstrap queue; rejects bad prompts before any state exists."""
         n = len(request.prompt_token_ids)
-        if n == 0:
-            raise PromptRejected("the prompt is empty")
-        if n > self.config.max_prompt_len:
-            raise PromptRejected(
-                f"the prompt has {n} tokens, more than this instance's limit of "
-                f"{self.config.max_prompt_len}"
-            )
+        if (problem := prompt_length_problem(n, self.config.max_prompt_len)) is not None:
+            raise PromptRejected(problem)
         if pages_needed(n, self.config.page_size) > self.config.num_pages:
             raise PromptRejected(f"the prompt's {n} tokens exceed the instance's KV capacity")
         if request.rid in self.requests:
@@ -151,13 +142,12 @@ class PrefillController:
         self._pending_admit.clear()
         self._pending_infos.clear()
         self._pending_drop.clear()
-        self._outstanding.clear()
-        self._tick_reports.clear()
+        self.ticks.clear()
         return ended
 
     @property
     def has_work(self) -> bool:
-        return bool(self.requests or self._pending_drop or self._outstanding)
+        return bool(self.requests or self._pending_drop or self.ticks.in_flight)
 
     def queue_sizes(self) -> dict[str, int]:
         counts = {phase.value: 0 for phase in Phase}
@@ -170,25 +160,13 @@ class PrefillController:
     def plan(self) -> StepPlan:
         """The next step for every stage: pending messages, a consensus tick, a micro-batch.
 
-        A tick goes out only when every stage has reported the previous one, so ticks never
-        pile up behind a slow all-reduce and every rank runs the same sequence.
+        The tick covers the bootstrap and inflight queues, in order (`cluster.consensus`).
         """
         self._step += 1
-        tick, rids = None, ()
-        if not self._outstanding:
-            rids = tuple(
-                rid
-                for rid, t in self.requests.items()
-                if t.phase in (Phase.BOOTSTRAP, Phase.INFLIGHT)
-            )
-            self._tick += 1
-            tick = self._tick
-            self._outstanding[tick] = rids
+        polled = (Phase.BOOTSTRAP, Phase.INFLIGHT)
+        tick, rids = self.ticks.issue([r for r, t in self.requests.items() if t.phase in polled])
         batch = self._schedule()
-        tracked = None
-        if self._reconcile_next or self._step % RECONCILE_EVERY == 0:
-            tracked = tuple(self.requests)
-            self._reconcile_next = False
+        tracked = self.ticks.tracked_set(self._step, tuple(self.requests))
         plan = StepPlan(
             step=self._step,
             tick=tick,
@@ -205,11 +183,7 @@ class PrefillController:
         return plan
 
     def apply(self, plan: StepPlan, reports: list[StageReport]) -> list[Ended]:
-        """Apply what every stage reported for `plan`, once; returns the requests that ended.
-
-        A tick is decided when every stage has reported it: the vectors must be identical
-        (they come out of one all-reduce), failure reasons are merged.
-        """
+        """Apply what every stage reported for `plan`, once; returns the requests that ended."""
         first_tokens: dict[str, FirstToken] = {}
         for report in reports:
             first_tokens.update(report.first_tokens)
@@ -221,46 +195,24 @@ class PrefillController:
             if chunk.finishing:
                 tracked.phase = Phase.INFLIGHT
                 tracked.first_token = first_tokens.get(chunk.rid)
-
-        for report in reports:
-            for result in report.ticks:
-                self._tick_reports.setdefault(result.tick, []).append((report.pp_rank, result))
         ended: list[Ended] = []
-        for tick in sorted(self._outstanding):
-            results = self._tick_reports.get(tick, [])
-            if len(results) < len(reports):
-                break
-            del self._tick_reports[tick]
-            ended += self._apply_tick(tick, self._outstanding.pop(tick), results)
-
-        # A stage that applied the same ticks as we did must hold exactly what we track
-        # (plus what it has yet to drop); otherwise it gets the tracked set next step.
+        for decision in self.ticks.collect(reports):
+            ended += self._apply_decision(decision)
+        # A stage that applied the same ticks as we did holds exactly what we track, plus
+        # what it has yet to drop, minus what it has yet to admit.
         expected = len(self.requests) - len(self._pending_admit) + len(self._pending_drop)
-        if any(r.last_tick == self._applied_tick and r.num_requests != expected for r in reports):
-            self._reconcile_next = True
+        self.ticks.check_counts(reports, expected)
         return ended
 
-    def _apply_tick(
-        self, tick: int, rids: tuple[str, ...], results: list[tuple[int, TickResult]]
-    ) -> list[Ended]:
-        vectors = {r.vector for _, r in results}
-        if len(vectors) != 1:
-            raise StagePlanError(f"stages disagree on tick {tick}: {vectors}")
-        vector = results[0][1].vector
-        if len(vector) != len(rids):
-            raise StagePlanError(f"tick {tick}: {len(vector)} states for {len(rids)} rids")
-        reasons: dict[str, tuple[int, str]] = {}
-        for rank, result in sorted(results, key=lambda item: item[0]):
-            for rid, reason in result.failure_reasons.items():
-                reasons.setdefault(rid, (rank, reason))
-        self._applied_tick = tick
+    def _apply_decision(self, decision: Decision) -> list[Ended]:
+        """Move each rid of a decided tick: failed ends, ready waits, delivered ends well."""
         ended: list[Ended] = []
-        for rid, state in zip(rids, vector, strict=True):
+        for rid, state in decision.states:
             tracked = self.requests.get(rid)
             if tracked is None:
                 continue  # aborted after the tick went out: already ended, decided once
             if state == KVPoll.Failed:
-                rank, reason = reasons.get(rid, (None, "failed on another rank"))
+                rank, reason = decision.reason(rid)
                 ended.append(self._end(rid, False, reason, failed_rank=rank))
             elif tracked.phase is Phase.BOOTSTRAP and state >= KVPoll.WaitingForInput:
                 tracked.phase = Phase.WAITING

@@ -9,7 +9,7 @@ from engine.errors import (
     UnsupportedModelError,
 )
 from engine.kv_cache import KVCacheSpec, KVLayerRegion, PagedKVCache
-from engine.llm import LLM, Completion, EngineConfig, RequestOutput
+from engine.llm import LLM, Completion, EngineConfig, ModelSettings, RequestOutput
 from engine.loader import load_stage
 from engine.model import DecoderStage, LayerRange, split_layers
 from engine.page_allocator import PageAllocator, PageTable
@@ -29,6 +29,7 @@ __all__ = [
     "LayerRange",
     "ModelConfig",
     "ModelLoadError",
+    "ModelSettings",
     "OutOfPagesError",
     "PageAccountingError",
     "PageAllocator",

@@ -1,7 +1,6 @@
 """The whole-model engine: scheduler, stage runner and sampler in one loop.
 
-Decode replicas run this; `make serve` before the deployments existed and the benchmarks use
-`generate`. Requests come in as token ids; outputs go out per step as `RequestOutput`s.
+Decode and colocated replicas run this; `pdserve generate` and the benchmarks use `generate`. Requests come in as token ids; outputs go out per step as `RequestOutput`s.
 
 Async scheduling (`EngineConfig.async_scheduling`, on by default on CUDA) overlaps the host's
 work with the device's, as SGLang's overlap scheduler and vLLM's async scheduling do: a `step`
@@ -47,13 +46,19 @@ from engine.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 
-class EngineConfig(BaseModel):
-    """How one engine runs a model: where, in what precision, and with how much KV."""
+class ModelSettings(BaseModel):
+    """What every role of a deployment shares about its model: declared once, here, and
+    handed down (`AppConfig.engine`, `EngineConfig.model_copy(update=...)`)."""
 
-    model: str
+    model: str = Field(description="local Hugging Face model directory or .gguf file")
     dtype: str = "auto"
     device: str = "auto"
     page_size: PositiveInt = 16
+
+
+class EngineConfig(ModelSettings):
+    """How one engine runs a model: where, in what precision, and with how much KV."""
+
     num_pages: PositiveInt | None = Field(
         None, description="KV pages; derived from kv_cache_gib if unset"
     )
@@ -384,8 +389,7 @@ class LLM:
         )
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
-        if token in seq.stop_token_ids:
-            return FinishReason.STOP
+        """LENGTH once the request or the context is full (`_append` checks stop tokens)."""
         if (
             len(seq.output_token_ids) >= seq.params.max_tokens
             or seq.num_tokens >= self.max_model_len

@@ -19,8 +19,8 @@ import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
+from cluster.messages import Accepted
 from deployments.admission import (
-    Accepted,
     RoleUnavailable,
     accepted_stream,
     deployment_problem,

@@ -13,8 +13,7 @@ import httpx
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from deployments.admission import Accepted
-from deployments.decode import DecodeRequest
+from cluster.messages import Accepted, DecodeRequest
 from engine import LLM, EngineConfig, SamplingParams
 from tests.e2e.conftest import API_KEY, app_config
 

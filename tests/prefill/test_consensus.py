@@ -1,6 +1,6 @@
 """The prefill controller and its ranks, without Ray: named regressions and properties.
 
-Every test drives the production controller and the production per-rank `run_plan` through
+Every test drives the production controller and the production per-rank `PlanExecutor` through
 a written-out event sequence, with scripted senders in place of Mooncake.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.plan import PrefillRequest
+from cluster.messages import PrefillRequest
 from deployments.prefill_controller import PromptRejected
 from tests.prefill.world import World
 from transport.poll import KVPoll
@@ -31,7 +31,7 @@ def assert_idle(world: World) -> None:
     for rank in world.ranks:
         assert rank.requests.senders == {}, f"rank {rank.index} holds {list(rank.requests.senders)}"
         assert rank.requests.pages_in_use == 0
-        assert rank.loop.queue_sizes() == {"bootstrap": 0, "waiting": 0, "inflight": 0}
+        assert rank.executor.queue_sizes() == {"bootstrap": 0, "waiting": 0, "inflight": 0}
 
 
 def everyone(world: World, rid: str, action: str) -> None:
@@ -99,7 +99,7 @@ def test_abort_landing_between_consensus_and_queue_processing(world2: World) -> 
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(2) as pool:
-        reports = list(pool.map(lambda r: r.loop.step(plan), world2.ranks))
+        reports = [r for r, _ in pool.map(lambda r: r.executor.step(plan), world2.ranks)]
     # The caller aborts after the stages voted "ready" but before the controller applied it.
     assert world2.controller.abort("a") is not None
     assert world2.controller.apply(plan, reports) == []  # already ended: nothing decided twice

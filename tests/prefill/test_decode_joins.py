@@ -21,15 +21,14 @@ from typing import Any
 
 import pytest
 
-from cluster.plan import PrefillRequest
+from cluster.messages import DecodeRequest, PrefillRequest, PrefillResult
 from deployments.decode import (
     DecodeConfig,
     DecodeFailed,
     DecodeInstance,
     DecodeOverloaded,
-    DecodeRequest,
 )
-from deployments.prefill import PrefillInstance, PrefillResult
+from deployments.prefill import PrefillInstance
 from engine import LLM, EngineConfig, SamplingParams
 from tests.prefill.test_ray_prefill import PAGE, LoopThread, cpu_prefill_config
 from transport import FirstToken, TransportConfig
@@ -121,14 +120,17 @@ class LocalLastStage:
         return PrefillResult(request.rid, first, ["local"] * self.num_stages)
 
 
-def decode_config(model_dir: Path, **overrides: Any) -> DecodeConfig:
+def decode_config(model_dir: Path, num_pages: int = 512, **overrides: Any) -> DecodeConfig:
+    engine = EngineConfig(
+        model=str(model_dir),
+        dtype="float32",
+        device="cpu",
+        page_size=PAGE,
+        num_pages=num_pages,
+        max_num_seqs=64,
+    )
     settings: dict[str, Any] = {
-        "model": str(model_dir),
-        "dtype": "float32",
-        "device": "cpu",
-        "page_size": PAGE,
-        "num_pages": 512,
-        "max_num_seqs": 64,
+        "engine": engine,
         "num_prefill_stages": 2,
         "transport": TransportConfig(transfer_timeout_s=1.0),
     }

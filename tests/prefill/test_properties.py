@@ -9,7 +9,7 @@ from collections import Counter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.plan import PrefillRequest
+from cluster.messages import PrefillRequest
 from tests.prefill.test_consensus import assert_idle
 from tests.prefill.world import World
 from transport.poll import KVPoll

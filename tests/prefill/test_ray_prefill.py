@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from cluster.plan import PrefillRequest
+from cluster.messages import PrefillRequest
 from deployments.prefill import PrefillConfig, PrefillFailed, PrefillInstance
 from engine import LLM, EngineConfig, SamplingParams
 from engine.config import ModelConfig
@@ -70,15 +70,14 @@ def decode_shape(model_dir) -> CacheShape:
 def cpu_prefill_config(model_dir: Any, pp_size: int, **overrides: Any) -> PrefillConfig:
     """A prefill instance of the test model on the test cluster's CPU nodes, its stages spread
     over them (half a CPU each)."""
+    engine = EngineConfig(
+        model=str(model_dir), dtype="float32", device="cpu", page_size=PAGE, num_pages=512
+    )
     settings: dict[str, Any] = {
-        "model": str(model_dir),
+        "engine": engine,
         "pp_size": pp_size,
         "placement_strategy": "SPREAD",
         "num_cpus_per_stage": 0.5,
-        "dtype": "float32",
-        "device": "cpu",
-        "page_size": PAGE,
-        "num_pages": 512,
         "max_batched_tokens": 256,
         "transport": TransportConfig(bootstrap_timeout_s=4, liveness_interval_s=0.5),
     }
@@ -157,7 +156,8 @@ def test_kv_arrives_byte_exact_and_matches_the_whole_model(setup, loop, llama_di
 
         got = decode.layers()
         # Byte-exact: every stage's pages equal the decode pages they were written to.
-        stage_pages = loop.run(instance.group.call_all("read_pages", list(result.prefill_pages)))
+        (ended,) = [e for e in instance.ended_log if e.rid == f"exact{i}"]
+        stage_pages = loop.run(instance.group.call_all("read_pages", list(ended.pages)))
         layer = 0
         for per_stage in stage_pages:
             for kv in per_stage:

@@ -7,10 +7,10 @@ import os
 
 import pytest
 
-from cluster.plan import PrefillRequest
-from deployments.admission import Accepted
+from cluster.messages import Accepted, PrefillRequest
 from deployments.prefill import PrefillConfig, build_prefill_app
 from deployments.prefill_controller import PromptRejected
+from engine import EngineConfig
 from tests.prefill.test_ray_prefill import decode_shape
 from tests.transport.peer import DecodePeer
 from transport import KVPoll
@@ -22,14 +22,12 @@ def test_serve_replica_places_stages_across_nodes_and_prefills(ray_cluster, llam
     from ray import serve
 
     config = PrefillConfig(
-        model=str(llama_dir),
+        engine=EngineConfig(
+            model=str(llama_dir), dtype="float32", device="cpu", page_size=16, num_pages=128
+        ),
         pp_size=2,
         placement_strategy="STRICT_SPREAD",  # head + two GPU nodes: one bundle each
         num_cpus_per_stage=0.5,
-        dtype="float32",
-        device="cpu",
-        page_size=16,
-        num_pages=128,
         max_prompt_len=64,
     )
     handle = serve.run(build_prefill_app(config), name="prefill-test", route_prefix=None)
@@ -44,10 +42,9 @@ def test_serve_replica_places_stages_across_nodes_and_prefills(ray_cluster, llam
 
         info = decode.receive("s1", 11, [0, 1], num_stages=2)
         stream = handle.prefill.options(stream=True).remote(
-            PrefillRequest("s1", 11, list(range(5, 25)))
+            PrefillRequest("s1", 11, list(range(5, 25)), receiver_info=info)
         )
         assert isinstance(next(stream), Accepted)  # the replica took it
-        assert handle.set_receiver_info.remote("s1", info).result(timeout_s=30)
         (result,) = list(stream)
         assert result.first_token.num_prompt_tokens == 20
         for stage in range(2):

@@ -1,6 +1,6 @@
 """A prefill instance without Ray: one controller, PP x TP ranks on threads, scripted senders.
 
-Each rank runs the production `run_plan` on its own thread; the all-reduce is a barrier over
+Each rank runs the production `PlanExecutor` on its own thread; the all-reduce is a barrier over
 those threads that takes the element-wise MIN, and it refuses vectors of different lengths
 (gloo would crash or hang on those). Senders are scripted: the test decides when receiver
 info lands on each rank, when a rank fails locally and when a write completes.
@@ -9,13 +9,12 @@ info lands on each rank, when a rank fails locally and when a write completes.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from cluster.plan import ChunkPlan, StageReport, StepPlan
+from cluster.messages import ChunkPlan, StageReport, StepPlan
+from cluster.plan_executor import PlanExecutor, no_side_stream
 from cluster.stage_requests import StageRequests
-from cluster.stage_step import StageLoop
 from deployments.prefill_controller import ControllerConfig, Ended, PrefillController
 from transport.metadata import FirstToken
 from transport.poll import KVPoll, PollState
@@ -69,6 +68,34 @@ class ScriptedSender:
         self.state.fail(reason)
 
 
+class ScriptedCompute:
+    """A forward with no model: the last stage "samples" each finishing chunk's length."""
+
+    def __init__(self, is_last: bool) -> None:
+        self.is_last = is_last
+
+    def launch(self, batch: tuple[ChunkPlan, ...], upstream: object) -> tuple[ChunkPlan, ...]:
+        return batch
+
+    sends_after = staticmethod(no_side_stream)
+
+    def finish(
+        self, batch: tuple[ChunkPlan, ...], out: object
+    ) -> tuple[None, dict[str, FirstToken]]:
+        if not self.is_last:
+            return None, {}
+        return None, {
+            c.rid: FirstToken(
+                room=c.room,
+                token_id=len(c.token_ids),
+                logprob=0.0,
+                num_prompt_tokens=c.start + len(c.token_ids),
+            )
+            for c in batch
+            if c.finishing
+        }
+
+
 class ThreadAllReduce:
     """MIN all-reduce across `world` threads, like gloo's: same call order on every rank."""
 
@@ -101,7 +128,7 @@ class Rank:
     pp_rank: int
     tp_rank: int
     requests: StageRequests
-    loop: StageLoop | None = None
+    executor: PlanExecutor | None = None
     senders: dict[str, ScriptedSender] = field(default_factory=dict)
     applied: list[tuple[int, tuple[str, ...], tuple[int, ...]]] = field(default_factory=list)
 
@@ -120,10 +147,10 @@ class World:
             self.ranks.append(rank)
         self.allreduce = ThreadAllReduce(len(self.ranks))
         for rank in self.ranks:
-            rank.loop = StageLoop(
+            rank.executor = PlanExecutor(
                 rank.requests,
                 self.allreduce.for_rank(rank.index),
-                self._forward(rank),
+                ScriptedCompute(rank.pp_rank == pp - 1),
                 is_last_stage=rank.pp_rank == pp - 1,
                 # Inline ticks make each step deterministic; background ticks are production's
                 # mode, where a tick's result can arrive steps later than its plan.
@@ -142,33 +169,13 @@ class World:
 
         return make
 
-    def _forward(self, rank: Rank):
-        def forward(
-            batch: tuple[ChunkPlan, ...], start_sends: Callable[[], None]
-        ) -> dict[str, FirstToken]:
-            start_sends()  # as a stage does: before its result is waited for
-            if rank.pp_rank != self.pp - 1:
-                return {}
-            return {
-                c.rid: FirstToken(
-                    room=c.room,
-                    token_id=len(c.token_ids),
-                    logprob=0.0,
-                    num_prompt_tokens=c.start + len(c.token_ids),
-                )
-                for c in batch
-                if c.finishing
-            }
-
-        return forward
-
     def step(self) -> tuple[StepPlan, list[StageReport], list[Ended]]:
         plan = self.controller.plan()
         if plan.tick is not None:
             self.tick_rids[plan.tick] = plan.rids
 
         def run(rank: Rank) -> StageReport:
-            report = rank.loop.step(plan)
+            report, _ = rank.executor.step(plan)
             for t in report.ticks:
                 rank.applied.append((t.tick, self.tick_rids[t.tick], t.vector))
             return report
@@ -183,5 +190,5 @@ class World:
 
     def close(self) -> None:
         for rank in self.ranks:
-            rank.loop.close()
+            rank.executor.close()
         self._pool.shutdown()

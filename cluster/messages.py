@@ -1,8 +1,14 @@
-"""Messages between the prefill controller and its stages: one plan per scheduler step.
+"""Everything that crosses a process boundary between pdserve's roles, in one place.
 
-The controller builds a `StepPlan`, every stage receives the same plan in the same call, and
-applies it in a fixed order: admissions, receiver info, drops, reconcile, consensus, forward,
-KV sends. Each stage answers with a `StageReport`.
+Between roles (Serve calls): ingress -> decode `DecodeRequest`, answered by a stream of
+`Accepted` then `TokenChunk`s; decode -> prefill `PrefillRequest`, answered by `Accepted` then a
+`PrefillResult`. `Accepted` comes first on every such stream: the caller's bounded wait for a
+replica ends there (`deployments.admission`).
+
+Between a prefill controller and its stages (Ray actor calls): one `StepPlan` per scheduler
+step, the same to every stage in the same call, applied in a fixed order (admissions, receiver
+info, drops, reconcile, consensus tick, forward, KV sends), answered by one `StageReport` per
+stage carrying its `TickResult`s (`cluster.consensus`).
 """
 
 from __future__ import annotations
@@ -12,6 +18,33 @@ from dataclasses import dataclass, field
 from engine.sampling import SamplingParams
 from transport.metadata import FirstToken
 from transport.receiver_info import ReceiverInfo
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The first item of every stream between roles: a replica has taken the request."""
+
+
+@dataclass(frozen=True)
+class DecodeRequest:
+    """What the ingress asks a decode replica for: a validated, tokenized request."""
+
+    rid: str
+    room: int
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    """What the decode stream yields: new tokens, their text, and the end when it comes."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
 
 
 @dataclass(frozen=True)
@@ -28,6 +61,16 @@ class PrefillRequest:
     # The decode replica's Ray actor name: the prefill side checks it is alive before it
     # counts an unreachable session against its own health.
     decode_replica: str | None = None
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    """A prefilled request: its first token, and the Mooncake session of every stage that
+    wrote its KV."""
+
+    rid: str
+    first_token: FirstToken
+    stage_sessions: list[str]
 
 
 @dataclass(frozen=True)

@@ -2,18 +2,20 @@
 
 A stage queues its forward, starts the sends of the requests whose prompt is complete, and
 only then waits for the forward's result (hidden states to the host, or sampling); the last
-stage hands each first token to its sender after sampling. Scripted senders record the order.
+stage hands each first token to its sender after sampling. Scripted senders and a scripted
+compute record the order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from cluster.plan import ChunkPlan, StepPlan
+from cluster.messages import ChunkPlan, StepPlan
+from cluster.plan_executor import PlanExecutor
 from cluster.stage_requests import StageRequests
-from cluster.stage_step import StageLoop
 from tests.prefill.world import ScriptedSender
 from transport.metadata import FirstToken
 from transport.poll import KVPoll
@@ -39,15 +41,39 @@ def token_for(chunk: ChunkPlan) -> FirstToken:
     return FirstToken(chunk.room, 5, -0.5, chunk.start + len(chunk.token_ids))
 
 
-def make_loop(
-    events: Events, is_last: bool, forward: Callable[..., dict[str, FirstToken]]
-) -> StageLoop:
+class RecordingCompute:
+    """A forward that records when it is queued, when sends may start, and when it is waited
+    for; `sample` gives the last stage's first tokens."""
+
+    def __init__(
+        self, events: Events, sample: Callable[[tuple[ChunkPlan, ...]], dict[str, FirstToken]]
+    ) -> None:
+        self.events, self.sample = events, sample
+
+    def launch(self, batch: tuple[ChunkPlan, ...], upstream: object) -> str:
+        self.events.append("forward queued")
+        return "out"
+
+    @contextlib.contextmanager
+    def sends_after(self, out: object) -> Iterator[None]:
+        assert out == "out"
+        yield
+
+    def finish(self, batch: tuple[ChunkPlan, ...], out: object):
+        self.events.append("waited for the forward")
+        return "hidden", self.sample(batch)
+
+
+def make_executor(
+    events: Events, is_last: bool, sample: Callable[..., dict[str, FirstToken]]
+) -> PlanExecutor:
     requests = StageRequests(lambda rid, room: RecordingSender(rid, room, events))
-    loop = StageLoop(requests, lambda v: v, forward, is_last_stage=is_last, background=False)
-    loop.step(StepPlan(step=0, tick=None, admit=(("a", 1), ("b", 2))))
+    compute = RecordingCompute(events, sample)
+    executor = PlanExecutor(requests, lambda v: v, compute, is_last_stage=is_last, background=False)
+    executor.step(StepPlan(step=0, tick=None, admit=(("a", 1), ("b", 2))))
     for sender in requests.senders.values():
         sender.ready()
-    return loop
+    return executor
 
 
 def batch() -> tuple[ChunkPlan, ...]:
@@ -61,42 +87,27 @@ def batch() -> tuple[ChunkPlan, ...]:
 def test_sends_start_while_the_forward_runs_and_the_token_follows_sampling(is_last: bool) -> None:
     events: Events = []
 
-    def forward(chunks: tuple[ChunkPlan, ...], start_sends: Callable[[], None]):
-        events.append("forward queued")
-        start_sends()
-        start_sends()  # a second call starts nothing
-        events.append("waited for the forward")
+    def sample(chunks: tuple[ChunkPlan, ...]) -> dict[str, FirstToken]:
         return {c.rid: token_for(c) for c in chunks if c.finishing} if is_last else {}
 
-    loop = make_loop(events, is_last, forward)
-    report = loop.step(StepPlan(step=1, tick=None, batch=batch()))
+    executor = make_executor(events, is_last, sample)
+    report, hidden = executor.step(StepPlan(step=1, tick=None, batch=batch()))
     expected: Events = ["forward queued", ("send", "a", None), "waited for the forward"]
     if is_last:
         expected.append(("token", "a"))
-    assert events == expected
-    sender = loop.requests.senders["a"]
+    assert events == expected  # each finishing request sent once
+    assert hidden == "hidden"  # returned, for the next stage's step
+    sender = executor.requests.senders["a"]
     assert sender.poll() is KVPoll.Transferring and sender.sent_pages == [0]
     assert sender.sent_token == (token_for(batch()[0]) if is_last else None)
     assert set(report.first_tokens) == ({"a"} if is_last else set())
-    assert loop.requests.senders["b"].poll() is KVPoll.WaitingForInput  # not finishing
-
-
-def test_a_forward_that_never_starts_the_sends_still_sends_after_it() -> None:
-    events: Events = []
-
-    def forward(chunks: tuple[ChunkPlan, ...], start_sends: Callable[[], None]):
-        events.append("forward done")
-        return {c.rid: token_for(c) for c in chunks if c.finishing}
-
-    loop = make_loop(events, True, forward)
-    loop.step(StepPlan(step=1, tick=None, batch=batch()))
-    assert events == ["forward done", ("send", "a", None), ("token", "a")]
+    assert executor.requests.senders["b"].poll() is KVPoll.WaitingForInput  # not finishing
 
 
 def test_a_finishing_request_the_last_stage_sampled_nothing_for_fails_at_once() -> None:
     events: Events = []
-    loop = make_loop(events, True, lambda chunks, start_sends: {})
-    loop.step(StepPlan(step=1, tick=None, batch=batch()))
-    sender = loop.requests.senders["a"]
+    executor = make_executor(events, True, lambda chunks: {})
+    executor.step(StepPlan(step=1, tick=None, batch=batch()))
+    sender = executor.requests.senders["a"]
     assert sender.poll() is KVPoll.Failed  # not left Transferring until a timeout
-    assert loop.requests.senders["b"].poll() is KVPoll.WaitingForInput
+    assert executor.requests.senders["b"].poll() is KVPoll.WaitingForInput

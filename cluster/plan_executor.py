@@ -1,0 +1,132 @@
+"""One rank's step: apply a `StepPlan`, run its forward, start its KV sends, report.
+
+Every rank runs every plan, in order: admissions, receiver info, drops and reconcile; the
+plan's consensus tick goes to the rank's `RankConsensus` (on its own thread, so no step waits
+on an all-reduce); then the micro-batch's forward. The sends of requests whose prompt is
+complete start as soon as the forward is queued and before it is waited for (on a GPU they
+run on a side stream behind it), so each stage ships its layers without waiting for the last
+stage; the last stage hands each first token to its sender once sampled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+from cluster.consensus import AllReduceMin, RankConsensus
+from cluster.messages import ChunkPlan, StageReport, StepPlan
+from cluster.stage_requests import StageRequests
+from transport.metadata import FirstToken
+
+
+class StageCompute(Protocol):
+    """A stage's forward in three moves, so the caller can start the sends in between."""
+
+    def launch(self, batch: tuple[ChunkPlan, ...], upstream: Any) -> Any:
+        """Queue this stage's layers over the micro-batch; returns the pending output."""
+        ...
+
+    def sends_after(self, out: Any) -> AbstractContextManager[None]:
+        """Where sends started inside it run: behind the queued forward."""
+        ...
+
+    def finish(self, batch: tuple[ChunkPlan, ...], out: Any) -> tuple[Any, dict[str, FirstToken]]:
+        """Wait for the forward: hidden states for the next stage, or the last stage's first
+        tokens."""
+        ...
+
+
+class PlanExecutor:
+    """Applies each plan the controller sends on one rank and reports what the rank did."""
+
+    def __init__(
+        self,
+        requests: StageRequests,
+        allreduce_min: AllReduceMin,
+        compute: StageCompute,
+        is_last_stage: bool,
+        background: bool = True,
+        on_tick: Callable[[float], None] | None = None,
+    ) -> None:
+        self.requests = requests
+        self._compute = compute
+        self._is_last = is_last_stage
+        self._lock = threading.RLock()
+        self._untracked: set[str] = set()
+        self.consensus = RankConsensus(requests, allreduce_min, self._lock, background, on_tick)
+
+    def step(self, plan: StepPlan, upstream: Any = None) -> tuple[StageReport, Any]:
+        """Apply `plan` on this rank; returns its report and the hidden states for the next."""
+        self.consensus.raise_if_failed()
+        with self._lock:
+            for rid, room in plan.admit:
+                self.requests.admit(rid, room)
+            for rid, info in plan.infos:
+                self.requests.set_receiver_info(rid, info)
+            for rid, reason in plan.drop:
+                self.requests.drop(rid, reason)
+            if plan.tracked is not None:
+                self.requests.reconcile(plan.tracked)
+            for chunk in plan.batch:
+                self.requests.assign_pages(chunk.rid, chunk.pages)
+        if plan.tick is not None:
+            self.consensus.submit(plan.tick, plan.rids)
+
+        hidden: Any = None
+        first_tokens: dict[str, FirstToken] = {}
+        start = time.perf_counter()
+        if plan.batch:
+            finishing = [chunk.rid for chunk in plan.batch if chunk.finishing]
+            out = self._compute.launch(plan.batch, upstream)
+            with self._compute.sends_after(out):
+                for rid in finishing:  # the lock per request: a send may wait for a free slot
+                    with self._lock:
+                        self.requests.send(rid)
+            hidden, first_tokens = self._compute.finish(plan.batch, out)
+            if self._is_last:
+                with self._lock:
+                    for rid in finishing:
+                        self.requests.send_first_token(rid, first_tokens.get(rid))
+        forward_s = time.perf_counter() - start
+
+        with self._lock:
+            report = StageReport(
+                pp_rank=self.requests.pp_rank,
+                ticks=self.consensus.take_done(),
+                last_tick=self.requests.last_tick,
+                num_requests=len(self.requests.senders),
+                pages_in_use=self.requests.pages_in_use,
+                queue_sizes=dict(self.consensus.queue_sizes),
+                first_tokens=first_tokens if self._is_last else {},
+                forward_seconds=forward_s,
+                consensus_seconds=self.consensus.seconds,
+            )
+        return report, hidden
+
+    def queue_sizes(self) -> dict[str, int]:
+        """This rank's bootstrap / waiting / inflight counts as of its latest tick."""
+        with self._lock:
+            sizes = dict(self.consensus.queue_sizes)
+            self._untracked &= self.requests.senders.keys()
+            sizes["bootstrap"] += len(self._untracked)
+            return sizes
+
+    def admit_untracked(self, rid: str, room: int = 0) -> None:
+        """Test hook: hold a request the controller never admitted, as SGLang's per-rank queues
+        could after an abort. It stays in this rank's bootstrap queue until the controller's
+        next reconcile drops it (the next time the instance has work)."""
+        with self._lock:
+            self.requests.admit(rid, room)
+            self._untracked.add(rid)
+
+    def close(self) -> None:
+        self.consensus.close()
+
+
+def no_side_stream(out: Any) -> AbstractContextManager[None]:
+    """`StageCompute.sends_after` where nothing runs asynchronously (the CPU, scripted tests)."""
+    return contextlib.nullcontext()
