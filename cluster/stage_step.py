@@ -49,7 +49,6 @@ class StageLoop:
     ) -> None:
         self.requests = requests
         self._on_tick = on_tick
-        self._untracked: set[str] = set()
         self._allreduce_min = allreduce_min
         self._forward = forward
         self._is_last = is_last_stage
@@ -125,12 +124,11 @@ class StageLoop:
             )
 
     def queue_sizes(self) -> dict[str, int]:
-        """This rank's bootstrap / waiting / inflight counts as of its latest tick."""
+        """This rank's bootstrap / waiting / inflight counts now (read when scraped). Not the
+        last tick's: a drop applied after the last tick of a quiet spell would leave a
+        request counted for good."""
         with self._lock:
-            sizes = dict(self._queue_sizes)
-            self._untracked &= self.requests.senders.keys()
-            sizes["bootstrap"] += len(self._untracked)
-            return sizes
+            return self.requests.queue_sizes()
 
     def admit_untracked(self, rid: str, room: int = 0) -> None:
         """Test hook: hold a request the controller never admitted, as SGLang's per-rank queues
@@ -138,7 +136,6 @@ class StageLoop:
         next reconcile drops it (the next time the instance has work)."""
         with self._lock:
             self.requests.admit(rid, room)
-            self._untracked.add(rid)
 
     def close(self) -> None:
         if self._ticks is not None:
