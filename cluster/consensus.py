@@ -211,7 +211,6 @@ class RankConsensus:
         self._lock = lock
         self._on_tick = on_tick
         self._done: list[TickResult] = []
-        self.queue_sizes = {"bootstrap": 0, "waiting": 0, "inflight": 0}
         self.seconds = 0.0
         self.error: BaseException | None = None
         self._ticks: queue.Queue[tuple[int, tuple[str, ...]] | None] | None = None
@@ -262,24 +261,6 @@ class RankConsensus:
         with self._lock:
             apply_vector(self.requests, tick, rids, agreed)
             self._done.append(TickResult(tick, tuple(agreed), reasons))
-            self.queue_sizes = self._sizes(rids, local)
             self.seconds = time.perf_counter() - start
         if self._on_tick is not None:
             self._on_tick(self.seconds)
-
-    def _sizes(self, rids: tuple[str, ...], local: list[int]) -> dict[str, int]:
-        """Per-rank queue gauges from the tick just run (no second pass over the senders)."""
-        held = self.requests.senders
-        bootstrap = inflight = 0
-        for rid, state in zip(rids, local, strict=True):
-            if rid not in held:
-                continue
-            if state == KVPoll.Transferring:
-                inflight += 1
-            elif rid not in self.requests.ready:
-                bootstrap += 1
-        return {
-            "bootstrap": bootstrap,
-            "waiting": len(held) - bootstrap - inflight,
-            "inflight": inflight,
-        }

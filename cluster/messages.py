@@ -118,7 +118,6 @@ class StageReport:
     last_tick: int  # the newest tick this rank has applied
     num_requests: int
     pages_in_use: int
-    queue_sizes: dict[str, int]
     first_tokens: dict[str, FirstToken] = field(default_factory=dict)
     forward_seconds: float = 0.0
     consensus_seconds: float = 0.0

@@ -56,7 +56,6 @@ class PlanExecutor:
         self._compute = compute
         self._is_last = is_last_stage
         self._lock = threading.RLock()
-        self._untracked: set[str] = set()
         self.consensus = RankConsensus(requests, allreduce_min, self._lock, background, on_tick)
 
     def step(self, plan: StepPlan, upstream: Any = None) -> tuple[StageReport, Any]:
@@ -100,7 +99,6 @@ class PlanExecutor:
                 last_tick=self.requests.last_tick,
                 num_requests=len(self.requests.senders),
                 pages_in_use=self.requests.pages_in_use,
-                queue_sizes=dict(self.consensus.queue_sizes),
                 first_tokens=first_tokens if self._is_last else {},
                 forward_seconds=forward_s,
                 consensus_seconds=self.consensus.seconds,
@@ -108,12 +106,11 @@ class PlanExecutor:
         return report, hidden
 
     def queue_sizes(self) -> dict[str, int]:
-        """This rank's bootstrap / waiting / inflight counts as of its latest tick."""
+        """This rank's bootstrap / waiting / inflight counts now (read when scraped). Not the
+        last tick's: a drop applied after the last tick of a quiet spell would leave a
+        request counted for good."""
         with self._lock:
-            sizes = dict(self.consensus.queue_sizes)
-            self._untracked &= self.requests.senders.keys()
-            sizes["bootstrap"] += len(self._untracked)
-            return sizes
+            return self.requests.queue_sizes()
 
     def admit_untracked(self, rid: str, room: int = 0) -> None:
         """Test hook: hold a request the controller never admitted, as SGLang's per-rank queues
@@ -121,7 +118,6 @@ class PlanExecutor:
         next reconcile drops it (the next time the instance has work)."""
         with self._lock:
             self.requests.admit(rid, room)
-            self._untracked.add(rid)
 
     def close(self) -> None:
         self.consensus.close()

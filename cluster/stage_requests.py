@@ -105,6 +105,19 @@ class StageRequests:
 
     # -- gauges -------------------------------------------------------------------------------
 
+    def queue_sizes(self) -> dict[str, int]:
+        """What this rank holds now: bootstrap (not ready everywhere yet), waiting (ready, KV
+        not sent) and inflight (KV on its way)."""
+        sizes = {"bootstrap": 0, "waiting": 0, "inflight": 0}
+        for rid, sender in self.senders.items():
+            if sender.poll() is KVPoll.Transferring:
+                sizes["inflight"] += 1
+            elif rid in self.ready:
+                sizes["waiting"] += 1
+            else:
+                sizes["bootstrap"] += 1
+        return sizes
+
     @property
     def pages_in_use(self) -> int:
         return sum(len(p) for p in self.pages.values())

@@ -111,3 +111,16 @@ def test_a_finishing_request_the_last_stage_sampled_nothing_for_fails_at_once() 
     sender = executor.requests.senders["a"]
     assert sender.poll() is KVPoll.Failed  # not left Transferring until a timeout
     assert executor.requests.senders["b"].poll() is KVPoll.WaitingForInput
+
+
+def test_a_drop_after_the_last_tick_of_a_quiet_spell_leaves_every_gauge_at_zero() -> None:
+    """Named regression (the 2-minute soak caught it): a request became ready at a tick, the
+    caller aborted it, and the drop reached the rank in a step without a tick; the instance
+    then had no work, so no tick came again. Gauges computed at the last tick still counted
+    the request as waiting, on every rank, for good."""
+    events: Events = []
+    executor = make_executor(events, True, lambda chunks: {})
+    executor.step(StepPlan(step=1, tick=1, rids=("a", "b")))  # both ready (made so above)
+    assert executor.queue_sizes() == {"bootstrap": 0, "waiting": 2, "inflight": 0}
+    executor.step(StepPlan(step=2, tick=None, drop=(("a", "aborted"), ("b", "aborted"))))
+    assert executor.queue_sizes() == {"bootstrap": 0, "waiting": 0, "inflight": 0}
