@@ -4,7 +4,7 @@ Everything else in `transport/` goes through this owner, so there is one place t
 handshake mode (P2P: peers exchange metadata directly, no etcd), the protocol, which memory is
 registered, and the thread pool on which KV writes run (a scheduler loop never blocks on the
 network). It also picks each sender's byte mover: Mooncake, or the same-node CUDA IPC fast path
-(transport/cuda_ipc.py) when the receiver's GPU memory can be mapped here.
+(transport/cuda_ipc/) when the receiver's GPU memory can be mapped here.
 
 Writes go to Mooncake in bounded batches, and a failed write gets the path to its peer checked
 before the next write to it: Mooncake's tcp transport can wedge the path to one peer for good
@@ -28,7 +28,8 @@ import torch
 
 from engine.kv_cache import KVLayerRegion, PagedKVCache
 from transport.config import TransportConfig
-from transport.cuda_ipc import CudaIpc, CudaIpcMover, CudaIpcPath, IpcBackend
+from transport.cuda_ipc.backend import CudaIpc, IpcBackend
+from transport.cuda_ipc.mover import CudaIpcMover, CudaIpcPath
 from transport.faults import INJECTED_RC, TransportFaults
 from transport.liveness import PeerLiveness
 from transport.metadata import MetadataSlots

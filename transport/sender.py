@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.kv_cache import KVLayerRegion
-from transport.cuda_ipc import IpcCopy, PageRuns
+from transport.cuda_ipc.mover import IpcCopy
+from transport.cuda_ipc.routes import PageRuns
 from transport.endpoint import KVMover, PendingWrite, TransferEndpoint
 from transport.metadata import SLOT_NBYTES, FirstToken
 from transport.poll import KVPoll, PollState

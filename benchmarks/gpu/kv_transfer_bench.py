@@ -71,8 +71,12 @@ import torch
 from benchmarks.report import write_report
 from engine.kv_cache import PagedKVCache
 from tests.transport.peer import CacheShape, DecodePeer, PrefillStage, page_checksums
-from transport import FirstToken, KVPoll, KVSender, TransportConfig, cuda_ipc
-from transport.cuda_ipc import Copies, CudaIpc, CudaIpcMover, PageRoute, plan_runs
+from transport import FirstToken, KVPoll, KVSender, TransportConfig
+from transport.cuda_ipc import backend as ipc_backend
+from transport.cuda_ipc.backend import CudaIpc
+from transport.cuda_ipc.kernels import Copies
+from transport.cuda_ipc.mover import CudaIpcMover
+from transport.cuda_ipc.routes import PageRoute, plan_runs
 from transport.receiver_info import LayerAddress
 from transport.segments import kv_segments
 from transport.streams import behind_current_stream
@@ -547,7 +551,7 @@ def phase_probes(fast: Prefill) -> dict[str, Timed | TimedMethod]:
     staging = backend._staging_for(torch.device("cuda", 0))
     runtime = backend.runtime
     candidates: list[tuple[str, object, str]] = [
-        ("current_raw_stream", cuda_ipc, "_current_raw_stream"),  # now
+        ("current_raw_stream", ipc_backend, "_current_raw_stream"),  # now
         ("take", staging, "take"),
         ("graph_launch", runtime, "graph_launch"),
         ("event_record", runtime, "event_record"),
