@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from transport.cuda_ipc.kernels import _MAX_RUNS
+from transport.segments import page_run_bounds
 
 
 @dataclass
@@ -76,8 +77,8 @@ class PageRuns:
 
 
 def plan_runs(route: PageRoute, local_pages: list[int], remote: np.ndarray) -> PageRuns | None:
-    """Page runs for local page `local_pages[i]` to go to `remote[i]`; None when the route
-    cannot take them."""
+    """Page runs (`page_run_bounds`, as Mooncake's segments are cut) for local page
+    `local_pages[i]` to go to `remote[i]`; None when the route cannot take them."""
     n = len(local_pages)
     if n > len(remote):
         return None
@@ -89,13 +90,11 @@ def plan_runs(route: PageRoute, local_pages: list[int], remote: np.ndarray) -> P
         return None
     if theirs.min() < 0 or theirs.max() >= route.remote_pages:
         return None
-    # A run continues while both sides step by one page.
-    breaks = np.flatnonzero((np.diff(local) != 1) | (np.diff(theirs) != 1)) + 1
-    if len(breaks) >= _MAX_RUNS:
+    starts, lengths = page_run_bounds(local, theirs)
+    if len(starts) > _MAX_RUNS:
         return None
-    starts = np.concatenate(([0], breaks))
     runs = np.empty((len(starts), 3), np.int64)
     runs[:, 0] = local[starts] * route.page_words
     runs[:, 1] = theirs[starts] * route.page_words
-    runs[:, 2] = np.diff(np.concatenate((starts, [n]))) * route.page_words
+    runs[:, 2] = lengths * route.page_words
     return PageRuns.of(runs)
