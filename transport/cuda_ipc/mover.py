@@ -298,7 +298,12 @@ class IpcCopy:
 
 class CudaIpcMover:
     """Writes one request's KV by IPC copy: launched from `send` over the route when there is
-    one (`plan_pages`, `launch`), else the general way (`prepare`, `write` on the pool)."""
+    one (`plan_pages`, `launch`), else the general way (`prepare`, `write` on the pool).
+
+    `prepare` and `write` are the `KVMover` every mover is. `plan_pages` and `launch` are this
+    mover's alone: no other can start a write without the pool, so the sender asks for them
+    only when its mover is this class.
+    """
 
     name = "cuda_ipc"
 
