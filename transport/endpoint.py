@@ -4,7 +4,7 @@ Everything else in `transport/` goes through this owner, so there is one place t
 handshake mode (P2P: peers exchange metadata directly, no etcd), the protocol, which memory is
 registered, and the thread pool on which KV writes run (a scheduler loop never blocks on the
 network). It also picks each sender's byte mover: Mooncake, or the same-node CUDA IPC fast path
-(transport/cuda_ipc.py) when the receiver's GPU memory can be mapped here.
+(transport/cuda_ipc/) when the receiver's GPU memory can be mapped here.
 
 Writes go to Mooncake in bounded batches, and a failed write gets the path to its peer checked
 before the next write to it: Mooncake's tcp transport can wedge the path to one peer for good
@@ -28,7 +28,8 @@ import torch
 
 from engine.kv_cache import KVLayerRegion, PagedKVCache
 from transport.config import TransportConfig
-from transport.cuda_ipc import CudaIpc, CudaIpcMover, CudaIpcPath, IpcBackend
+from transport.cuda_ipc.backend import CudaIpc, IpcBackend
+from transport.cuda_ipc.mover import CudaIpcMover, CudaIpcPath
 from transport.faults import INJECTED_RC, TransportFaults
 from transport.liveness import PeerLiveness
 from transport.metadata import MetadataSlots
@@ -58,32 +59,35 @@ def _load_transfer_engine() -> Any:
 
 
 class KVMover(Protocol):
-    """How one sender's bytes reach its receiver; the sender's state machine is the same."""
+    """How one sender's bytes reach its receiver; the sender's state machine is the same.
 
-    name: str
+    Only what every mover does for real, because every request can go this way: a ticket taken
+    in `send`, then the request's segments written on the transfer pool. Starting the write
+    from `send` itself, with no pool hop, is the CUDA IPC mover's alone (`CudaIpcMover`:
+    `plan_pages`, `launch`); the sender asks for it where it uses it, so no other mover has
+    to answer for it.
+    """
+
+    name: str  # which path carries the bytes, in stats and logs
     why: str  # why this mover was chosen, for logs and tests
-
-    def plan_pages(self, local_pages: list[int]) -> Any | None:
-        """The fast path's plan for `local_pages`, when `send` can launch the write itself
-        (`CudaIpcMover.launch`, finished in `poll`); None: segments, written on the pool."""
-        ...
-
-    def launch(self, plan: Any) -> Any:
-        """Queue the planned write from `send`; a handle `KVSender` polls (`IpcCopy`)."""
-        ...
 
     def prepare(self) -> Any:
         """Called by `send` on the thread and stream that queued the KV, maybe before the GPU
-        has computed it: a ticket `write` waits for before any byte of GPU memory is read."""
+        has computed it: a ticket `write` waits for before any byte of GPU memory is read
+        (None: nothing to wait for, e.g. KV in CPU memory)."""
         ...
 
     def write(self, session: str, segments: Segments, ticket: Any) -> int:
-        """Move `segments` to `session` and return once they landed: 0, or a negative rc."""
+        """Move `segments` to `session` and return once they landed: 0, or a negative rc.
+        Runs on the transfer pool, so it may block."""
         ...
 
 
 class MooncakeMover:
-    """The segments as Mooncake batch writes (tcp, rdma or nvlink, per the config)."""
+    """The segments as Mooncake batch writes (tcp, rdma or nvlink, per the config).
+
+    Always on the pool, never launched from `send`: a batch write blocks until it landed.
+    """
 
     name = "mooncake"
 
@@ -93,12 +97,6 @@ class MooncakeMover:
         self.endpoint = endpoint
         self.why = why
         self.device = device  # where the KV is, when in GPU memory
-
-    def plan_pages(self, local_pages: list[int]) -> None:
-        return None  # never launched from `send`: every write goes by `write` on the pool
-
-    def launch(self, plan: Any) -> Any:
-        raise NotImplementedError("Mooncake writes run on the pool")
 
     def prepare(self) -> torch.cuda.Event | None:
         """GPU memory: an event after the KV queued so far on the caller's stream (a stage

@@ -91,7 +91,7 @@ class IpcAllocation(BaseModel, frozen=True):
 
 
 class CudaIpcInfo(BaseModel, frozen=True):
-    """What a same-node sender needs to copy GPU to GPU (transport/cuda_ipc.py)."""
+    """What a same-node sender needs to copy GPU to GPU (transport/cuda_ipc/)."""
 
     node_id: str = Field(description="hostname/boot id of the receiver's machine")
     device_uuid: str = Field(description="UUID of the GPU holding the receiver's KV")

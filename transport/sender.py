@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.kv_cache import KVLayerRegion
-from transport.cuda_ipc import IpcCopy, PageRuns
+from transport.cuda_ipc.mover import CudaIpcMover, IpcCopy
+from transport.cuda_ipc.routes import PageRuns
 from transport.endpoint import KVMover, PendingWrite, TransferEndpoint
 from transport.metadata import SLOT_NBYTES, FirstToken
 from transport.poll import KVPoll, PollState
@@ -107,6 +108,8 @@ class KVSender:
         self._state = PollState(KVPoll.Bootstrapping)
         self._info: ReceiverInfo | None = None
         self._mover: KVMover | None = None
+        # The mover again when it can also launch the write from `send` (no pool hop).
+        self._launcher: CudaIpcMover | None = None
         self._watching: str | None = None
         self._watch_lock = threading.Lock()
         self._in_flight = False
@@ -175,7 +178,8 @@ class KVSender:
         except InvalidReceiverInfo as exc:
             self._fail(f"invalid receiver info: {exc}")
             return
-        self._mover = self.endpoint.mover_for(info, self.regions)
+        mover = self._mover = self.endpoint.mover_for(info, self.regions)
+        self._launcher = mover if isinstance(mover, CudaIpcMover) else None
         self._info = info
         with self._watch_lock:
             if self._state.advance_unless_failed(KVPoll.WaitingForInput):
@@ -206,14 +210,16 @@ class KVSender:
             )
             return
         awaiting_token = self.is_last_stage and first_token is None
-        try:
-            runs = mover.plan_pages(page_indices)
-        except Exception as exc:
-            self._fail(f"KV write to {info.session_id} could not start ({exc!r})")
-            return
-        if runs is not None:
-            self._launch(info, mover, runs, first_token, start, awaiting_token)
-            return
+        launcher = self._launcher
+        if launcher is not None:
+            try:
+                runs = launcher.plan_pages(page_indices)
+            except Exception as exc:
+                self._fail(f"KV write to {info.session_id} could not start ({exc!r})")
+                return
+            if runs is not None:
+                self._launch(info, launcher, runs, first_token, start, awaiting_token)
+                return
         remote = {address.layer: address for address in info.layers}
         segments = kv_segments(
             self.regions,
@@ -324,7 +330,7 @@ class KVSender:
     def _launch(
         self,
         info: ReceiverInfo,
-        mover: KVMover,
+        mover: CudaIpcMover,
         runs: PageRuns,
         first_token: FirstToken | None,
         start: float,

@@ -8,7 +8,7 @@ from the engine's public pieces (`DecoderStage`, `LayerRange`, `split_layers`, `
 - `one stage`: the whole model in this process;
 - `split, 1 process`: stage 0 then stage 1 in this process (the split alone);
 - `2 processes, event`: stage 0 here, stage 1 in a spawned process; stage 0 copies its hidden
-  states into stage 1's input buffer through CUDA IPC (transport/cuda_ipc.py), records an
+  states into stage 1's input buffer through CUDA IPC (transport/cuda_ipc/), records an
   interprocess CUDA event and tells stage 1 over a pipe; stage 1 queues its work behind the
   event, so neither side waits on the host for the GPU;
 - `2 processes, sync`: the same, but stage 0 waits for its stream before telling stage 1.
@@ -75,7 +75,7 @@ def metadata(tokens: int) -> Any:
 def _second_stage(conn: Any, max_tokens: int, seed: int) -> None:
     """Stage 1 in its own process: waits for hidden states in its IPC-exported input buffer."""
     from engine.model import split_layers
-    from transport.cuda_ipc import CudaIpc
+    from transport.cuda_ipc.backend import CudaIpc
 
     torch.cuda.set_device(0)
     config = qwen2_1p5b_like()
@@ -131,7 +131,7 @@ class _DeviceArray:
 
 class SecondStage:
     def __init__(self, max_tokens: int, seed: int, event: torch.cuda.Event) -> None:
-        from transport.cuda_ipc import CudaIpc
+        from transport.cuda_ipc.backend import CudaIpc
         from transport.receiver_info import IpcAllocation
 
         ctx = mp.get_context("spawn")

@@ -23,15 +23,19 @@ from tests.transport.peer import (  # noqa: E402
     PrefillStage,
     page_checksums,
 )
+from tests.transport.test_fast_path import mapping_users  # noqa: E402
 from tests.transport.test_transfer import wait_done  # noqa: E402
 from transport import (  # noqa: E402
     FirstToken,
     KVPoll,
     KVSender,
     TransportConfig,
-    cuda_ipc,
 )
-from transport.cuda_ipc import CudaIpc, CudaIpcMover, _Staging, node_id  # noqa: E402
+from transport.cuda_ipc import backend as ipc_backend  # noqa: E402
+from transport.cuda_ipc.backend import CudaIpc  # noqa: E402
+from transport.cuda_ipc.driver import node_id  # noqa: E402
+from transport.cuda_ipc.mover import CudaIpcMover  # noqa: E402
+from transport.cuda_ipc.staging import _Staging  # noqa: E402
 from transport.endpoint import MooncakeMover  # noqa: E402
 from transport.streams import after_sends, behind_current_stream  # noqa: E402
 
@@ -133,7 +137,7 @@ def test_kv_moves_by_cuda_ipc_byte_exact_with_the_first_token(
 def test_requests_of_more_runs_than_the_graph_takes_launch_the_kernel(
     stage: GpuStage, peer: DecodePeer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cuda_ipc, "_GRAPH_RUNS", 2)  # so 4 runs take the per-request launch
+    monkeypatch.setattr(ipc_backend, "_GRAPH_RUNS", 2)  # so 4 runs take the per-request launch
     peer.reset()
     local, remote = [*range(3, 13), 40, 2, 50], [*range(20, 30), 7, 60, 1]
     sender, (state, reason, first) = stage.send(peer, local, remote)
@@ -271,7 +275,7 @@ def test_a_request_launches_without_uploading_its_run_table(
         sender, (state, reason, first) = stage.send(peer, local, remote)
         assert sender.stats.mover == "cuda_ipc" and KVPoll(state) is KVPoll.Success, reason
         assert first == TOKEN
-    monkeypatch.setattr(cuda_ipc, "_GRAPH_RUNS", 2)  # the direct launch reads it in place too
+    monkeypatch.setattr(ipc_backend, "_GRAPH_RUNS", 2)  # the direct launch reads it in place too
     peer.reset()
     sender, (state, reason, _) = stage.send(
         peer, [*range(3, 13), 40, 2, 50], [*range(20, 30), 7, 60, 1]
@@ -301,12 +305,12 @@ def test_abort_with_the_copy_behind_compute_holds_the_mapping_until_it_ran(
     torch.cuda._sleep(100_000_000)  # the copy queues behind ~50 ms of GPU work
     sender.send([0, 1], TOKEN)
     sender.abort()
-    assert sender.poll() is KVPoll.Failed and sender.in_flight and mapping.users == 1
+    assert sender.poll() is KVPoll.Failed and sender.in_flight and mapping_users(mapping) == 1
     deadline = time.monotonic() + 15
     while sender.in_flight:
         assert time.monotonic() < deadline, "the aborted copy was never released"
         time.sleep(0.005)
-    assert mapping.users == 0 and stage.endpoint.metadata.num_held == 0
+    assert mapping_users(mapping) == 0 and stage.endpoint.metadata.num_held == 0
     peer.settle(sender.rid, False, "aborted")
     torch.cuda.synchronize()
 

@@ -1,6 +1,6 @@
 """FAKE CUDA IPC for machines without a GPU: the fast path's decisions, not its CUDA calls.
 
-`FakeIpc` stands in for `transport.cuda_ipc.CudaIpc` with CPU tensors of this one process: an
+`FakeIpc` stands in for `transport.cuda_ipc.backend.CudaIpc` with CPU tensors of this one process: an
 "exported" tensor goes into a process-wide registry under a random 64-byte handle, "opening"
 the handle returns the same memory's address, and "copies" are `memmove`s in this process. Everything
 around it is the real code: receiver info, validation, the choice of mover, the sender's state
@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 
-from transport.cuda_ipc import Copies, IpcOpenError, PageRoute, PageRuns
+from transport.cuda_ipc.driver import IpcOpenError
+from transport.cuda_ipc.kernels import Copies
+from transport.cuda_ipc.routes import PageRoute, PageRuns
 from transport.receiver_info import IpcAllocation
 
 FAKE_GPU = "FAKE-GPU-0000"
@@ -148,7 +150,7 @@ class FakeIpc:
 
 
 class FakeRuntime:
-    """Not CUDA: the runtime calls `transport.cuda_ipc._Staging` makes, over host memory and
+    """Not CUDA: the runtime calls `transport.cuda_ipc.staging._Staging` makes, over host memory and
     events that pass only when the test says the "GPU" got there (`finish`).
 
     Counts the calls, so a test can state which requests cost a CUDA call and which do not.

@@ -32,14 +32,11 @@ from transport import (
     TransferEndpoint,
     TransportConfig,
 )
-from transport.cuda_ipc import (
-    CudaIpcMover,
-    IpcBackend,
-    PeerMapping,
-    SlotDone,
-    _Staging,
-    node_id,
-)
+from transport.cuda_ipc.backend import IpcBackend
+from transport.cuda_ipc.driver import node_id
+from transport.cuda_ipc.mapping import PeerMapping
+from transport.cuda_ipc.mover import CudaIpcMover
+from transport.cuda_ipc.staging import SlotDone, _Staging
 from transport.endpoint import PendingWrite
 from transport.receiver_info import CudaIpcInfo, IpcAllocation, ReceiverInfo
 from transport.segments import Segments
@@ -482,6 +479,12 @@ def _mapping(side: Side, decode: Side) -> PeerMapping:
     return path._mappings[decode.endpoint.session_id]
 
 
+def mapping_users(mapping: PeerMapping) -> int:
+    """Copies holding `mapping` open (it unmaps after the last, once closed): the count the
+    mapping keeps for itself, read here because only tests ask for it."""
+    return mapping._users
+
+
 @pytest.fixture
 def held() -> Iterator[tuple[FakeIpc, Side]]:
     """A stage whose (fake) copies sit queued behind compute until `backend.finish()`."""
@@ -509,12 +512,12 @@ def test_success_waits_until_the_copy_and_the_record_have_landed(
     for _ in range(5):
         assert sender.poll() is KVPoll.Transferring
         time.sleep(0.01)
-    assert sender.in_flight and _mapping(stage, fresh_decode).users == 1
+    assert sender.in_flight and mapping_users(_mapping(stage, fresh_decode)) == 1
     assert stage.endpoint.metadata.num_held == 1  # the record's source slot
     assert_untouched(fresh_decode)
     backend.finish()
     assert sender.poll() is KVPoll.Success, sender.failure_reason
-    assert not sender.in_flight and _mapping(stage, fresh_decode).users == 0
+    assert not sender.in_flight and mapping_users(_mapping(stage, fresh_decode)) == 0
     assert stage.endpoint.metadata.num_held == 0
     receiver.on_stage_result(0, True)
     assert receiver.poll() is KVPoll.Success and receiver.first_token == TOKEN
@@ -562,7 +565,7 @@ def test_a_token_whose_record_cannot_start_fails_the_request_never_succeeds_it(
     assert sender.poll() is KVPoll.Failed
     assert "every metadata slot is held" in (sender.failure_reason or "")
     _wait_until(lambda: not sender.in_flight)
-    assert _mapping(stage, fresh_decode).users == 0
+    assert mapping_users(_mapping(stage, fresh_decode)) == 0
     receiver.abort("test done")
 
 
@@ -579,7 +582,7 @@ def test_an_abort_between_the_kv_and_the_token_gives_everything_back(
     assert sender.in_flight  # the copy still reads this stage's pages
     backend.finish()
     _wait_until(lambda: not sender.in_flight)
-    assert _mapping(stage, fresh_decode).users == 0
+    assert mapping_users(_mapping(stage, fresh_decode)) == 0
     assert sender.poll() is KVPoll.Failed
     receiver.abort("test done")
 
@@ -617,10 +620,10 @@ def test_a_transfer_timeout_with_a_copy_still_queued_fails_then_releases(
         sender.send([0], TOKEN)
         assert wait_done(sender) is KVPoll.Failed
         assert "transfer timeout" in (sender.failure_reason or "")
-        assert sender.in_flight and _mapping(stage, fresh_decode).users == 1
+        assert sender.in_flight and mapping_users(_mapping(stage, fresh_decode)) == 1
         backend.finish()
         _wait_until(lambda: not sender.in_flight)
-        assert _mapping(stage, fresh_decode).users == 0
+        assert mapping_users(_mapping(stage, fresh_decode)) == 0
         assert stage.endpoint.metadata.num_held == 0
         receiver.abort("test done")
     finally:
@@ -638,7 +641,7 @@ def test_a_failed_first_token_record_fails_the_write(
     assert sender.poll() is KVPoll.Failed
     assert "first-token record not submitted" in (sender.failure_reason or "")
     assert not sender.in_flight and stage.endpoint.metadata.num_held == 0
-    assert _mapping(stage, fresh_decode).users == 0
+    assert mapping_users(_mapping(stage, fresh_decode)) == 0
     assert receiver.poll() is KVPoll.Failed
 
 
