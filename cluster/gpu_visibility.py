@@ -1,7 +1,7 @@
 """Which GPU a pdserve actor drives, with every GPU of its node left visible to it.
 
 Ray narrows `CUDA_VISIBLE_DEVICES` to an actor's own GPUs. The same-node KV fast path
-(`transport/cuda_ipc.py`) maps the decode replica's GPU memory into a prefill stage's process,
+(`transport/cuda_ipc/`) maps the decode replica's GPU memory into a prefill stage's process,
 which CUDA allows only where that GPU is visible. So pdserve starts its GPU actors with Ray's
 opt-out and makes the GPU Ray assigned the actor its current device; the index maps the same way
 whether or not Ray narrowed the variable.
