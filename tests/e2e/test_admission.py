@@ -8,6 +8,7 @@ requests answered 503 before must not run after all.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -114,9 +115,9 @@ def test_no_replica_within_the_timeout_cancels_the_call_and_says_why() -> None:
 # -- end to end ---------------------------------------------------------------------------------
 
 
-def deploy_pending(name: str, config: Any) -> None:
-    """Deploy without waiting for RUNNING, then wait until only the part that cannot be placed
-    is missing (the ingress runs)."""
+def deploy_pending(name: str, config: Any, running: tuple[str, ...], base: str) -> None:
+    """Deploy without waiting for RUNNING, then wait until the deployments that can be placed
+    run and the HTTP proxy routes to the app (`/v1/models` answers)."""
     from ray import serve
     from ray.serve.api import RunTarget
 
@@ -127,10 +128,14 @@ def deploy_pending(name: str, config: Any) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         status = serve.status().applications.get(name)
-        if status and str(status.deployments["ingress"].status.value) == "HEALTHY":
-            return
+        states = {d: str(s.status.value) for d, s in status.deployments.items()} if status else {}
+        if all(states.get(d) == "HEALTHY" for d in running):
+            with contextlib.suppress(httpx.HTTPError):
+                headers = {"Authorization": f"Bearer {API_KEY}"}
+                if httpx.get(f"{base}/v1/models", headers=headers, timeout=10).is_success:
+                    return
         time.sleep(0.5)
-    raise AssertionError(f"{name}: the ingress never ran")
+    raise AssertionError(f"{name}: {running} never ran: {states}")
 
 
 def wait_running(name: str, timeout_s: float = 180) -> None:
@@ -191,8 +196,9 @@ def test_decode_placement_pending_gets_503_and_models_still_answers(
 ) -> None:
     name = "pending-decode"
     apps.append(name)
-    deploy_pending(name, app_config(llama_dir, pp=2, decode_num_gpus=3, queue_timeout_s=3))
     base = f"http://127.0.0.1:{serve_port}/{name}"
+    config = app_config(llama_dir, pp=2, decode_num_gpus=3, queue_timeout_s=3)
+    deploy_pending(name, config, ("ingress",), base)
     client = OpenAI(base_url=f"{base}/v1", api_key=API_KEY, max_retries=0, timeout=60)
     assert [m.id for m in client.models.list().data] == ["pdserve-test"]
     assert_503_in_time(client, False, "decode unavailable: placement pending")
@@ -215,8 +221,8 @@ def test_prefill_placement_pending_gets_503_and_nothing_runs_once_it_is_placed(
     config = app_config(
         llama_dir, pp=2, num_gpus_per_stage=3, queue_timeout_s=3, transport=transport
     )
-    deploy_pending(name, config)
     base = f"http://127.0.0.1:{serve_port}/{name}"
+    deploy_pending(name, config, ("ingress", "decode"), base)
     client = OpenAI(base_url=f"{base}/v1", api_key=API_KEY, max_retries=0, timeout=60)
     assert_503_in_time(client, False, "prefill unavailable: placement pending")
     assert_503_in_time(client, True, "prefill unavailable: placement pending")
