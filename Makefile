@@ -13,6 +13,8 @@ MODEL ?= smollm2-135m-instruct
 GENERATED := models/generated
 SERVE_MODEL := $(if $(filter generated,$(MODEL)),$(GENERATED),$(MODEL))
 PP ?= 2
+# pd (prefill/decode disaggregation) or colocated (one engine, the same API), to compare them.
+MODE ?= pd
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
@@ -63,7 +65,7 @@ $(GENERATED)/config.json: | $(STAMP)
 # The whole service on this machine: a local Ray cluster with simulated GPU nodes, prefill
 # with PP=$(PP) and decode, the OpenAI API on $(HOST):$(PORT).
 serve: $(STAMP) sysdeps $(if $(filter generated,$(MODEL)),$(GENERATED)/config.json)
-	$(VENV)/bin/pdserve serve --model $(SERVE_MODEL) --pp-size $(PP) --host $(HOST) --port $(PORT) --local-cluster
+	$(VENV)/bin/pdserve serve --model $(SERVE_MODEL) --pp-size $(PP) --mode $(MODE) --host $(HOST) --port $(PORT) --local-cluster
 
 # Rewrite dashboards/grafana/*.json and the Helm chart's copies from dashboards/generate.py
 # (a test keeps them in step).

@@ -130,6 +130,21 @@ def build_app(config: AppConfig) -> Any:
     )
 
 
+MODES = ("pd", "colocated")
+
+
+def build_service(config: AppConfig, mode: str = "pd") -> Any:
+    """The app for `mode`: `pd` (prefill/decode disaggregation, `build_app`) or `colocated`
+    (one engine does both, the same ingress and API), so the two compare on one machine."""
+    if mode == "pd":
+        return build_app(config)
+    if mode == "colocated":
+        from deployments.colocated import build_colocated_app
+
+        return build_colocated_app(config)
+    raise ValueError(f"mode is one of {MODES}, not {mode!r}")
+
+
 def app_builder(args: dict[str, Any]) -> Any:
     """`serve run deployments.app:app_builder model=/path pp_size=2` and RayService entry."""
     return build_app(AppConfig.model_validate(args))

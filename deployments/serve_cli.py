@@ -78,13 +78,14 @@ def start_local_cluster(gpu_nodes: int, gpus_per_node: int) -> Any:
     return cluster
 
 
-def usage_text(config: Any) -> str:
+def usage_text(config: Any, mode: str = "pd") -> str:
     base = f"http://{config.host}:{config.port}"
     name = config.ingress().served_model_name
     auth = f' -H "Authorization: Bearer {config.api_key}"' if config.api_key else ""
     key = config.api_key or "none"
+    shape = f"prefill PP={config.pp_size}, decode" if mode == "pd" else "colocated"
     return f"""
-pdserve is serving `{name}` (prefill PP={config.pp_size}, decode) at {base}/v1
+pdserve is serving `{name}` ({shape}) at {base}/v1
 
   curl {base}/v1/chat/completions -H "Content-Type: application/json"{auth} \\
     -d '{{"model": "{name}", "messages": [{{"role": "user", "content": "Hello!"}}], "max_tokens": 32}}'
@@ -113,7 +114,7 @@ def serve_main(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from deployments.app import build_app
+    from deployments.app import build_service
 
     cluster = None
     if args.local_cluster:
@@ -123,10 +124,12 @@ def serve_main(args: argparse.Namespace) -> int:
         ray.init(log_to_driver=False)
     try:
         serve.start(http_options={"host": config.host, "port": config.port})
-        _progress(
-            f"deploying: ingress, decode, prefill with {config.pp_size} stage(s) "
-            "(loading the model in every stage; this takes a little while)"
+        parts = (
+            f"ingress, decode, prefill with {config.pp_size} stage(s)"
+            if args.mode == "pd"
+            else "ingress, one colocated engine"
         )
+        _progress(f"deploying {parts} (loading the model; this takes a little while)")
         started = time.monotonic()
         done = threading.Event()
 
@@ -136,11 +139,11 @@ def serve_main(args: argparse.Namespace) -> int:
 
         threading.Thread(target=ticker, daemon=True).start()
         try:
-            serve.run(build_app(config), name="pdserve", route_prefix="/")
+            serve.run(build_service(config, args.mode), name="pdserve", route_prefix="/")
         finally:
             done.set()
         _progress(f"ready after {time.monotonic() - started:.0f}s")
-        sys.stdout.write(usage_text(config))
+        sys.stdout.write(usage_text(config, args.mode))
         sys.stdout.flush()
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -166,6 +169,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--api-key", help="require this bearer token (or set PDSERVE_API_KEY)")
+    p.add_argument(
+        "--mode",
+        choices=("pd", "colocated"),
+        default="pd",
+        help="pd: prefill/decode disaggregation (default); colocated: one engine does both, "
+        "behind the same API, to compare the two on your hardware",
+    )
     p.add_argument(
         "--local-cluster",
         action="store_true",

@@ -54,3 +54,18 @@ def test_serve_sets_the_ray_auth_mode_on_purpose(
     assert os.environ["RAY_AUTH_MODE"] == expected
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--ray-auth-mode", "maybe"])
+
+
+def test_serve_takes_a_mode_and_says_which(tmp_path, llama_dir) -> None:
+    from deployments.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "--model", "m"]).mode == "pd"
+    args = build_parser().parse_args(["serve", "--model", str(llama_dir), "--mode", "colocated"])
+    assert args.mode == "colocated"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--mode", "both"])
+    for attr in ("config", "pp_size", "host", "port", "api_key"):
+        setattr(args, attr, getattr(args, attr, None))
+    config = load_config(args)
+    assert "(colocated)" in usage_text(config, "colocated")
+    assert "(prefill PP=2, decode)" in usage_text(config, "pd")
