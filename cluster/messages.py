@@ -71,6 +71,7 @@ class PrefillResult:
     rid: str
     first_token: FirstToken
     stage_sessions: list[str]
+    phases: dict[str, float] = field(default_factory=dict)  # the prefill side's timeline
 
 
 @dataclass(frozen=True)

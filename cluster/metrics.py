@@ -114,6 +114,21 @@ e2e_request_latency = Histogram(
     buckets=REQUEST_BUCKETS,
     registry=REGISTRY,
 )
+# Where a request's time to first token goes: the prefill controller's phases and the decode
+# replica's own (`pdserve_request_phase_seconds{phase}`; the decode replica also logs each
+# request's whole timeline).
+PREFILL_PHASES = ("bootstrap", "queue_wait", "forward", "kv_transfer")
+DECODE_PHASES = ("prealloc", "prefill_call", "join")
+request_phase_seconds = Histogram(
+    "pdserve_request_phase_seconds",
+    "Time to first token by phase: prefill bootstrap (admitted to ready on every stage), "
+    "queue_wait (ready to first chunk), forward (first to last chunk), kv_transfer (last chunk "
+    "to delivered); decode prealloc (KV pages), prefill_call (the whole prefill call), join "
+    "(KV delivered to the first token out)",
+    (*LABELS, "phase"),
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
 prompt_tokens = Counter(
     "pdserve_prompt_tokens_total", "Prompt tokens of prefilled requests", LABELS, registry=REGISTRY
 )
@@ -306,13 +321,18 @@ class PrefillMetrics(Owner):
         for outcome in ("ok", *REASONS):
             self.child(prefill_requests, outcome=outcome)
         self._step = self.child(prefill_step_seconds)
+        self._phases = {p: self.child(request_phase_seconds, phase=p) for p in PREFILL_PHASES}
         self.healthy(False)
 
     def request_ended(self, ended: Any) -> None:
         """One count per request, on the rank that first reported its failure."""
         outcome = "ok" if ended.ok else reason_label(ended.reason)
         self.child(prefill_requests, outcome=outcome).inc()
-        if ended.ok or ended.phase is None:
+        if ended.ok:
+            for phase, seconds in ended.phases.items():
+                self._phases[phase].observe(seconds)
+            return
+        if ended.phase is None:
             return
         counter = transfer_failures if ended.phase == "inflight" else bootstrap_failures
         rank = "controller" if ended.failed_rank is None else str(ended.failed_rank)
@@ -345,7 +365,11 @@ class DecodeMetrics(Owner):
         self.e2e = self.child(e2e_request_latency)
         self.prompt = self.child(prompt_tokens)
         self.generated = self.child(generation_tokens)
+        self._phases = {p: self.child(request_phase_seconds, phase=p) for p in DECODE_PHASES}
         self.healthy(True)
+
+    def phase(self, name: str, seconds: float) -> None:
+        self._phases[name].observe(seconds)
 
     def request(self, num_prompt_tokens: int) -> RequestTimer:
         return RequestTimer(self, num_prompt_tokens)

@@ -244,6 +244,14 @@ def overview() -> Json:
                 "Request arrival at decode to its first token.",
             ),
             panel(
+                "Time to first token by phase (p50)",
+                quantile_targets("pdserve_request_phase_seconds", (0.5,), by="phase"),
+                "s",
+                "Where the time to first token goes: prefill bootstrap, queue wait, forward and "
+                "KV transfer (the prefill controller's), decode prealloc, the whole prefill call "
+                "and the decode join.",
+            ),
+            panel(
                 "Inter-token latency",
                 quantile_targets("pdserve_inter_token_latency_seconds", role="decode"),
                 "s",

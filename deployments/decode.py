@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -152,6 +153,7 @@ class DecodeInstance:
     async def generate(self, request: DecodeRequest) -> AsyncIterator[TokenChunk]:
         """Stream a request's tokens; the first comes from the prefill side."""
         timer = self.metrics.request(len(request.prompt_token_ids))
+        started = time.perf_counter()
         try:
             pages = await self._preallocate(request)
         except DecodeOverloaded as exc:
@@ -172,6 +174,7 @@ class DecodeInstance:
             raise
         join: _Join | None = None
         finished = False
+        timeline = {"prealloc": time.perf_counter() - started}
         try:
             self.counts["transfer"] += 1
             try:
@@ -193,6 +196,8 @@ class DecodeInstance:
                 raise DecodeFailed(f"prefill failed: {error_reason(exc)}") from exc
             finally:
                 self.counts["transfer"] -= 1
+            prefilled = time.perf_counter()
+            timeline["prefill_call"] = prefilled - started - timeline["prealloc"]
             for stage in range(len(result.stage_sessions)):
                 receiver.on_stage_result(stage, True)
             if receiver.poll() is not KVPoll.Success or receiver.first_token is None:
@@ -211,6 +216,9 @@ class DecodeInstance:
                     self.streak.failed(str(item))
                     raise item
                 timer.tokens(len(item.token_ids))
+                if "join" not in timeline:
+                    timeline["join"] = time.perf_counter() - prefilled
+                    self._record(request.rid, timeline, result.phases)
                 yield chunk_of(item)
                 finished = item.finished
             timer.finished()
@@ -218,6 +226,17 @@ class DecodeInstance:
         finally:
             self._leave(request.rid, join, finished, pages, receiver)
             receiver.release()
+
+    def _record(self, rid: str, timeline: dict[str, float], prefill: dict[str, float]) -> None:
+        """One request's way to its first token: the decode phases as histograms, and the
+        whole timeline (the prefill side's phases inside `prefill_call`) in one log line."""
+        for phase, seconds in timeline.items():
+            self.metrics.phase(phase, seconds)
+        phases = {**timeline, **{f"prefill.{k}": v for k, v in prefill.items()}}
+        log.info(
+            "first token",
+            extra={"rid": rid, "phases_ms": {k: round(v * 1e3, 2) for k, v in phases.items()}},
+        )
 
     def _leave(
         self,

@@ -181,7 +181,7 @@ class PrefillInstance:
             self._futures.pop(request.rid, None)
         if not ended.ok or ended.first_token is None:
             raise PrefillFailed(ended.reason or "prefill failed")
-        return PrefillResult(request.rid, ended.first_token, self.stage_sessions)
+        return PrefillResult(request.rid, ended.first_token, self.stage_sessions, ended.phases)
 
     def set_receiver_info(self, rid: str, info: ReceiverInfo) -> bool:
         accepted = self.controller.set_receiver_info(rid, info)

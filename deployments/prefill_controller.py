@@ -56,6 +56,7 @@ class Tracked:
     admitted_at: float = field(default_factory=time.monotonic)
     ready_at: float | None = None
     prefill_started_at: float | None = None
+    inflight_at: float | None = None  # its last chunk ran: the KV is on its way
     ready_tick: int | None = None
     start_tick: int | None = None
 
@@ -73,6 +74,8 @@ class Ended:
     pages: tuple[int, ...] = ()  # prefill pages it used (freed by now), for diagnostics
     ready_to_start_steps: int | None = None
     failed_rank: int | None = None  # the first rank that reported the failure, if one did
+    # Seconds per phase of a request that ended well (`cluster.metrics.PREFILL_PHASES`).
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -194,6 +197,7 @@ class PrefillController:
             tracked.computed = chunk.start + len(chunk.token_ids)
             if chunk.finishing:
                 tracked.phase = Phase.INFLIGHT
+                tracked.inflight_at = time.monotonic()
                 tracked.first_token = first_tokens.get(chunk.rid)
         ended: list[Ended] = []
         for decision in self.ticks.collect(reports):
@@ -276,10 +280,26 @@ class PrefillController:
         steps = None
         if tracked.ready_tick is not None and tracked.start_tick is not None:
             steps = tracked.start_tick - tracked.ready_tick
-        return Ended(rid, ok, reason, first, wait, tracked.phase.value, pages, steps, failed_rank)
+        phases = _phases(tracked, time.monotonic()) if ok else {}
+        return Ended(
+            rid, ok, reason, first, wait, tracked.phase.value, pages, steps, failed_rank, phases
+        )
 
     def _release(self, rid: str, tracked: Tracked) -> None:
         if tracked.pages:
             self.allocator.free(tracked.pages)
             tracked.pages = []
         self.waiting.pop(rid, None)
+
+
+def _phases(tracked: Tracked, now: float) -> dict[str, float]:
+    """Where a delivered request's time went, phase by phase."""
+    t = tracked
+    if t.ready_at is None or t.prefill_started_at is None or t.inflight_at is None:
+        return {}
+    return {
+        "bootstrap": t.ready_at - t.admitted_at,
+        "queue_wait": t.prefill_started_at - t.ready_at,
+        "forward": t.inflight_at - t.prefill_started_at,
+        "kv_transfer": now - t.inflight_at,
+    }

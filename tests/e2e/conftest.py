@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -14,6 +15,7 @@ from deployments.app import AppConfig, build_app
 os.environ.setdefault("GLOG_minloglevel", "1")
 
 API_KEY = "test-key"
+_APP_NUMBERS = itertools.count()
 
 
 def free_port() -> int:
@@ -56,7 +58,9 @@ def deploy(serve_port) -> Iterator[Callable[[AppConfig], str]]:
     names: list[str] = []
 
     def run(config: AppConfig) -> str:
-        name = f"pdserve-pp{config.pp_size}-{len(names)}"
+        # Unique in the session: the metrics directory remembers a deleted app's processes for
+        # a while, so a name reused by a later module would list them with its own.
+        name = f"pdserve-pp{config.pp_size}-{next(_APP_NUMBERS)}"
         serve.run(build_app(config), name=name, route_prefix=f"/{name}")
         names.append(name)
         return f"http://127.0.0.1:{serve_port}/{name}"

@@ -18,16 +18,20 @@ PROMPTS = ["The quick brown fox", "pdserve serves", "1 2 3 4"]
 
 
 @pytest.fixture(scope="module")
-def urls(deploy, serve_port, llama_dir) -> Iterator[dict[str, str]]:
+def urls(serve_port, llama_dir) -> Iterator[dict[str, str]]:
+    """Both modes under names of their own (the metrics directory remembers an app's processes
+    for a while after it is deleted: a later module must not reuse the name)."""
     from ray import serve
 
     config = app_config(llama_dir, pp=2)
-    name = "pdserve-colocated"
-    serve.run(build_service(config, "colocated"), name=name, route_prefix=f"/{name}")
+    names = {mode: f"modes-{mode}" for mode in ("pd", "colocated")}
     try:
-        yield {"pd": deploy(config), "colocated": f"http://127.0.0.1:{serve_port}/{name}"}
+        for mode, name in names.items():
+            serve.run(build_service(config, mode), name=name, route_prefix=f"/{name}")
+        yield {mode: f"http://127.0.0.1:{serve_port}/{name}" for mode, name in names.items()}
     finally:
-        serve.delete(name)
+        for name in names.values():
+            serve.delete(name)
 
 
 def complete(url: str, prompt: str, stream: bool) -> str:

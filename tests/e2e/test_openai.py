@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from openai import AsyncOpenAI, OpenAI
+from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.messages import Accepted, DecodeRequest
 from engine import LLM, EngineConfig, SamplingParams
@@ -144,6 +145,30 @@ def test_completions_and_chat_streaming_and_not(served) -> None:
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text == chat.choices[0].message.content
     assert_idle(app_of(served))
+
+
+def phase_counts(base: str) -> dict[str, float]:
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "pdserve_request_phase_seconds_count":
+                phase = sample.labels["phase"]
+                counts[phase] = counts.get(phase, 0) + sample.value
+    return counts
+
+
+def test_every_phase_of_the_time_to_first_token_is_measured(served) -> None:
+    """Where TTFT goes: each request adds one sample to every prefill and decode phase."""
+    from cluster.metrics import DECODE_PHASES, PREFILL_PHASES
+
+    before = phase_counts(served)
+    assert set(before) == set(PREFILL_PHASES) | set(DECODE_PHASES)  # series before any use
+    client = OpenAI(base_url=f"{served}/v1", api_key=API_KEY)
+    for prompt in ("one", "two"):
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    after = phase_counts(served)
+    assert {p: after[p] - before[p] for p in after} == {p: 2 for p in after}
 
 
 def test_sixty_four_concurrent_clients(served) -> None:
