@@ -211,9 +211,10 @@ class RankConsensus:
         self._lock = lock
         self._on_tick = on_tick
         self._done: list[TickResult] = []
+        self._finished = threading.Condition(lock)  # a tick's result joined `_done`
         self.seconds = 0.0
         self.error: BaseException | None = None
-        self._ticks: queue.Queue[tuple[int, tuple[str, ...]] | None] | None = None
+        self._ticks: queue.Queue[tuple[int, tuple[str, ...], float] | None] | None = None
         if background:
             self._ticks = queue.Queue()
             self._thread = threading.Thread(target=self._tick_loop, name="consensus", daemon=True)
@@ -224,11 +225,20 @@ class RankConsensus:
         if self.error is not None:
             raise RuntimeError(f"consensus thread failed: {self.error!r}") from self.error
 
-    def submit(self, tick: int, rids: tuple[str, ...]) -> None:
+    def submit(self, tick: int, rids: tuple[str, ...], settle_s: float = 0.0) -> None:
+        """Run tick `tick` over `rids`; first wait up to `settle_s` for this rank's writes of
+        those rids that are still running (a step with no forward has nothing better to do)."""
         if self._ticks is None:
-            self._run_tick(tick, rids)
+            self._run_tick(tick, rids, settle_s)
         else:
-            self._ticks.put((tick, rids))
+            self._ticks.put((tick, rids, settle_s))
+
+    def wait_done(self, tick: int, timeout_s: float) -> None:
+        """Block (under the rank's lock, which the wait releases) until tick `tick` has run
+        here or `timeout_s` passed, so the step that carried it can report its result."""
+        self._finished.wait_for(
+            lambda: self.requests.last_tick >= tick or self.error is not None, timeout_s
+        )
 
     def take_done(self) -> list[TickResult]:
         """Ticks finished since the last call (call under the rank's lock)."""
@@ -246,12 +256,16 @@ class RankConsensus:
                 self._run_tick(*item)
             except BaseException as exc:  # a broken collective: surface it on the next step
                 log.exception("consensus tick failed", extra={"pp_rank": self.requests.pp_rank})
-                self.error = exc
+                with self._lock:
+                    self.error = exc
+                    self._finished.notify_all()
                 return
 
-    def _run_tick(self, tick: int, rids: tuple[str, ...]) -> None:
+    def _run_tick(self, tick: int, rids: tuple[str, ...], settle_s: float = 0.0) -> None:
         """Local vector, MIN all-reduce, apply: one tick, the same on every rank."""
         start = time.perf_counter()
+        if settle_s > 0:
+            self.requests.wait_transfers(rids, settle_s)
         with self._lock:
             local = local_vector(self.requests, rids)
             failed = [r for r, s in zip(rids, local, strict=True) if s == KVPoll.Failed]
@@ -262,5 +276,6 @@ class RankConsensus:
             apply_vector(self.requests, tick, rids, agreed)
             self._done.append(TickResult(tick, tuple(agreed), reasons))
             self.seconds = time.perf_counter() - start
+            self._finished.notify_all()
         if self._on_tick is not None:
             self._on_tick(self.seconds)

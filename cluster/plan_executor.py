@@ -1,8 +1,9 @@
 """One rank's step: apply a `StepPlan`, run its forward, start its KV sends, report.
 
 Every rank runs every plan, in order: admissions, receiver info, drops and reconcile; the
-plan's consensus tick goes to the rank's `RankConsensus` (on its own thread, so no step waits
-on an all-reduce); then the micro-batch's forward. The sends of requests whose prompt is
+plan's consensus tick goes to the rank's `RankConsensus` (on its own thread, so no forward
+waits on an all-reduce); then the micro-batch's forward; the report carries the tick's result
+when it is in by then (it normally is: every rank got the plan at once). The sends of requests whose prompt is
 complete start as soon as the forward is queued and before it is waited for (on a GPU they
 run on a side stream behind it), so each stage ships its layers without waiting for the last
 stage; the last stage hands each first token to its sender once sampled.
@@ -21,6 +22,15 @@ from cluster.consensus import AllReduceMin, RankConsensus
 from cluster.messages import ChunkPlan, StageReport, StepPlan
 from cluster.stage_requests import StageRequests
 from transport.metadata import FirstToken
+
+
+# A step with no forward lets its tick wait this long for the rank's running KV writes to end,
+# so a finished transfer is decided in that step rather than one idle pause later.
+IDLE_TICK_SETTLE_S = 0.02
+# A step reports its own tick's result when it comes within this long: every rank got the plan
+# at once (`StageGroup.step`), so the all-reduce is normally done by the end of the forward.
+# Bounded: a slow rank only moves the result to a later report.
+TICK_REPORT_WAIT_S = 0.05
 
 
 class StageCompute(Protocol):
@@ -58,8 +68,14 @@ class PlanExecutor:
         self._lock = threading.RLock()
         self.consensus = RankConsensus(requests, allreduce_min, self._lock, background, on_tick)
 
-    def step(self, plan: StepPlan, upstream: Any = None) -> tuple[StageReport, Any]:
-        """Apply `plan` on this rank; returns its report and the hidden states for the next."""
+    def step(
+        self, plan: StepPlan, upstream: Callable[[], Any] | None = None
+    ) -> tuple[StageReport, Any]:
+        """Apply `plan` on this rank; returns its report and the hidden states for the next.
+
+        `upstream` fetches the previous stage's hidden states; it is called only when the plan
+        has a forward, after the plan's state changes and its tick are in, so a rank applies a
+        plan while the ranks before it still compute."""
         self.consensus.raise_if_failed()
         with self._lock:
             for rid, room in plan.admit:
@@ -73,14 +89,15 @@ class PlanExecutor:
             for chunk in plan.batch:
                 self.requests.assign_pages(chunk.rid, chunk.pages)
         if plan.tick is not None:
-            self.consensus.submit(plan.tick, plan.rids)
+            settle_s = 0.0 if plan.batch else IDLE_TICK_SETTLE_S
+            self.consensus.submit(plan.tick, plan.rids, settle_s)
 
         hidden: Any = None
         first_tokens: dict[str, FirstToken] = {}
         start = time.perf_counter()
         if plan.batch:
             finishing = [chunk.rid for chunk in plan.batch if chunk.finishing]
-            out = self._compute.launch(plan.batch, upstream)
+            out = self._compute.launch(plan.batch, upstream() if upstream is not None else None)
             with self._compute.sends_after(out):
                 for rid in finishing:  # the lock per request: a send may wait for a free slot
                     with self._lock:
@@ -93,6 +110,8 @@ class PlanExecutor:
         forward_s = time.perf_counter() - start
 
         with self._lock:
+            if plan.tick is not None:
+                self.consensus.wait_done(plan.tick, TICK_REPORT_WAIT_S)
             report = StageReport(
                 pp_rank=self.requests.pp_rank,
                 ticks=self.consensus.take_done(),

@@ -132,9 +132,17 @@ class StageActor:
             collective.init_collective_group(world, rank, backend="gloo", group_name=group)
             self._group = group
 
-    def step(self, plan: StepPlan, upstream: torch.Tensor | None = None) -> tuple[StageReport, Any]:
-        """Apply one plan; returns this stage's report and its hidden states for the next."""
-        return self.executor.step(plan, upstream)
+    def step(
+        self, plan: StepPlan, upstream: list[ray.ObjectRef] | None = None
+    ) -> tuple[StageReport, Any]:
+        """Apply one plan; returns this stage's report and its hidden states for the next.
+
+        `upstream` holds the previous stage's hidden states as a reference, not the value (a
+        list, so Ray does not wait for it before calling): this stage applies the plan and
+        joins its tick while the stage before it computes, and fetches the states only then."""
+        if upstream is None:
+            return self.executor.step(plan)
+        return self.executor.step(plan, lambda: ray.get(upstream[0]))
 
     def read_pages(self, pages: list[int]) -> list[torch.Tensor]:
         """K and V of `pages` for every layer of this stage (tests compare them byte for byte)."""

@@ -96,7 +96,7 @@ class StageGroup:
         )
 
     async def step(self, plan: StepPlan) -> list[StageReport]:
-        """Send `plan` to every stage, each fed the previous stage's hidden states.
+        """Send `plan` to every stage at once, each fed the previous stage's hidden states.
 
         Chained actor calls, not a Ray compiled graph: a compiled graph moved a 256 x 576
         hidden state through 4 stages about 3x faster here (10 ms against 34 ms), but killing
@@ -106,7 +106,8 @@ class StageGroup:
         reports = []
         upstream = None
         for actor in self.actors:
-            report, upstream = actor.step.options(num_returns=2).remote(plan, upstream)
+            report, hidden = actor.step.options(num_returns=2).remote(plan, upstream)
+            upstream = [hidden]  # passed on unresolved: every stage starts the plan at once
             reports.append(report)
         try:
             return list(await asyncio.gather(*reports))

@@ -10,6 +10,7 @@ bug class of SGLang's design).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
@@ -27,6 +28,7 @@ class SenderLike(Protocol):
     def set_receiver_info(self, info: ReceiverInfo) -> None: ...
     def send(self, page_indices: list[int], first_token: FirstToken | None = None) -> None: ...
     def send_first_token(self, first_token: FirstToken) -> None: ...
+    def wait_settled(self, timeout_s: float) -> None: ...
     def abort(self, reason: str = "aborted") -> None: ...
     @property
     def failure_reason(self) -> str | None: ...
@@ -61,13 +63,33 @@ class StageRequests:
             sender.set_receiver_info(info)
 
     def assign_pages(self, rid: str, pages: Sequence[int]) -> None:
+        """The controller scheduled `rid`: its pages here, and it counts as ready (the owner
+        decided so), not as bootstrapping."""
         if rid in self.senders:
             self.pages[rid] = list(pages)
+            self.ready.add(rid)
 
     def send(self, rid: str, first_token: FirstToken | None = None) -> None:
         sender = self.senders.get(rid)
-        if sender is not None:
-            sender.send(self.pages.get(rid, []), first_token)
+        if sender is None:
+            return
+        if sender.poll() is KVPoll.Bootstrapping:  # never by construction: fail it, loudly
+            sender.abort("KV computed before this rank had the receiver info")
+            return
+        sender.send(self.pages.get(rid, []), first_token)
+
+    def wait_transfers(self, rids: Iterable[str], timeout_s: float) -> None:
+        """Wait, at most `timeout_s` in all, for the writes of `rids` still running here to
+        end, so the tick that polls them next sees them finished instead of a tick later.
+        Call it without the rank's lock: the writes end on other threads."""
+        deadline = time.monotonic() + timeout_s
+        for rid in rids:
+            sender = self.senders.get(rid)
+            left = deadline - time.monotonic()
+            if sender is None or left <= 0:
+                continue
+            if sender.poll() is KVPoll.Transferring:
+                sender.wait_settled(left)
 
     def send_first_token(self, rid: str, first_token: FirstToken | None) -> None:
         """The last stage's sampled token for a request whose KV `send` already started."""

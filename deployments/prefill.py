@@ -165,7 +165,6 @@ class PrefillInstance:
         """
         self.controller.add(request)  # PromptRejected propagates before any state exists
         if request.receiver_info is not None:
-            self.controller.set_receiver_info(request.rid, request.receiver_info)
             self.peers[request.receiver_info.session_id] = DecodePeer(
                 request.decode_replica, time.monotonic()
             )

@@ -1,7 +1,7 @@
 """The prefill controller: the one owner of a prefill instance's queues and decisions.
 
 Requests move bootstrap -> waiting -> running -> inflight -> done, or end failed/aborted from
-any of them. The controller never talks to the network itself: it builds a `StepPlan` per
+any of them; one that arrives with its receiver info starts in waiting. The controller never talks to the network itself: it builds a `StepPlan` per
 scheduler step and applies what the stages report back. Every decision is made here, once,
 and every stage applies it in the same call. Pure logic: no Ray, no Mooncake, so the tests
 can drive it through any interleaving.
@@ -105,7 +105,14 @@ class PrefillController:
     # -- caller-facing ------------------------------------------------------------------------
 
     def add(self, request: PrefillRequest) -> None:
-        """Admit a request into the bootstrap queue; rejects bad prompts before any state exists."""
+        """Admit a request; rejects bad prompts before any state exists.
+
+        A request that brings its receiver info (the decode side's call always does) skips
+        the bootstrap queue: the plan that admits it gives every rank the info before any
+        forward, so each rank's sender is `WaitingForInput` by the time the forward's sends
+        start, and the request can be scheduled in that same plan. Only one that waits for its
+        info (`set_receiver_info`) waits for the consensus to call it ready. Either way the
+        consensus decides how it ends."""
         n = len(request.prompt_token_ids)
         if (problem := prompt_length_problem(n, self.config.max_prompt_len)) is not None:
             raise PromptRejected(problem)
@@ -113,9 +120,12 @@ class PrefillController:
             raise PromptRejected(f"the prompt's {n} tokens exceed the instance's KV capacity")
         if request.rid in self.requests:
             raise ValueError(f"request {request.rid} is already in flight")
-        self.requests[request.rid] = Tracked(request)
+        tracked = self.requests[request.rid] = Tracked(request)
         self.admitted += 1
         self._pending_admit.append((request.rid, request.room))
+        if request.receiver_info is not None:
+            self._pending_infos.append((request.rid, request.receiver_info))
+            self._make_ready(request.rid, tracked)
 
     def set_receiver_info(self, rid: str, info: ReceiverInfo) -> bool:
         """Forward receiver info to every stage with the next plan; False for an unknown rid."""
@@ -219,15 +229,19 @@ class PrefillController:
                 rank, reason = decision.reason(rid)
                 ended.append(self._end(rid, False, reason, failed_rank=rank))
             elif tracked.phase is Phase.BOOTSTRAP and state >= KVPoll.WaitingForInput:
-                tracked.phase = Phase.WAITING
-                tracked.ready_at = time.monotonic()
-                tracked.ready_tick = self._step
-                self.waiting[rid] = None
+                self._make_ready(rid, tracked)
             elif tracked.phase is Phase.INFLIGHT and state == KVPoll.Success:
                 ended.append(self._end(rid, True))
         return ended
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _make_ready(self, rid: str, tracked: Tracked) -> None:
+        """Into the waiting queue: schedulable from the next plan on."""
+        tracked.phase = Phase.WAITING
+        tracked.ready_at = time.monotonic()
+        tracked.ready_tick = self._step
+        self.waiting[rid] = None
 
     def _schedule(self) -> tuple[ChunkPlan, ...]:
         """Chunked prefill under the token budget: running requests first, then waiting, FIFO."""

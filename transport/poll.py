@@ -49,6 +49,7 @@ class PollState:
 
     def __init__(self, initial: KVPoll = KVPoll.Bootstrapping) -> None:
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._state = initial
         self._reason: str | None = None
         self._since = time.monotonic()
@@ -76,6 +77,7 @@ class PollState:
                 raise IllegalTransition(f"{self._state.name} -> {new.name}")
             self._state = new
             self._since = time.monotonic()
+            self._changed.notify_all()
 
     def advance_unless_failed(self, new: KVPoll) -> bool:
         """Like `advance`, but a participant failed meanwhile (abort, timeout) stays failed.
@@ -89,6 +91,7 @@ class PollState:
                 raise IllegalTransition(f"{self._state.name} -> {new.name}")
             self._state = new
             self._since = time.monotonic()
+            self._changed.notify_all()
             return True
 
     def fail(self, reason: str) -> bool:
@@ -99,4 +102,11 @@ class PollState:
             self._state = KVPoll.Failed
             self._reason = reason
             self._since = time.monotonic()
+            self._changed.notify_all()
             return True
+
+    def wait_while(self, state: KVPoll, timeout_s: float) -> KVPoll:
+        """Block until the state is no longer `state` or `timeout_s` passed; the state then."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._state is not state, timeout_s)
+            return self._state

@@ -158,6 +158,19 @@ class KVSender:
                 self._fail(reason)
         return self._state.state
 
+    def wait_settled(self, timeout_s: float) -> None:
+        """Block while the write runs, at most `timeout_s`: the pool's write moves the state
+        itself (woken at once); a write `send` launched is found finished by polling it."""
+        deadline = time.monotonic() + timeout_s
+        while self.poll() is KVPoll.Transferring:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            if self._launched is not None:
+                time.sleep(min(left, 2e-4))
+            else:
+                self._state.wait_while(KVPoll.Transferring, left)
+
     # -- verbs -------------------------------------------------------------------------------
 
     def set_receiver_info(self, info: ReceiverInfo) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from cluster.messages import PrefillRequest
 from deployments.prefill_controller import PromptRejected
-from tests.prefill.world import World
+from tests.prefill.world import InfoReadySender, World
 from transport.poll import KVPoll
 
 
@@ -218,5 +218,52 @@ def test_chunked_prefill_and_page_shortage_keep_fifo_order() -> None:
         everyone(world, "next", "complete")
         world.step()
         assert_idle(world)
+    finally:
+        world.close()
+
+
+INFO = object()  # scripted senders never read the receiver info itself
+
+
+def test_request_with_its_receiver_info_prefills_in_the_plan_that_admits_it() -> None:
+    """#22: no bootstrap round trip for a request whose info came with the call. The plan that
+    admits it carries the info before the forward, so the sends find every sender ready; the
+    consensus still decides the end."""
+    world = World(pp=2, sender=InfoReadySender)
+    try:
+        world.controller.add(PrefillRequest("a", 7, prompt(10), receiver_info=INFO))
+        plan, _, _ = world.step()
+        assert plan.admit == (("a", 7),) and [i[0] for i in plan.infos] == ["a"]
+        assert [c.rid for c in plan.batch] == ["a"] and plan.batch[0].finishing
+        assert all(world.sender(r, "a").poll() is KVPoll.Transferring for r in range(2))
+        assert world.controller.queue_sizes()["inflight"] == 1
+        everyone(world, "a", "complete")
+        _, _, ended = world.step()
+        assert [(e.rid, e.ok) for e in ended] == [("a", True)]
+        assert ended[0].first_token is not None and ended[0].ready_to_start_steps == 1
+        assert_idle(world)
+    finally:
+        world.close()
+
+
+def test_kv_computed_before_the_info_landed_fails_the_request_not_the_stage() -> None:
+    """A rank whose sender is still bootstrapping when the forward's sends start (never by
+    construction) fails that request with a reason; the stage and the others go on."""
+    world = World(pp=2)  # scripted: info never makes these senders ready by itself
+    try:
+        world.controller.add(PrefillRequest("a", 1, prompt(), receiver_info=INFO))
+        world.step()
+        _, _, ended = world.step()
+        assert [(e.rid, e.ok) for e in ended] == [("a", False)]
+        assert "before this rank had the receiver info" in (ended[0].reason or "")
+        assert_idle(world)
+        world.controller.add(PrefillRequest("b", 2, prompt()))
+        world.step()
+        everyone(world, "b", "ready")
+        world.step()
+        world.step()
+        everyone(world, "b", "complete")
+        _, _, ended = world.step()
+        assert [(e.rid, e.ok) for e in ended] == [("b", True)]
     finally:
         world.close()

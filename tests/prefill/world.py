@@ -63,9 +63,19 @@ class ScriptedSender:
         if self.state.state is KVPoll.Transferring:
             self.state.advance_unless_failed(KVPoll.Success)
 
+    def wait_settled(self, timeout_s: float) -> None:
+        pass  # the test completes writes itself (`complete()`)
+
     def abort(self, reason: str = "aborted") -> None:
         self.aborted = True
         self.state.fail(reason)
+
+
+class InfoReadySender(ScriptedSender):
+    """A sender whose receiver info is valid the moment it lands, as a real one's is."""
+
+    def set_receiver_info(self, info: ReceiverInfo) -> None:
+        self.ready()
 
 
 class ScriptedCompute:
@@ -136,8 +146,16 @@ class Rank:
 class World:
     """Controller + ranks; `step()` is one scheduler step across the whole instance."""
 
-    def __init__(self, pp: int, tp: int = 1, background: bool = False, **controller: int) -> None:
+    def __init__(
+        self,
+        pp: int,
+        tp: int = 1,
+        background: bool = False,
+        sender: type[ScriptedSender] = ScriptedSender,
+        **controller: int,
+    ) -> None:
         self.pp, self.tp = pp, tp
+        self._sender = sender
         defaults = {"num_pages": 64, "page_size": 4, "max_batched_tokens": 32}
         self.controller = PrefillController(ControllerConfig(**{**defaults, **controller}))
         self.ranks: list[Rank] = []
@@ -160,10 +178,9 @@ class World:
         self.ended: list[Ended] = []
         self.tick_rids: dict[int, tuple[str, ...]] = {}
 
-    @staticmethod
-    def _factory(rank: Rank):
+    def _factory(self, rank: Rank):
         def make(rid: str, room: int) -> ScriptedSender:
-            sender = ScriptedSender(rid, room)
+            sender = self._sender(rid, room)
             rank.senders[rid] = sender
             return sender
 
