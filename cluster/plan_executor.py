@@ -3,10 +3,10 @@
 Every rank runs every plan, in order: admissions, receiver info, drops and reconcile; the
 plan's consensus tick goes to the rank's `RankConsensus` (on its own thread, so no forward
 waits on an all-reduce); then the micro-batch's forward; the report carries the tick's result
-when it is in by then (it normally is: every rank got the plan at once). The sends of requests whose prompt is
-complete start as soon as the forward is queued and before it is waited for (on a GPU they
-run on a side stream behind it), so each stage ships its layers without waiting for the last
-stage; the last stage hands each first token to its sender once sampled.
+when it is in by then (it normally is: every rank got the plan at once). The sends of requests
+whose prompt is complete start as soon as the forward is queued and before it is waited for
+(on a GPU they run on a side stream behind it), so each stage ships its layers without waiting
+for the last stage; the last stage hands each first token to its sender once sampled.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from cluster.consensus import AllReduceMin, RankConsensus
 from cluster.messages import ChunkPlan, StageReport, StepPlan
 from cluster.stage_requests import StageRequests
 from transport.metadata import FirstToken
-
 
 # A step with no forward lets its tick wait this long for the rank's running KV writes to end,
 # so a finished transfer is decided in that step rather than one idle pause later.
