@@ -84,11 +84,24 @@ def cpu_prefill_config(model_dir: Any, pp_size: int, **overrides: Any) -> Prefil
     return PrefillConfig(**(settings | overrides))
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=["pp2", "pp4"])
+@pytest.fixture(
+    scope="module",
+    params=[(2, "auto"), (4, "auto"), (2, "mooncake")],
+    ids=["pp2", "pp4", "pp2-mooncake"],
+)
 def setup(request, ray_cluster, llama_dir, loop) -> Iterator[tuple[PrefillInstance, DecodePeer]]:
-    config = cpu_prefill_config(llama_dir, request.param)
-    instance = PrefillInstance(config, name=f"test{request.param}")
+    """An instance per PP size; `pp2-mooncake` moves hidden states between its stages with
+    Mooncake writes into the next stage's slots (cluster/hidden_channel.py), the others through
+    the host as CPU stages do by default. Every test must pass the same on each."""
+    pp_size, hidden_channel = request.param
+    transport = TransportConfig(
+        bootstrap_timeout_s=4, liveness_interval_s=0.5, hidden_channel=hidden_channel
+    )
+    config = cpu_prefill_config(llama_dir, pp_size, transport=transport)
+    instance = PrefillInstance(config, name=f"test{pp_size}{hidden_channel}")
     loop.run(instance.start())
+    want = "host" if hidden_channel == "auto" else hidden_channel
+    assert [link.path for link in instance.group.hidden_links] == [want] * (pp_size - 1)
     decode = DecodePeer(decode_shape(llama_dir))
     yield instance, decode
     decode.stop()
@@ -240,6 +253,8 @@ def test_killed_stage_fails_inflight_requests_and_the_instance_recovers(setup, l
     while not instance.healthy and time.monotonic() < deadline:
         time.sleep(0.2)
     assert instance.healthy
+    paths = {link.path for link in instance.group.hidden_links}
+    assert paths == {instance.config.transport.hidden_channel.replace("auto", "host")}
     pages = PAGES.take(1)
     result = loop.run(_prefill_with_info(instance, decode, "after", 2, [9, 8, 7, 6], pages))
     assert result.first_token.num_prompt_tokens == 4
