@@ -40,6 +40,8 @@ whole, so no process keeps a mapping or an event of a dead peer in use.
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from dataclasses import replace
 from typing import Any, Protocol
 
 import torch
@@ -263,6 +265,7 @@ class HiddenInbox:
         self._consumed: list[Any] = []
         self._produced: list[Any] = []
         self._last_read: torch.cuda.Event | None = None  # Mooncake on a GPU: the last copy out
+        self.received: Counter[str] = Counter()  # handoffs read, by path (stats, tests)
 
     def offer(self) -> HiddenSlots:
         """This stage's slots as the producer may reach them (allocated once)."""
@@ -271,7 +274,7 @@ class HiddenInbox:
         return self._offer
 
     def _make_offer(self) -> HiddenSlots:
-        base = dict(
+        none = HiddenSlots(
             node_id=node_id(),
             device=str(self.device),
             device_uuid=None,
@@ -279,28 +282,27 @@ class HiddenInbox:
             rows=self.rows,
             hidden_size=self.hidden_size,
             dtype=str(self.dtype).removeprefix("torch."),
+            addresses=(),
         )
-        on_gpu = self.device.type == "cuda"
-        if self.mode == "host" or (self.mode == "auto" and not on_gpu):
-            why = "configured" if self.mode == "host" else "CPU stages"
-            return HiddenSlots(addresses=(), why=why, **base)  # type: ignore[arg-type]
-        slots = torch.zeros(NUM_SLOTS, self.rows, self.hidden_size, dtype=self.dtype)
-        self._slots = slots = slots.to(self.device)
-        addresses = tuple(slots[i].data_ptr() for i in range(NUM_SLOTS))
-        why: list[str] = []
-        ipc, consumed_handles, uuid = None, (), None
+        if self.mode == "host":
+            return replace(none, why="configured")
+        if self.mode == "auto" and self.device.type != "cuda":
+            return replace(none, why="CPU stages")
+        shape = (NUM_SLOTS, self.rows, self.hidden_size)
+        self._slots = slots = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        reasons: list[str] = []
+        ipc, consumed, uuid = None, (), None
         if self.mode in ("auto", "ipc"):
-            ipc, consumed_handles, uuid = self._export(slots, why)
-        session = None
-        if self.mode in ("auto", "mooncake"):
-            session = self._register(slots, why)
-        return HiddenSlots(  # type: ignore[arg-type]
-            addresses=addresses,
+            ipc, consumed, uuid = self._export(slots, reasons)
+        session = self._register(slots, reasons) if self.mode in ("auto", "mooncake") else None
+        return replace(
+            none,
+            device_uuid=uuid,
+            addresses=tuple(slots[i].data_ptr() for i in range(NUM_SLOTS)),
             session_id=session,
             ipc=ipc,
-            consumed_events=consumed_handles,
-            why="; ".join(why),
-            **(base | {"device_uuid": uuid}),
+            consumed_events=consumed,
+            why="; ".join(reasons),
         )
 
     def _export(self, slots: torch.Tensor, why: list[str]) -> tuple[Any, tuple[bytes, ...], Any]:
@@ -350,6 +352,7 @@ class HiddenInbox:
     def receive(self, handoff: HiddenHandoff) -> torch.Tensor:
         """The handoff's hidden states as a tensor of this stage's own (the host path's may
         still be in host memory: the forward moves its input to the device)."""
+        self.received[handoff.path] += 1
         if handoff.path == "host":
             if handoff.tensor is None:
                 raise HiddenChannelError("a host handoff without its tensor")

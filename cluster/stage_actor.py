@@ -200,6 +200,7 @@ class StageActor:
             "pages_in_use": self.requests.pages_in_use,
             "queue_sizes": self.executor.queue_sizes(),
             "metadata_slots_held": self.endpoint.metadata.num_held,
+            "hidden_received": dict(self.hidden_in.received) if self.hidden_in else {},
         }
 
     @ray.method(concurrency_group="health")

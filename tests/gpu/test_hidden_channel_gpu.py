@@ -123,9 +123,10 @@ def _first_tokens(model_dir: Any, hidden_channel: str, prompts: list[list[int]])
                 )
                 reports = await group.step(StepPlan(step, None, batch=(chunk,)))
                 tokens.append(reports[-1].first_tokens[f"r{step}"].token_id)
+            received = (await group.call_one(1, "stats"))["hidden_received"]
         finally:
             await group.shutdown()
-        return paths, tokens
+        return paths, tokens, received
 
     return asyncio.run(run())
 
@@ -133,11 +134,13 @@ def _first_tokens(model_dir: Any, hidden_channel: str, prompts: list[list[int]])
 def test_pp2_stage_group_on_one_gpu_samples_the_same_first_tokens_over_ipc(llama_dir) -> None:
     ray = pytest.importorskip("ray", reason="the PP=2 group needs Ray on this machine")
     prompts = [[5 + (7 * i + 3 * j) % 500 for j in range(n)] for i, n in enumerate([5, 40, 200])]
-    ray.init(num_cpus=4, num_gpus=1, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, num_gpus=1, log_to_driver=False)
     try:
-        host_paths, host = _first_tokens(llama_dir, "host", prompts)
-        ipc_paths, ipc = _first_tokens(llama_dir, "auto", prompts)
+        host_paths, host, via_host = _first_tokens(llama_dir, "host", prompts)
+        ipc_paths, ipc, via_ipc = _first_tokens(llama_dir, "auto", prompts)
     finally:
         ray.shutdown()
     assert host_paths == ["host"] and ipc_paths == ["ipc"]
+    # Every step's states went the chosen way (none fell back to the host for not fitting).
+    assert via_host == {"host": len(prompts)} and via_ipc == {"ipc": len(prompts)}
     assert ipc == host

@@ -183,6 +183,10 @@ def test_kv_arrives_byte_exact_and_matches_the_whole_model(setup, loop, llama_di
             dst = got[layer].view(torch.float32)[:, pages].reshape(2, -1, *ref.shape[2:])[:, :n]
             torch.testing.assert_close(dst, ref, rtol=1e-4, atol=1e-5)
         assert result.first_token.token_id == ref_token
+    # Every step's hidden states went the way the stages chose (none through the host instead).
+    want = instance.config.transport.hidden_channel.replace("auto", "host")
+    for stats in loop.run(instance.group.call_all("stats"))[1:]:
+        assert set(stats["hidden_received"]) == {want}, stats["hidden_received"]
     assert_idle(instance, loop, decode)
 
 
