@@ -218,6 +218,11 @@ def connect_sender(
             return _fallback(f"CUDA IPC needs one node; the next stage is on {slots.node_id}", mode)
         if backend is None:
             return _fallback("no CUDA IPC backend here", mode)
+        if (
+            slots.device_uuid is not None
+            and slots.device_uuid not in backend.visible_device_uuids()
+        ):
+            return _fallback(f"the next stage's GPU {slots.device_uuid} is not visible here", mode)
         try:
             return IpcSender(slots, backend, device, "same node")
         except (IpcOpenError, RuntimeError, KeyError) as exc:

@@ -143,6 +143,12 @@ def test_ipc_needs_both_stages_on_one_node() -> None:
     assert isinstance(sender, HostSender) and "one node" in sender.link.why
 
 
+def test_ipc_needs_the_consumers_gpu_visible_here() -> None:
+    consumer = inbox("ipc", backend=FakeIpc(device_uuid="GPU-OTHER"))
+    sender = connect("ipc", consumer, backend=FakeIpc())
+    assert isinstance(sender, HostSender) and "not visible" in sender.link.why
+
+
 def test_a_step_too_large_for_the_slots_goes_through_the_host_and_keeps_the_ring() -> None:
     backend = FakeIpc()
     consumer = inbox("ipc", backend=backend)
