@@ -9,15 +9,22 @@ Between a prefill controller and its stages (Ray actor calls): one `StepPlan` pe
 step, the same to every stage in the same call, applied in a fixed order (admissions, receiver
 info, drops, reconcile, consensus tick, forward, KV sends), answered by one `StageReport` per
 stage carrying its `TickResult`s (`cluster.consensus`).
+
+Between neighbouring stages (`cluster.hidden_channel`): at connect time, per generation of the
+stage group, the consumer's `HiddenSlots`, answered by the producer's `HiddenLink`; every step,
+a `HiddenHandoff` from stage k to stage k+1 inside the chained step calls.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
 
 from engine.sampling import SamplingParams
 from transport.metadata import FirstToken
-from transport.receiver_info import ReceiverInfo
+from transport.receiver_info import IpcAllocation, ReceiverInfo
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,58 @@ class StageReport:
     first_tokens: dict[str, FirstToken] = field(default_factory=dict)
     forward_seconds: float = 0.0
     consensus_seconds: float = 0.0
+
+
+HiddenPathName = Literal["host", "ipc", "mooncake"]
+
+
+@dataclass(frozen=True)
+class HiddenSlots:
+    """A consumer stage's input slots, offered to its producer once per generation: a ring of
+    `num_slots` buffers of `rows x hidden_size` in `dtype`, each reachable by CUDA IPC (same
+    node), by a Mooncake write (any node), or neither (the consumer's reason in `why`)."""
+
+    node_id: str
+    device: str  # "cpu" or "cuda:<i>" as the consumer sees it
+    device_uuid: str | None
+    num_slots: int
+    rows: int
+    hidden_size: int
+    dtype: str  # torch dtype name, e.g. "bfloat16"
+    addresses: tuple[int, ...]  # each slot's address in the consumer's address space
+    session_id: str | None = None  # the consumer's Mooncake session, if its slots are registered
+    ipc: IpcAllocation | None = None  # the allocation holding the slots, if exported
+    consumed_events: tuple[bytes, ...] = ()  # per slot: recorded once the consumer copied it out
+    why: str = ""  # why a path is missing
+
+    @property
+    def slot_nbytes(self) -> int:
+        return self.rows * self.hidden_size * torch.empty((), dtype=self.torch_dtype).element_size()
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+@dataclass(frozen=True)
+class HiddenLink:
+    """The producer's answer to `HiddenSlots`: the path it chose, why, and (CUDA IPC) its
+    per-slot "produced" events the consumer waits on."""
+
+    path: HiddenPathName
+    why: str
+    produced_events: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
+class HiddenHandoff:
+    """Stage k's hidden states for stage k+1, carried by the chained step call: the states
+    themselves (`host`), or which of the consumer's slots holds the first `num_tokens` rows."""
+
+    path: HiddenPathName
+    num_tokens: int
+    slot: int | None = None
+    tensor: torch.Tensor | None = None  # the host path only (a CPU tensor)
 
 
 class StagePlanError(RuntimeError):

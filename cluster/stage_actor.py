@@ -2,8 +2,9 @@
 Mooncake engine, and a seat in the instance's collective group.
 
 It runs every plan the controller sends, in order (`PlanExecutor`). Stage k's step takes stage
-k-1's hidden states as an argument and returns its own, so Ray starts it once they exist;
-consensus ticks run on the stage's own thread, so no step waits on an all-reduce.
+k-1's `HiddenHandoff` as an argument and returns its own, so Ray starts it once it exists; the
+hidden states themselves stay on the GPU where they can (`cluster.hidden_channel`). Consensus
+ticks run on the stage's own thread, so no step waits on an all-reduce.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch
 
 from cluster.consensus import gloo_allreduce_min
 from cluster.gpu_visibility import NOSET_VISIBLE_DEVICES, actor_device
-from cluster.messages import StageReport, StepPlan
+from cluster.hidden_channel import HiddenInbox, HiddenSender, HostSender, connect_sender
+from cluster.messages import HiddenHandoff, HiddenLink, HiddenSlots, StageReport, StepPlan
 from cluster.metrics import StageMetrics
 from cluster.metrics_export import export_process_metrics
 from cluster.plan_executor import PlanExecutor
@@ -32,6 +34,7 @@ from engine.logs import configure_logging
 from engine.model import LayerRange
 from engine.runner import StageRunner, freeze_loaded_objects, resolve_device, resolve_dtype
 from transport.config import TransportConfig
+from transport.cuda_ipc.backend import CudaIpc, IpcBackend
 from transport.endpoint import TransferEndpoint
 from transport.receiver_info import KVLayout
 from transport.sender import KVSender
@@ -56,6 +59,9 @@ class StageSpec:
     replica: str = ""
     app: str = ""  # the Serve application, for metrics discovery
     transport: TransportConfig = field(default_factory=TransportConfig)
+    # The most tokens one step carries: the rows of the hidden-state slots (None: the engine's
+    # `max_num_batched_tokens`; a larger step's states go through the host).
+    max_batched_tokens: int | None = None
 
 
 class StageActor:
@@ -110,6 +116,22 @@ class StageActor:
             pages_in_use=lambda: self.requests.pages_in_use,
         )
         self.endpoint.on_repair = self.metrics.repaired
+        self.device = device
+        self._ipc: IpcBackend = (
+            self.endpoint.cuda_ipc.backend if self.endpoint.cuda_ipc else CudaIpc()
+        )
+        self.hidden_in: HiddenInbox | None = None
+        if spec.start > 0:
+            self.hidden_in = HiddenInbox(
+                spec.transport.hidden_channel,
+                device,
+                dtype,
+                spec.max_batched_tokens or engine.max_num_batched_tokens,
+                config.hidden_size,
+                self._ipc,
+                self.endpoint,
+            )
+        self.hidden_out: HiddenSender | None = None if self.is_last else HostSender("not connected")
         export_process_metrics(spec.app, "prefill-stage")
 
     def ready(self) -> dict[str, Any]:
@@ -132,17 +154,46 @@ class StageActor:
             collective.init_collective_group(world, rank, backend="gloo", group_name=group)
             self._group = group
 
+    def hidden_slots(self) -> HiddenSlots:
+        """This stage's input slots, for the previous stage's `connect_downstream`."""
+        if self.hidden_in is None:
+            raise RuntimeError("the first stage takes token ids, not hidden states")
+        return self.hidden_in.offer()
+
+    def connect_downstream(self, slots: HiddenSlots) -> HiddenLink:
+        """Choose how this stage's hidden states reach the next one (once per generation)."""
+        if self.hidden_out is None:
+            raise RuntimeError("the last stage hands no hidden states on")
+        self.hidden_out.close()
+        self.hidden_out = connect_sender(
+            slots, self.spec.transport.hidden_channel, self.device, self._ipc, self.endpoint
+        )
+        return self.hidden_out.link
+
+    def connect_upstream(self, link: HiddenLink) -> None:
+        """The previous stage's choice (`connect_downstream`'s answer)."""
+        if self.hidden_in is None:
+            raise RuntimeError("the first stage takes token ids, not hidden states")
+        self.hidden_in.connect(link)
+
     def step(
         self, plan: StepPlan, upstream: list[ray.ObjectRef] | None = None
-    ) -> tuple[StageReport, Any]:
-        """Apply one plan; returns this stage's report and its hidden states for the next.
+    ) -> tuple[StageReport, HiddenHandoff | None]:
+        """Apply one plan; returns this stage's report and the handoff of its hidden states.
 
-        `upstream` holds the previous stage's hidden states as a reference, not the value (a
-        list, so Ray does not wait for it before calling): this stage applies the plan and
-        joins its tick while the stage before it computes, and fetches the states only then."""
-        if upstream is None:
-            return self.executor.step(plan)
-        return self.executor.step(plan, lambda: ray.get(upstream[0]))
+        `upstream` holds the previous stage's handoff as a reference, not the value (a list,
+        so Ray does not wait for it before calling): this stage applies the plan and joins its
+        tick while the stage before it computes, and fetches the handoff only then."""
+        inbox = self.hidden_in
+
+        def fetch() -> torch.Tensor:
+            assert upstream is not None and inbox is not None
+            return inbox.receive(ray.get(upstream[0]))
+
+        report, out = self.executor.step(plan, fetch if upstream is not None else None)
+        if out is None or self.hidden_out is None:
+            return report, None
+        return report, self.hidden_out.send(out)
 
     def read_pages(self, pages: list[int]) -> list[torch.Tensor]:
         """K and V of `pages` for every layer of this stage (tests compare them byte for byte)."""
@@ -155,6 +206,7 @@ class StageActor:
             "pages_in_use": self.requests.pages_in_use,
             "queue_sizes": self.executor.queue_sizes(),
             "metadata_slots_held": self.endpoint.metadata.num_held,
+            "hidden_received": dict(self.hidden_in.received) if self.hidden_in else {},
         }
 
     @ray.method(concurrency_group="health")
@@ -180,6 +232,10 @@ class StageActor:
         self.executor.close()
         for rid in list(self.requests.senders):
             self.requests.drop(rid, "stage shutting down")
+        if self.hidden_out is not None:
+            self.hidden_out.close()
+        if self.hidden_in is not None:
+            self.hidden_in.close()
         self.endpoint.close()
         if self._group is not None:
             from ray.util import collective

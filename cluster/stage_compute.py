@@ -34,14 +34,14 @@ class LayerCompute:
 
     def sends_after(self, out: torch.Tensor) -> AbstractContextManager[None]:
         """Sends started inside run on a side stream behind the forward: their copies overlap
-        with handing the hidden states to the host, or with sampling."""
+        with handing the hidden states on, or with sampling."""
         return behind_current_stream(out.device)
 
     def finish(
         self, batch: tuple[ChunkPlan, ...], out: torch.Tensor
     ) -> tuple[torch.Tensor | None, dict[str, FirstToken]]:
-        if not self.is_last:
-            return (out.cpu() if out.is_cuda else out), {}
+        if not self.is_last:  # on its device: the stage's hidden channel hands it on
+            return out, {}
         return None, self._first_tokens(batch, out)
 
     def _inputs(self, batch: tuple[ChunkPlan, ...], upstream: torch.Tensor | None) -> torch.Tensor:

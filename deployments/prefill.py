@@ -88,6 +88,7 @@ class PrefillConfig(BaseModel):
                 replica=replica,
                 app=app,
                 transport=self.transport,
+                max_batched_tokens=self.max_batched_tokens,
             )
             for i, r in enumerate(split_layers(num_layers, self.pp_size))
         ]

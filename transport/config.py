@@ -58,6 +58,16 @@ class TransportConfig(BaseModel):
         ),
     )
 
+    hidden_channel: Literal["auto", "host", "ipc", "mooncake"] = Field(
+        "auto",
+        description=(
+            "how hidden states move between PP stages (cluster/hidden_channel.py): 'auto' = CUDA "
+            "IPC when both stages are on one node's GPUs, Mooncake device to device across "
+            "nodes, through the host (Ray's object store) for CPU stages; 'host', 'ipc' or "
+            "'mooncake' forces one (a path that cannot be set up falls back to the host)"
+        ),
+    )
+
     def resolved_hostname(self) -> str:
         """The address this process advertises; resolved where the endpoint starts."""
         if self.hostname != "auto":

@@ -223,6 +223,17 @@ class TransferEndpoint:
             with self._lock:
                 self._registered[address] = nbytes
 
+    def unregister(self, address: int) -> None:
+        """Undo `register(address, ...)` before the memory is freed (Mooncake refuses a later
+        registration that overlaps one still held). Unknown addresses are ignored."""
+        with self._engines_lock:
+            with self._lock:
+                if self._registered.pop(address, None) is None or self._closed:
+                    return
+                engines = [self._engine, *self._writers.values()]
+            for engine in engines:
+                engine.unregister_memory(address)
+
     def register_cache(self, cache: PagedKVCache) -> None:
         """Register every layer of a KV cache (CPU or GPU memory alike).
 

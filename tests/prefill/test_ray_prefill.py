@@ -84,11 +84,24 @@ def cpu_prefill_config(model_dir: Any, pp_size: int, **overrides: Any) -> Prefil
     return PrefillConfig(**(settings | overrides))
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=["pp2", "pp4"])
+@pytest.fixture(
+    scope="module",
+    params=[(2, "auto"), (4, "auto"), (2, "mooncake")],
+    ids=["pp2", "pp4", "pp2-mooncake"],
+)
 def setup(request, ray_cluster, llama_dir, loop) -> Iterator[tuple[PrefillInstance, DecodePeer]]:
-    config = cpu_prefill_config(llama_dir, request.param)
-    instance = PrefillInstance(config, name=f"test{request.param}")
+    """An instance per PP size; `pp2-mooncake` moves hidden states between its stages with
+    Mooncake writes into the next stage's slots (cluster/hidden_channel.py), the others through
+    the host as CPU stages do by default. Every test must pass the same on each."""
+    pp_size, hidden_channel = request.param
+    transport = TransportConfig(
+        bootstrap_timeout_s=4, liveness_interval_s=0.5, hidden_channel=hidden_channel
+    )
+    config = cpu_prefill_config(llama_dir, pp_size, transport=transport)
+    instance = PrefillInstance(config, name=f"test{pp_size}{hidden_channel}")
     loop.run(instance.start())
+    want = "host" if hidden_channel == "auto" else hidden_channel
+    assert [link.path for link in instance.group.hidden_links] == [want] * (pp_size - 1)
     decode = DecodePeer(decode_shape(llama_dir))
     yield instance, decode
     decode.stop()
@@ -170,6 +183,10 @@ def test_kv_arrives_byte_exact_and_matches_the_whole_model(setup, loop, llama_di
             dst = got[layer].view(torch.float32)[:, pages].reshape(2, -1, *ref.shape[2:])[:, :n]
             torch.testing.assert_close(dst, ref, rtol=1e-4, atol=1e-5)
         assert result.first_token.token_id == ref_token
+    # Every step's hidden states went the way the stages chose (none through the host instead).
+    want = instance.config.transport.hidden_channel.replace("auto", "host")
+    for stats in loop.run(instance.group.call_all("stats"))[1:]:
+        assert set(stats["hidden_received"]) == {want}, stats["hidden_received"]
     assert_idle(instance, loop, decode)
 
 
@@ -240,6 +257,8 @@ def test_killed_stage_fails_inflight_requests_and_the_instance_recovers(setup, l
     while not instance.healthy and time.monotonic() < deadline:
         time.sleep(0.2)
     assert instance.healthy
+    paths = {link.path for link in instance.group.hidden_links}
+    assert paths == {instance.config.transport.hidden_channel.replace("auto", "host")}
     pages = PAGES.take(1)
     result = loop.run(_prefill_with_info(instance, decode, "after", 2, [9, 8, 7, 6], pages))
     assert result.first_token.num_prompt_tokens == 4

@@ -28,6 +28,7 @@ from transport.receiver_info import IpcAllocation
 FAKE_GPU = "FAKE-GPU-0000"
 
 _REGISTRY: dict[str, torch.Tensor] = {}  # handle -> uint8 view, shared by every FakeIpc
+_EVENTS: dict[bytes, FakeEvent] = {}  # event handle -> the event, shared by every FakeIpc
 
 
 class FakeDone:
@@ -63,6 +64,8 @@ class FakeIpc:
         self.page_launches = 0  # the route (runs, from `send`)
         self.routes_prepared = 0
         self.launch_threads: list[int] = []
+        self.copies = 0  # raw copies (the hidden-state channel)
+        self.event_log: list[tuple[str, bytes]] = []  # ("record" | "wait", event handle)
         self._held: list[FakeDone] = []
 
     def is_device_memory(self, tensor: torch.Tensor) -> bool:
@@ -147,6 +150,41 @@ class FakeIpc:
     def wait(self, done: FakeDone) -> None:
         if not done.passed.wait(30):
             raise TimeoutError("fake copy never finished")
+
+    # The hidden-state channel's events (cluster/hidden_channel.py): the CPU runs every copy
+    # when it is issued, so an event has nothing to wait for. They are counted, so a test can
+    # state the order of records and waits.
+
+    def export_event(self, device: Any) -> tuple[FakeEvent, bytes]:
+        handle = secrets.token_bytes(64)
+        event = _EVENTS[handle] = FakeEvent(handle)
+        return event, handle
+
+    def open_event(self, handle: bytes, device: Any) -> FakeEvent:
+        if self.fail_open:
+            raise IpcOpenError("fake: the driver refused the event handle")
+        return _EVENTS[handle]
+
+    def record_event(self, event: FakeEvent, device: Any) -> None:
+        event.records += 1
+        self.event_log.append(("record", event.handle))
+
+    def wait_event(self, event: FakeEvent, device: Any) -> None:
+        event.waits += 1
+        self.event_log.append(("wait", event.handle))
+
+    def copy_async(self, dst: int, src: int, nbytes: int, device: Any) -> None:
+        self.copies += 1
+        ctypes.memmove(dst, src, nbytes)
+
+
+class FakeEvent:
+    """An interprocess "event": its handle, and how often it was recorded and waited on."""
+
+    def __init__(self, handle: bytes) -> None:
+        self.handle = handle
+        self.records = 0
+        self.waits = 0
 
 
 class FakeRuntime:

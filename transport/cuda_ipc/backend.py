@@ -1,5 +1,5 @@
-"""What the fast path needs from the machine (`IpcBackend`: export, open, close, copy) and the
-CUDA implementation of it (`CudaIpc`). Tests stand in a fake over CPU tensors
+"""What the fast path needs from the machine (`IpcBackend`: export, open, close, copy, and the
+interprocess events of the hidden-state channel between PP stages) and the CUDA implementation of it (`CudaIpc`). Tests stand in a fake over CPU tensors
 (tests/transport/fake_ipc.py).
 
 `CudaIpc` copies a request's pages three ways, fastest first: a route's CUDA graph (one launch
@@ -58,6 +58,14 @@ class IpcBackend(Protocol):
     # Returns the copy's end: anything with `query()` and `synchronize()`, like an event.
     def launch_pages(self, route: PageRoute, runs: PageRuns, device: torch.device) -> Any: ...
     def query(self, done: Any) -> bool: ...
+    # Interprocess events and a raw copy on the caller's stream: the hidden-state channel
+    # between PP stages (cluster/hidden_channel.py). A process records only events it created
+    # and waits on events it opened (a CUDA event records on its own device's streams only).
+    def export_event(self, device: torch.device) -> tuple[Any, bytes]: ...
+    def open_event(self, handle: bytes, device: torch.device) -> Any: ...
+    def record_event(self, event: Any, device: torch.device) -> None: ...
+    def wait_event(self, event: Any, device: torch.device) -> None: ...
+    def copy_async(self, dst: int, src: int, nbytes: int, device: torch.device) -> None: ...
 
 
 def _current_device() -> int:
@@ -424,3 +432,32 @@ class CudaIpc:
 
     def wait(self, done: SlotDone | torch.cuda.Event) -> None:
         done.synchronize()
+
+    # the hidden-state channel's events and copy ---------------------------------------------
+
+    def export_event(self, device: torch.device) -> tuple[torch.cuda.Event, bytes]:
+        """A new interprocess event on `device` and its IPC handle (it exists before any
+        record: a wait on it before its first record passes at once)."""
+        with torch.cuda.device(device):
+            event = torch.cuda.Event(interprocess=True)
+            return event, bytes(event.ipc_handle())
+
+    def open_event(self, handle: bytes, device: torch.device) -> torch.cuda.Event:
+        """A peer's event opened here; waited on, never recorded (it lives on the peer's GPU)."""
+        try:
+            return torch.cuda.Event.from_ipc_handle(device, handle)
+        except (RuntimeError, ValueError) as exc:
+            raise IpcOpenError(f"cannot open a peer's CUDA event: {exc}") from exc
+
+    def record_event(self, event: torch.cuda.Event, device: torch.device) -> None:
+        event.record(torch.cuda.current_stream(device))
+
+    def wait_event(self, event: torch.cuda.Event, device: torch.device) -> None:
+        torch.cuda.current_stream(device).wait_event(event)
+
+    def copy_async(self, dst: int, src: int, nbytes: int, device: torch.device) -> None:
+        """`nbytes` from `src` to `dst` on the caller's current stream on `device`; unified
+        addressing finds both ends (a peer's mapped memory may be on another GPU)."""
+        with torch.cuda.device(device):
+            stream = torch.cuda.current_stream(device).cuda_stream
+            self.runtime.memcpy_async(dst, src, nbytes, stream)
