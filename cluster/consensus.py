@@ -68,6 +68,9 @@ class TickIssuer:
         self._tick = 0
         self._outstanding: dict[int, tuple[str, ...]] = {}  # issued, not yet decided
         self._reports: dict[int, list[tuple[int, TickResult]]] = {}
+        # Ticks decided before every rank reported them: their states and how many reports
+        # are still to come (each checked against the decision).
+        self._decided: dict[int, tuple[tuple[tuple[str, KVPoll], ...], int]] = {}
         self.applied_tick = 0
         self._reconcile_next = False
 
@@ -91,23 +94,53 @@ class TickIssuer:
         return None
 
     def collect(self, reports: list[StageReport]) -> list[Decision]:
-        """Record the ranks' tick results; return every tick now decided, in order."""
+        """Record the ranks' tick results; return every tick now decided, in order.
+
+        A tick is decided once every rank reported it, or earlier from one rank's result
+        when it failed nothing: every rank computed the same vector in one all-reduce, so one
+        copy is the decision, and a failure waits only for the reasons the other ranks hold.
+        (A stage before the last reports a tick that ran after its sends a step later.) Later
+        copies of a decided tick are still checked against it."""
         for report in reports:
             for result in report.ticks:
-                self._reports.setdefault(result.tick, []).append((report.pp_rank, result))
+                decided_vector = self._decided.get(result.tick)
+                if decided_vector is not None:
+                    self._check_late(result.tick, decided_vector, report.pp_rank, result)
+                else:
+                    self._reports.setdefault(result.tick, []).append((report.pp_rank, result))
         decided: list[Decision] = []
         for tick in sorted(self._outstanding):
             results = self._reports.get(tick, [])
-            if len(results) < len(reports):
+            complete = len(results) >= len(reports)
+            early = bool(results) and all(s != KVPoll.Failed for s in results[0][1].vector)
+            if not (complete or early):
                 break
             del self._reports[tick]
-            decided.append(self._decide(tick, self._outstanding.pop(tick), results))
+            decision = self._decide(tick, self._outstanding.pop(tick), results)
+            if not complete:
+                self._decided[tick] = (decision.states, len(reports) - len(results))
+            decided.append(decision)
         return decided
+
+    def _check_late(
+        self,
+        tick: int,
+        decided: tuple[tuple[tuple[str, KVPoll], ...], int],
+        rank: int,
+        result: TickResult,
+    ) -> None:
+        states, missing = decided
+        if tuple(result.vector) != tuple(int(s) for _, s in states):
+            raise StagePlanError(f"pp_rank {rank} disagrees on tick {tick}, decided earlier")
+        if missing <= 1:
+            del self._decided[tick]
+        else:
+            self._decided[tick] = (states, missing - 1)
 
     def check_counts(self, reports: list[StageReport], expected_requests: int) -> None:
         """After the controller applied the decided ticks: a rank that applied the same ticks
         must hold `expected_requests`; one that holds another count reconciles next step."""
-        if any(
+        if not self._decided and any(
             r.last_tick == self.applied_tick and r.num_requests != expected_requests
             for r in reports
         ):
@@ -117,6 +150,7 @@ class TickIssuer:
         """Forget every undecided tick (the ranks were rebuilt empty)."""
         self._outstanding.clear()
         self._reports.clear()
+        self._decided.clear()
 
     def _decide(
         self, tick: int, rids: tuple[str, ...], results: list[tuple[int, TickResult]]

@@ -23,9 +23,10 @@ from cluster.messages import ChunkPlan, StageReport, StepPlan
 from cluster.stage_requests import StageRequests
 from transport.metadata import FirstToken
 
-# A step with no forward lets its tick wait this long for the rank's running KV writes to end,
-# so a finished transfer is decided in that step rather than one idle pause later.
-IDLE_TICK_SETTLE_S = 0.02
+# A tick that polls writes this rank has running waits this long for them to end first (in a
+# step with no forward, or after the sends of the requests the step finishes), so a transfer
+# that ends quickly is decided in that step rather than a step and an idle pause later.
+SETTLE_S = 0.02
 # A step reports its own tick's result when it comes within this long: every rank got the plan
 # at once (`StageGroup.step`), so the all-reduce is normally done by the end of the forward.
 # Bounded: a slow rank only moves the result to a later report.
@@ -87,15 +88,18 @@ class PlanExecutor:
                 self.requests.reconcile(plan.tracked)
             for chunk in plan.batch:
                 self.requests.assign_pages(chunk.rid, chunk.pages)
-        if plan.tick is not None:
-            settle_s = 0.0 if plan.batch else IDLE_TICK_SETTLE_S
+        finishing = [chunk.rid for chunk in plan.batch if chunk.finishing]
+        # A tick that polls requests this step finishes runs once their sends started, and
+        # waits briefly for them; one over other requests runs beside the forward.
+        tick_after_sends = plan.tick is not None and not set(finishing).isdisjoint(plan.rids)
+        if plan.tick is not None and not tick_after_sends:
+            settle_s = 0.0 if plan.batch else SETTLE_S
             self.consensus.submit(plan.tick, plan.rids, settle_s)
 
         hidden: Any = None
         first_tokens: dict[str, FirstToken] = {}
         start = time.perf_counter()
         if plan.batch:
-            finishing = [chunk.rid for chunk in plan.batch if chunk.finishing]
             out = self._compute.launch(plan.batch, upstream() if upstream is not None else None)
             with self._compute.sends_after(out):
                 for rid in finishing:  # the lock per request: a send may wait for a free slot
@@ -107,9 +111,14 @@ class PlanExecutor:
                     for rid in finishing:
                         self.requests.send_first_token(rid, first_tokens.get(rid))
         forward_s = time.perf_counter() - start
+        if tick_after_sends:
+            assert plan.tick is not None
+            self.consensus.submit(plan.tick, plan.rids, SETTLE_S)
 
         with self._lock:
-            if plan.tick is not None:
+            # Not a stage before the last whose tick runs after its sends: that tick's
+            # all-reduce waits for the next stage, which waits for this step's hidden states.
+            if plan.tick is not None and (self._is_last or not tick_after_sends):
                 self.consensus.wait_done(plan.tick, TICK_REPORT_WAIT_S)
             report = StageReport(
                 pp_rank=self.requests.pp_rank,

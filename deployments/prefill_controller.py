@@ -173,12 +173,18 @@ class PrefillController:
     def plan(self) -> StepPlan:
         """The next step for every stage: pending messages, a consensus tick, a micro-batch.
 
-        The tick covers the bootstrap and inflight queues, in order (`cluster.consensus`).
+        The tick covers the bootstrap and inflight queues and the requests the batch finishes,
+        in order (`cluster.consensus`).
         """
         self._step += 1
-        polled = (Phase.BOOTSTRAP, Phase.INFLIGHT)
-        tick, rids = self.ticks.issue([r for r, t in self.requests.items() if t.phase in polled])
         batch = self._schedule()
+        # The requests this batch finishes are polled too: each rank runs the tick after its
+        # sends started, so a transfer that ends quickly is decided in this very step.
+        polled = (Phase.BOOTSTRAP, Phase.INFLIGHT)
+        finishing = {c.rid for c in batch if c.finishing}
+        tick, rids = self.ticks.issue(
+            [r for r, t in self.requests.items() if t.phase in polled or r in finishing]
+        )
         tracked = self.ticks.tracked_set(self._step, tuple(self.requests))
         plan = StepPlan(
             step=self._step,

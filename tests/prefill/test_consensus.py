@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.messages import PrefillRequest
+from cluster.consensus import TickIssuer
+from cluster.messages import PrefillRequest, StagePlanError, StageReport, TickResult
 from deployments.prefill_controller import PromptRejected
 from tests.prefill.world import InfoReadySender, World
 from transport.poll import KVPoll
@@ -237,6 +238,7 @@ def test_request_with_its_receiver_info_prefills_in_the_plan_that_admits_it() ->
         assert [c.rid for c in plan.batch] == ["a"] and plan.batch[0].finishing
         assert all(world.sender(r, "a").poll() is KVPoll.Transferring for r in range(2))
         assert world.controller.queue_sizes()["inflight"] == 1
+        assert "a" in plan.rids  # its tick ran after the sends (scripted writes never end alone)
         everyone(world, "a", "complete")
         _, _, ended = world.step()
         assert [(e.rid, e.ok) for e in ended] == [("a", True)]
@@ -252,8 +254,7 @@ def test_kv_computed_before_the_info_landed_fails_the_request_not_the_stage() ->
     world = World(pp=2)  # scripted: info never makes these senders ready by itself
     try:
         world.controller.add(PrefillRequest("a", 1, prompt(), receiver_info=INFO))
-        world.step()
-        _, _, ended = world.step()
+        _, _, ended = world.step()  # decided by the tick that ran after the sends
         assert [(e.rid, e.ok) for e in ended] == [("a", False)]
         assert "before this rank had the receiver info" in (ended[0].reason or "")
         assert_idle(world)
@@ -267,3 +268,38 @@ def test_kv_computed_before_the_info_landed_fails_the_request_not_the_stage() ->
         assert [(e.rid, e.ok) for e in ended] == [("b", True)]
     finally:
         world.close()
+
+
+def _report(rank: int, *ticks: TickResult) -> StageReport:
+    return StageReport(pp_rank=rank, ticks=list(ticks), last_tick=0, num_requests=0, pages_in_use=0)
+
+
+def test_a_tick_that_failed_nothing_is_decided_from_the_first_rank_that_reports_it() -> None:
+    """#22: a stage before the last reports a tick that ran after its sends one step later;
+    the decision does not wait for it. Its late copy is still checked."""
+    ticks = TickIssuer()
+    tick, _ = ticks.issue(["a", "b"])
+    ok = TickResult(tick, (int(KVPoll.Success), int(KVPoll.Transferring)), {})
+    [decision] = ticks.collect([_report(0), _report(1, ok)])
+    assert decision.states == (("a", KVPoll.Success), ("b", KVPoll.Transferring))
+    assert not ticks.in_flight
+    next_tick, _ = ticks.issue(["b"])
+    assert ticks.collect([_report(0, ok), _report(1)]) == []  # the late copy agrees
+    late_wrong = TickResult(tick, (int(KVPoll.Failed), int(KVPoll.Transferring)), {})
+    fresh = TickIssuer()
+    t, _ = fresh.issue(["a", "b"])
+    fresh.collect([_report(0), _report(1, ok)])
+    with pytest.raises(StagePlanError):
+        fresh.collect([_report(0, late_wrong), _report(1)])
+    assert next_tick == tick + 1 and t == tick
+
+
+def test_a_tick_with_a_failure_waits_for_every_rank_and_its_reason() -> None:
+    ticks = TickIssuer()
+    tick, _ = ticks.issue(["a"])
+    failed = (int(KVPoll.Failed),)
+    assert ticks.collect([_report(0), _report(1, TickResult(tick, failed, {}))]) == []
+    [decision] = ticks.collect(
+        [_report(0, TickResult(tick, failed, {"a": "pp_rank 0: write failed"})), _report(1)]
+    )
+    assert decision.reason("a") == (0, "pp_rank 0: write failed")
