@@ -350,46 +350,6 @@ def main_build(args: argparse.Namespace) -> None:
         sys.exit("over the limit")
 
 
-STAGED = [
-    "engine",
-    "cluster",
-    "transport",
-    "deployments",
-    "benchmarks",
-    "tests/__init__.py",
-    "tests/conftest.py",
-    "tests/gpu",
-    "pyproject.toml",
-]
-
-
-def main_stage(args: argparse.Namespace) -> None:
-    """Copy the code the GPU runs need, and .whl/ .debs/, into `--into`: the device tool sends
-    the checkout its session started in, so a helper's worktree travels as an ignored folder
-    of that checkout, named in `carry` (run there with `cd <folder> && ...`)."""
-    into = Path(args.into).resolve()
-    if into.exists():
-        shutil.rmtree(into)
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", *STAGED],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\n")
-    n = 0
-    for f in filter(None, files):
-        if "/results/" in f or not (ROOT / f).is_file():
-            continue
-        (into / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / f, into / f)
-        n += 1
-    for d in (".whl", ".debs"):
-        shutil.copytree(ROOT / d, into / d)
-    total = sum(p.stat().st_size for p in into.rglob("*") if p.is_file())
-    print(f"staged {n} files and .whl/ .debs/ in {into}: {mib(total)}")
-
-
 def main_probe(args: argparse.Namespace) -> None:
     """A venv of this machine's Python that sees the image's packages and the carried set only."""
     venv = Path(args.venv)
@@ -443,9 +403,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", nargs="?", default="build", choices=("build", "probe", "stage"))
-    parser.add_argument("--into", default=str(ROOT.parent / "main" / ".gpusvc"))
+    parser.add_argument("what", nargs="?", default="build", choices=("build", "probe"))
     parser.add_argument("--python-version", default="3.12")
     parser.add_argument("--venv", default="/tmp/pdserve-probe")
     args = parser.parse_args()
-    {"build": main_build, "probe": main_probe, "stage": main_stage}[args.what](args)
+    {"build": main_build, "probe": main_probe}[args.what](args)

@@ -102,8 +102,10 @@ def check_invariants(world: World) -> None:
     for rank in world.ranks:
         lagging = rank.requests.last_tick < world.controller.ticks.applied_tick
         for rid in rank.requests.pages:
-            assert lagging or rid in world.controller.requests or any(
-                d[0] == rid for d in world.controller._pending_drop
+            assert (
+                lagging
+                or rid in world.controller.requests
+                or any(d[0] == rid for d in world.controller._pending_drop)
             )
     # No success is reported for a sender that never transferred.
     for rank in world.ranks:
