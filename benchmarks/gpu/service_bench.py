@@ -554,7 +554,9 @@ def run_shape(shape: str, args: argparse.Namespace, port: int) -> dict[str, Any]
             m["timeline"] = timeline(base)
             log(f"{shape}: timeline {m['timeline']}")
         if args.rates:
-            asyncio.run(load(base, 2.0, args.warmup, seed=99))
+            # Warm up at the highest rate: the batch sizes it reaches compile and capture
+            # their kernels here, not inside the first measured run.
+            asyncio.run(load(base, max(args.rates), args.warmup, seed=99))
             m["load"] = {}
             for rate in args.rates:
                 log(f"{shape}: {mode} at {rate} req/s for {args.duration}s")
