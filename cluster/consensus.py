@@ -76,7 +76,9 @@ class TickIssuer:
 
     @property
     def in_flight(self) -> bool:
-        return bool(self._outstanding)
+        """A tick is undecided, or decided with copies still to check, or a rank must be
+        reconciled: the controller has a step to run for it."""
+        return bool(self._outstanding or self._decided or self._reconcile_next)
 
     def issue(self, rids: Sequence[str]) -> tuple[int | None, tuple[str, ...]]:
         """A new tick over `rids`, or `(None, ())` while the last one is undecided."""
@@ -140,7 +142,7 @@ class TickIssuer:
     def check_counts(self, reports: list[StageReport], expected_requests: int) -> None:
         """After the controller applied the decided ticks: a rank that applied the same ticks
         must hold `expected_requests`; one that holds another count reconciles next step."""
-        if not self._decided and any(
+        if any(
             r.last_tick == self.applied_tick and r.num_requests != expected_requests
             for r in reports
         ):

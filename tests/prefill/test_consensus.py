@@ -11,7 +11,7 @@ import pytest
 from cluster.consensus import TickIssuer
 from cluster.messages import PrefillRequest, StagePlanError, StageReport, TickResult
 from deployments.prefill_controller import PromptRejected
-from tests.prefill.world import InfoReadySender, World
+from tests.prefill.world import InfoReadySender, InstantSender, World
 from transport.poll import KVPoll
 
 
@@ -282,9 +282,12 @@ def test_a_tick_that_failed_nothing_is_decided_from_the_first_rank_that_reports_
     ok = TickResult(tick, (int(KVPoll.Success), int(KVPoll.Transferring)), {})
     [decision] = ticks.collect([_report(0), _report(1, ok)])
     assert decision.states == (("a", KVPoll.Success), ("b", KVPoll.Transferring))
-    assert not ticks.in_flight
-    next_tick, _ = ticks.issue(["b"])
+    assert ticks.in_flight  # a copy is still to be checked: the controller steps once more
+    next_tick, _ = ticks.issue(["b"])  # but the next tick may go out
     assert ticks.collect([_report(0, ok), _report(1)]) == []  # the late copy agrees
+    both = TickResult(next_tick, (3,), {})
+    ticks.collect([_report(0, both), _report(1, both)])
+    assert not ticks.in_flight
     late_wrong = TickResult(tick, (int(KVPoll.Failed), int(KVPoll.Transferring)), {})
     fresh = TickIssuer()
     t, _ = fresh.issue(["a", "b"])
@@ -303,3 +306,25 @@ def test_a_tick_with_a_failure_waits_for_every_rank_and_its_reason() -> None:
         [_report(0, TickResult(tick, failed, {"a": "pp_rank 0: write failed"})), _report(1)]
     )
     assert decision.reason("a") == (0, "pp_rank 0: write failed")
+
+
+def test_an_orphan_on_a_later_rank_is_dropped_after_one_request_decided_early() -> None:
+    """The regression the queue alert's e2e test caught: a request prefilled, shipped and
+    decided in one step (from the last rank's copy) left the controller no step in which to
+    compare counts and reconcile, so an orphan on rank 1 outlived it."""
+    import time
+
+    world = World(pp=2, background=True, sender=InstantSender)
+    try:
+        world.ranks[1].executor.admit_untracked("stuck")
+        world.controller.add(PrefillRequest("a", 1, prompt(), receiver_info=INFO))
+        _, _, ended = world.step()
+        assert [(e.rid, e.ok) for e in ended] == [("a", True)]  # in one step
+        deadline = time.monotonic() + 10
+        while world.controller.has_work and time.monotonic() < deadline:
+            time.sleep(0.002)  # the ranks' tick threads
+            world.step()
+        assert [(e.rid, e.ok) for e in world.ended] == [("a", True)]
+        assert_idle(world)
+    finally:
+        world.close()

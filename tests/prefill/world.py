@@ -78,6 +78,14 @@ class InfoReadySender(ScriptedSender):
         self.ready()
 
 
+class InstantSender(InfoReadySender):
+    """A sender whose writes land the moment they start (a fast path to a quick peer)."""
+
+    def send(self, page_indices: list[int], first_token: FirstToken | None = None) -> None:
+        super().send(page_indices, first_token)
+        self.complete()  # the step's tick runs after the last stage's token, too
+
+
 class ScriptedCompute:
     """A forward with no model: the last stage "samples" each finishing chunk's length."""
 
