@@ -214,8 +214,9 @@ def make_model(shape: str, device: str) -> tuple[Path, dict[str, Any]]:
 # ---------------------------------------------------------------- HTTP client
 
 
-async def complete(session: Any, base: str, prompt: str, max_tokens: int, stream: bool) -> dict:
-    body = {
+def completion_body(prompt: str, max_tokens: int, stream: bool) -> dict[str, Any]:
+    """A greedy completion of exactly `max_tokens` tokens (usage included when streamed)."""
+    body: dict[str, Any] = {
         "model": MODEL_NAME,
         "prompt": prompt,
         "max_tokens": max_tokens,
@@ -225,6 +226,11 @@ async def complete(session: Any, base: str, prompt: str, max_tokens: int, stream
     }
     if stream:
         body["stream_options"] = {"include_usage": True}
+    return body
+
+
+async def complete(session: Any, base: str, prompt: str, max_tokens: int, stream: bool) -> dict:
+    body = completion_body(prompt, max_tokens, stream)
     async with session.post(f"{base}/v1/completions", json=body) as resp:
         if resp.status != 200:
             raise RuntimeError(f"{resp.status}: {await resp.text()}")
@@ -279,15 +285,7 @@ async def one_request(session: Any, base: str, rng: random.Random, out: dict) ->
         for _ in range(rng.choice([8, 32, 96, 160]))
     )
     max_tokens = rng.choice([8, 32, 64])
-    body = {
-        "model": MODEL_NAME,
-        "prompt": words,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "ignore_eos": True,
-    }
+    body = completion_body(words, max_tokens, stream=True)
     start = time.perf_counter()
     first = last = None
     gaps: list[float] = []
@@ -421,14 +419,7 @@ async def timed_request(base: str, prompt: str, max_tokens: int) -> dict[str, An
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
         t0 = time.perf_counter()
-        body = {
-            "model": MODEL_NAME,
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "ignore_eos": True,
-            "stream": True,
-        }
+        body = completion_body(prompt, max_tokens, stream=True)
         ttft, rid = None, None
         async with session.post(f"{base}/v1/completions", json=body) as resp:
             async for line in resp.content:

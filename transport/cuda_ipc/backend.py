@@ -1,6 +1,6 @@
 """What the fast path needs from the machine (`IpcBackend`: export, open, close, copy, and the
-interprocess events of the hidden-state channel between PP stages) and the CUDA implementation of it (`CudaIpc`). Tests stand in a fake over CPU tensors
-(tests/transport/fake_ipc.py).
+interprocess events of the hidden-state channel between PP stages) and the CUDA implementation
+of it (`CudaIpc`). Tests stand in a fake over CPU tensors (tests/transport/fake_ipc.py).
 
 `CudaIpc` copies a request's pages three ways, fastest first: a route's CUDA graph (one launch
 per request), one Triton launch over the request's runs, one `cudaMemcpyAsync` per run. Its
