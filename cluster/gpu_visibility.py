@@ -14,8 +14,6 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 log = logging.getLogger(__name__)
 
 NOSET_VISIBLE_DEVICES = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
@@ -42,7 +40,10 @@ def cuda_index(assigned: Sequence[str | int], visible: str | None) -> int | None
 
 def actor_device(device: str) -> str:
     """`device` as configured, except `auto` in a Ray actor holding a GPU: that GPU, made the
-    process's current CUDA device (streams, IPC and the allocator all default to it)."""
+    process's current CUDA device (streams, IPC and the allocator all default to it).
+    Imports torch here: the deployments that use the rest of this module hold no model."""
+    import torch
+
     if device != "auto" or not torch.cuda.is_available():
         return device
     import ray

@@ -18,11 +18,12 @@ a `HiddenHandoff` from stage k to stage k+1 inside the chained step calls.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:  # messages pass through processes without torch (ingress, controller)
+    import torch
 
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 from transport.metadata import FirstToken
 from transport.receiver_info import IpcAllocation, ReceiverInfo
 
@@ -155,10 +156,12 @@ class HiddenSlots:
 
     @property
     def slot_nbytes(self) -> int:
-        return self.rows * self.hidden_size * torch.empty((), dtype=self.torch_dtype).element_size()
+        return self.rows * self.hidden_size * self.torch_dtype.itemsize
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        import torch
+
         return getattr(torch, self.dtype)
 
 

@@ -12,32 +12,31 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
-import torch
 
 from cluster.consensus import gloo_allreduce_min
 from cluster.gpu_visibility import NOSET_VISIBLE_DEVICES, actor_device
-from cluster.hidden_channel import HiddenInbox, HiddenSender, HostSender, connect_sender
 from cluster.messages import HiddenHandoff, HiddenLink, HiddenSlots, StageReport, StepPlan
 from cluster.metrics import StageMetrics
 from cluster.metrics_export import export_process_metrics
 from cluster.plan_executor import PlanExecutor
-from cluster.stage_compute import LayerCompute
 from cluster.stage_requests import StageRequests
+from cluster.thread_budget import apply_thread_budget
 from engine import EngineConfig
 from engine.config import ModelConfig
-from engine.kv_cache import KVCacheSpec, PagedKVCache
-from engine.loader import load_stage
+from engine.kv_cache import KVCacheSpec
 from engine.logs import configure_logging
-from engine.model import LayerRange
-from engine.runner import StageRunner, freeze_loaded_objects, resolve_device, resolve_dtype
 from transport.config import TransportConfig
-from transport.cuda_ipc.backend import CudaIpc, IpcBackend
-from transport.endpoint import TransferEndpoint
 from transport.receiver_info import KVLayout
-from transport.sender import KVSender
+
+if TYPE_CHECKING:
+    import torch
+
+    from cluster.hidden_channel import HiddenInbox, HiddenSender
+    from transport.cuda_ipc.backend import IpcBackend
+    from transport.sender import KVSender
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +64,24 @@ class StageSpec:
 
 
 class StageActor:
-    """One PP stage of one prefill instance (created as a Ray actor by `StageGroup`)."""
+    """One PP stage of one prefill instance (created as a Ray actor by `StageGroup`).
+
+    The model, the KV cache and the transfer engine are imported where they are built, in the
+    actor's own process: the prefill controller that creates these actors imports this module
+    too, and holds no model, so it never loads torch."""
 
     def __init__(self, spec: StageSpec) -> None:
+        from cluster.hidden_channel import HiddenInbox, HostSender
+        from cluster.stage_compute import LayerCompute
+        from engine.kv_cache import PagedKVCache
+        from engine.layer_range import LayerRange
+        from engine.loader import load_stage
+        from engine.runner import StageRunner, freeze_loaded_objects, resolve_device, resolve_dtype
+        from transport.cuda_ipc.backend import CudaIpc
+        from transport.endpoint import TransferEndpoint
+
         configure_logging()
+        apply_thread_budget(f"prefill-stage-{spec.pp_rank}")
         self.spec = spec
         engine = spec.engine
         if engine.num_pages is None:
@@ -162,6 +175,8 @@ class StageActor:
 
     def connect_downstream(self, slots: HiddenSlots) -> HiddenLink:
         """Choose how this stage's hidden states reach the next one (once per generation)."""
+        from cluster.hidden_channel import connect_sender
+
         if self.hidden_out is None:
             raise RuntimeError("the last stage hands no hidden states on")
         self.hidden_out.close()
@@ -197,6 +212,8 @@ class StageActor:
 
     def read_pages(self, pages: list[int]) -> list[torch.Tensor]:
         """K and V of `pages` for every layer of this stage (tests compare them byte for byte)."""
+        import torch
+
         index = torch.tensor(pages, dtype=torch.long)
         return [layer[:, index].cpu().clone() for layer in self.cache.layers]
 
@@ -246,6 +263,8 @@ class StageActor:
     # -- internals ----------------------------------------------------------------------------
 
     def _make_sender(self, rid: str, room: int) -> KVSender:
+        from transport.sender import KVSender
+
         return KVSender(
             self.endpoint,
             rid=rid,

@@ -56,6 +56,28 @@ class AppConfig(ModelSettings):
     port: PositiveInt = 8000
     api_key: str | None = Field(None, description=f"bearer token; also read from ${API_KEY_ENV}")
 
+    def sharing_cores(self, cores: int, mode: str) -> AppConfig:
+        """This config with the compute roles' CPUs split between `cores` of one machine (the
+        embedded `--local-cluster`), where not set explicitly. Each engine process computes on
+        the floor of its `num_cpus` threads (cluster/thread_budget.py), so the split is the
+        thread budget:
+        - colocated: the one engine takes every core;
+        - pd: decode takes half the cores and the prefill stages share the other half. Decode
+          runs a step every few tens of milliseconds for as long as any request streams, so it
+          gets cores of its own; the stages of one micro-batch run one after the other, so
+          between them they mostly keep one half busy, and overlap only when the pipeline
+          holds several micro-batches. The OS, not pinning, settles that overlap: pinned
+          halves would leave the prefill cores idle while decode is short of them.
+        The ingress and the controller compute little and keep their small shares."""
+        explicit = self.model_fields_set
+        update: dict[str, float] = {}
+        if mode == "colocated":
+            update["decode_num_cpus"] = float(cores)
+        else:
+            update["decode_num_cpus"] = max(1.0, cores / 2)
+            update["num_cpus_per_stage"] = max(0.25, cores / 2 / self.pp_size)
+        return self.model_copy(update={k: v for k, v in update.items() if k not in explicit})
+
     def resolved_max_model_len(self) -> int:
         limit = ModelConfig.from_dir(self.model).max_position_embeddings
         return min(self.max_model_len or limit, limit)

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from cluster.messages import Accepted, DecodeRequest, TokenChunk
+from cluster.thread_budget import apply_thread_budget
 from deployments.decode import DecodeConfig, chunk_of, on_this_actor, step_and_dispatch
 from deployments.health import Readiness
 from engine import LLM, OutOfPagesError
@@ -28,6 +29,7 @@ class ColocatedDeployment:
 
         configure_logging()
         self.config = DecodeConfig.model_validate(config)
+        apply_thread_budget("colocated")
         self.llm = LLM(on_this_actor(self.config.engine))
         self._streams: dict[str, asyncio.Queue[Any]] = {}
         self._new: list[DecodeRequest] = []

@@ -32,6 +32,7 @@ from cluster.gpu_visibility import actor_device
 from cluster.messages import Accepted, DecodeRequest, PrefillRequest, TokenChunk
 from cluster.metrics import DecodeMetrics
 from cluster.metrics_export import export_process_metrics, serve_replica_identity
+from cluster.thread_budget import apply_thread_budget
 from deployments.admission import (
     DEFAULT_QUEUE_TIMEOUT_S,
     RoleUnavailable,
@@ -126,6 +127,7 @@ class DecodeInstance:
         self.replica = replica
         self.actor_name = actor_name  # told to prefill, which checks we are alive
         self.streak = FailureStreak()
+        apply_thread_budget(replica)
         self.llm = LLM(on_this_actor(config.engine))
         self.endpoint = TransferEndpoint(config.transport)
         self.endpoint.register_cache(self.llm.kv_cache)

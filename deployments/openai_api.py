@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 
 
 class StreamOptions(BaseModel):

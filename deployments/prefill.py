@@ -31,7 +31,7 @@ from deployments.health import FailureStreak, Readiness
 from deployments.prefill_controller import ControllerConfig, Ended, PrefillController
 from engine import EngineConfig
 from engine.config import ModelConfig
-from engine.model import split_layers
+from engine.layer_range import split_layers
 from transport.config import TransportConfig
 from transport.receiver_info import ReceiverInfo
 

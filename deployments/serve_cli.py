@@ -70,7 +70,13 @@ def start_local_cluster(gpu_nodes: int, gpus_per_node: int) -> Any:
         f"starting a local Ray cluster: a head and {gpu_nodes} node(s) of "
         f"{gpus_per_node} simulated GPU(s)"
     )
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4})
+    # Ray runs its workers at nice 15 so that a driver stays responsive; here the workers are
+    # the service and the driver only waits, so they run at the priority of what shares the
+    # machine with them (a load generator, vLLM in `make bench-peer`).
+    system = {"worker_niceness": 0}
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 4, "_system_config": system}
+    )
     for i in range(gpu_nodes):
         cluster.add_node(num_cpus=4, num_gpus=gpus_per_node, resources={f"gpu_node_{i}": 1})
     cluster.wait_for_nodes()
@@ -118,6 +124,18 @@ def serve_main(args: argparse.Namespace) -> int:
 
     cluster = None
     if args.local_cluster:
+        cores = len(os.sched_getaffinity(0))
+        config = config.sharing_cores(cores, args.mode)
+        _progress(
+            f"{cores} cores: "
+            + (
+                f"colocated engine {config.decode_num_cpus:g}"
+                if args.mode == "colocated"
+                else f"decode {config.decode_num_cpus:g}, "
+                f"{config.pp_size} prefill stages {config.num_cpus_per_stage:g} each"
+            )
+            + " CPUs (compute threads: the floor, at least 1)"
+        )
         cluster = start_local_cluster(args.gpu_nodes, args.gpus_per_node)
     else:
         _progress("connecting to Ray")

@@ -1,21 +1,37 @@
-"""pdserve's compact model runner: Llama/Qwen2 decoder stages over a paged KV cache."""
+"""pdserve's compact model runner: Llama/Qwen2 decoder stages over a paged KV cache.
 
-from engine.attention import AttentionMetadata, SeqChunk
-from engine.config import ModelConfig
-from engine.errors import (
-    ModelLoadError,
-    OutOfPagesError,
-    PageAccountingError,
-    UnsupportedModelError,
-)
-from engine.kv_cache import KVCacheSpec, KVLayerRegion, PagedKVCache
-from engine.llm import LLM, Completion, EngineConfig, ModelSettings, RequestOutput
-from engine.loader import load_stage
-from engine.model import DecoderStage, LayerRange, split_layers
-from engine.page_allocator import PageAllocator, PageTable
-from engine.runner import StageRunner
-from engine.sampling import SamplingParams
-from engine.tokenizer import ChatTemplateError, Tokenizer
+Names load on first use, so processes that hold no model (the ingress, the prefill controller)
+can import a submodule such as `engine.tokenizer` without loading torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "AttentionMetadata": "engine.attention",
+    "ChatTemplateError": "engine.tokenizer",
+    "Completion": "engine.llm",
+    "DecoderStage": "engine.model",
+    "EngineConfig": "engine.engine_config",
+    "KVCacheSpec": "engine.kv_cache",
+    "KVLayerRegion": "engine.kv_cache",
+    "LLM": "engine.llm",
+    "LayerRange": "engine.layer_range",
+    "ModelConfig": "engine.config",
+    "ModelSettings": "engine.engine_config",
+    "PageAllocator": "engine.page_allocator",
+    "PageTable": "engine.page_allocator",
+    "PagedKVCache": "engine.kv_cache",
+    "RequestOutput": "engine.llm",
+    "SamplingParams": "engine.sampling",
+    "SeqChunk": "engine.attention",
+    "StageRunner": "engine.runner",
+    "Tokenizer": "engine.tokenizer",
+    "load_stage": "engine.loader",
+    "split_layers": "engine.layer_range",
+}
 
 __all__ = [
     "LLM",
@@ -44,3 +60,11 @@ __all__ = [
     "load_stage",
     "split_layers",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

@@ -15,10 +15,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # the ingress reads the tokenizer from a GGUF without loading torch
+    import torch
 
 from engine.config import SUPPORTED_ROPE_TYPES, ModelConfig, RopeConfig
 from engine.errors import GGUFFormatError, ModelLoadError, UnsupportedGGUFError
@@ -282,6 +284,8 @@ def dequantize(tensor: Any) -> torch.Tensor:
     shape = tuple(int(d) for d in reversed(tensor.shape))
     values = np.asarray(quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
     # A copy: the data is a read-only view of the memory-mapped file.
+    import torch
+
     return torch.from_numpy(values.reshape(shape).copy())
 
 

@@ -8,8 +8,10 @@ The transport addresses page `p` of K or V of layer `l` as
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the spec travels to processes without torch (the prefill controller)
+    import torch
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ class PagedKVCache:
     ) -> None:
         self.spec = spec
         self.first_layer = first_layer
+        import torch
+
         shape = (2, spec.num_pages, spec.page_size, spec.num_kv_heads, spec.head_dim)
         self.layers = [
             torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(num_layers)

@@ -26,18 +26,15 @@ decodes); `cpu_linear="mkl"` opts out of both.
 from __future__ import annotations
 
 import logging
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from engine import cpu_kernels
+from engine.engine_config import CpuLinear
 
 log = logging.getLogger(__name__)
-
-CpuLinear = Literal["onednn", "mkl"]
-"""How CPU linears run: "onednn" (prepacked weight, the default) or "mkl" (plain F.linear)."""
 
 _PACKABLE = (torch.float32, torch.bfloat16)
 ROW_BUCKET = 32

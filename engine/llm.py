@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from pydantic import BaseModel, Field, PositiveInt
 
 from engine.config import ModelConfig
+from engine.engine_config import EngineConfig
 from engine.kv_cache import KVCacheSpec, PagedKVCache
-from engine.linear import CpuLinear
 from engine.loader import load_stage
 from engine.model import DecoderStage
 from engine.page_allocator import PageAllocator, PageTable
@@ -44,39 +43,6 @@ from engine.sequence import FinishReason, Sequence
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-
-class ModelSettings(BaseModel):
-    """What every role of a deployment shares about its model: declared once, here, and
-    handed down (`AppConfig.engine`, `EngineConfig.model_copy(update=...)`)."""
-
-    model: str = Field(description="local Hugging Face model directory or .gguf file")
-    dtype: str = "auto"
-    device: str = "auto"
-    page_size: PositiveInt = 16
-
-
-class EngineConfig(ModelSettings):
-    """How one engine runs a model: where, in what precision, and with how much KV."""
-
-    num_pages: PositiveInt | None = Field(
-        None, description="KV pages; derived from kv_cache_gib if unset"
-    )
-    kv_cache_gib: float = Field(0.5, gt=0)
-    max_num_seqs: PositiveInt = 64
-    max_num_batched_tokens: PositiveInt = 2048
-    max_model_len: PositiveInt | None = None
-    cpu_linear: CpuLinear = Field(
-        "onednn",
-        description="CPU linears: on weights packed at load (oneDNN for prefill, native panels "
-        "for decode), or plain F.linear (MKL, the kernel transformers uses; no packed copies)",
-    )
-    async_scheduling: bool | None = Field(
-        None,
-        description="overlap planning and output processing with the device's step (see "
-        "engine/llm.py); None: on for CUDA, off for the CPU, where torch runs synchronously "
-        "and there is nothing to overlap",
-    )
 
 
 @dataclass

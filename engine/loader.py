@@ -18,8 +18,9 @@ from safetensors import safe_open
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
 from engine.gguf import GGUFCheckpoint, find_gguf
+from engine.layer_range import LayerRange
 from engine.linear import CpuLinear, pack_linears
-from engine.model import DecoderStage, LayerRange
+from engine.model import DecoderStage
 
 log = logging.getLogger(__name__)
 

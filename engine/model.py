@@ -7,8 +7,6 @@ states (non-last) or logits of the rows the metadata asks for (last).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -16,38 +14,10 @@ from engine.attention import AttentionMetadata
 from engine.config import ModelConfig
 from engine.cpu_decode import CpuDecodeLayers
 from engine.kv_cache import PagedKVCache
+from engine.layer_range import LayerRange
 from engine.layers import DecoderLayer, RMSNorm
 from engine.linear import Linear
 from engine.rotary import RotaryEmbedding
-
-
-@dataclass(frozen=True)
-class LayerRange:
-    start: int
-    end: int
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.start < self.end:
-            raise ValueError(f"invalid layer range [{self.start}, {self.end})")
-
-    def __len__(self) -> int:
-        return self.end - self.start
-
-    def __contains__(self, layer: object) -> bool:
-        return isinstance(layer, int) and self.start <= layer < self.end
-
-
-def split_layers(num_layers: int, num_stages: int) -> list[LayerRange]:
-    """Balanced contiguous split; earlier stages take the remainder."""
-    if not 1 <= num_stages <= num_layers:
-        raise ValueError(f"cannot split {num_layers} layers into {num_stages} stages")
-    base, extra = divmod(num_layers, num_stages)
-    ranges, start = [], 0
-    for i in range(num_stages):
-        end = start + base + (1 if i < extra else 0)
-        ranges.append(LayerRange(start, end))
-        start = end
-    return ranges
 
 
 class DecoderStage(nn.Module):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.page_allocator import PageTable
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 from engine.tokenizer import IncrementalDecoder
 
 

@@ -28,7 +28,8 @@ from tokenizers import (
 )
 
 from engine.config import ModelConfig, RopeConfig
-from engine.model import DecoderStage, LayerRange
+from engine.layer_range import LayerRange
+from engine.model import DecoderStage
 from engine.rotary import RotaryEmbedding
 
 Family = Literal["llama", "qwen2"]

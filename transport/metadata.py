@@ -10,8 +10,10 @@ from __future__ import annotations
 import struct
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # `FirstToken` is read by processes without torch (the prefill controller)
+    import torch
 
 _RECORD = struct.Struct("<QqdqQ")  # room, first token id, its logprob, prompt tokens, magic
 _MAGIC = 0x5044_5345_5256_4531  # "PDSERVE1"
@@ -49,6 +51,8 @@ class MetadataSlots:
     """A pinned buffer of `num_slots` records and the free list that hands them out."""
 
     def __init__(self, num_slots: int) -> None:
+        import torch
+
         self.buffer = torch.zeros(num_slots * SLOT_NBYTES, dtype=torch.uint8)
         self._free = list(range(num_slots - 1, -1, -1))
         self._held: set[int] = set()
@@ -88,6 +92,8 @@ class MetadataSlots:
                 self._free.append(slot)
 
     def write(self, slot: int, record: FirstToken) -> None:
+        import torch
+
         self._view(slot).copy_(torch.frombuffer(bytearray(record.pack()), dtype=torch.uint8))
 
     def read(self, slot: int, room: int) -> FirstToken | None:

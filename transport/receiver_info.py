@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, Field, NonNegativeInt, PositiveInt
 
 from engine.kv_cache import KVCacheSpec, KVLayerRegion
@@ -46,6 +45,8 @@ class KVLayout(BaseModel, frozen=True):
 
     @property
     def page_nbytes(self) -> int:
+        import torch  # here: the ingress and controller read these without torch
+
         elem = torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
         return self.page_size * self.num_kv_heads * self.head_dim * elem
 

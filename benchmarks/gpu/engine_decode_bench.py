@@ -32,7 +32,7 @@ from engine.attention import SeqChunk
 from engine.kv_cache import KVCacheSpec, PagedKVCache
 from engine.llm import LLM, EngineConfig
 from engine.runner import StageRunner
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 from engine.testmodel import REALISTIC_SHAPES, random_stage
 
 

@@ -74,7 +74,7 @@ def metadata(tokens: int) -> Any:
 
 def _second_stage(conn: Any, max_tokens: int, seed: int) -> None:
     """Stage 1 in its own process: waits for hidden states in its IPC-exported input buffer."""
-    from engine.model import split_layers
+    from engine.layer_range import split_layers
     from transport.cuda_ipc.backend import CudaIpc
 
     torch.cuda.set_device(0)
@@ -167,7 +167,7 @@ class SecondStage:
 
 
 def main() -> None:
-    from engine.model import LayerRange, split_layers
+    from engine.layer_range import LayerRange, split_layers
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reps", type=int, default=20, help="end-to-end repetitions")

@@ -100,7 +100,7 @@ def _first_tokens(model_dir: Any, hidden_channel: str, prompts: list[list[int]])
     from cluster.stage_group import Placement, StageGroup
     from engine import EngineConfig, SamplingParams
     from engine.config import ModelConfig
-    from engine.model import split_layers
+    from engine.layer_range import split_layers
     from transport import TransportConfig
 
     engine = EngineConfig(model=str(model_dir), device="auto", page_size=16, num_pages=64)
