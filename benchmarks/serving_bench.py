@@ -4,7 +4,8 @@ Each system runs on the same local multi-node Ray cluster behind the same OpenAI
 after the other in one run. A load generator sends Poisson arrivals at several rates with mixed
 prompt and output lengths through the `openai` client (streaming) and records time to first
 token, inter-token latency, end-to-end latency and output throughput. Reported per rate:
-percentiles per system and PD / colocated ratios; plus how long each system takes, after the
+percentiles per system and PD / colocated ratios; the resident memory of every process by
+role once each system is warm (serving_memory.json); and how long each system takes, after the
 load stops, to bring every queue gauge and page count back to 0.
 """
 
@@ -21,6 +22,7 @@ from typing import Any
 
 os.environ.setdefault("GLOG_minloglevel", "2")
 
+from benchmarks.process_memory import by_role, ray_processes
 from benchmarks.report import write_report
 from engine.testmodel import make_test_model
 
@@ -117,20 +119,19 @@ def main() -> None:
 
     import ray
     from ray import serve
-    from ray.cluster_utils import Cluster
 
     from deployments.app import AppConfig, build_app
     from deployments.colocated import build_colocated_app
+    from deployments.serve_cli import start_local_cluster
     from tests.e2e.conftest import free_port
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4})
-    for i in range(2):
-        cluster.add_node(num_cpus=4, num_gpus=2, resources={f"gpu_node_{i}": 1})
-    ray.init(address=cluster.address, log_to_driver=False)
+    cluster = start_local_cluster(gpu_nodes=2, gpus_per_node=2)  # as `make serve` runs
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     results: dict[str, dict[float, dict[str, Any]]] = {}
     drain: dict[str, float] = {}
+    memory: list[dict[str, Any]] = []
+    cores = len(os.sched_getaffinity(0))
     try:
         with tempfile.TemporaryDirectory() as tmp:
             model = make_test_model(Path(tmp) / "bench", family="llama", seed=0)
@@ -142,13 +143,13 @@ def main() -> None:
                     pp_size=pp,
                     dtype="float32",
                     device="cpu",
-                    num_cpus_per_stage=0.5,
                     decode_num_gpus=1,
-                )
+                ).sharing_cores(cores, "colocated" if name == "colocated" else "pd")
                 app = build_colocated_app(config) if name == "colocated" else build_app(config)
                 serve.run(app, name=name, route_prefix=f"/{name}")
                 base = f"http://127.0.0.1:{port}/{name}"
                 asyncio.run(load(base, 2.0, 2.0, seed=99))  # warm-up
+                memory += memory_rows(name)
                 results[name] = {}
                 for rate in rates:
                     results[name][rate] = asyncio.run(
@@ -184,6 +185,19 @@ def main() -> None:
             }
             rows.append(row)
     write_report("serving", rows, list(rows[0]))
+    write_report("serving_memory", memory, list(memory[0]))
+
+
+def memory_rows(system: str) -> list[dict[str, Any]]:
+    """RSS per role of the Ray processes while `system` is deployed and warm (the replicas of
+    systems measured before it are gone; Ray's daemons and Serve's actors are shared)."""
+    table = by_role(ray_processes())
+    rows = [{"system": system, "role": role, **row} for role, row in sorted(table.items())]
+    total = sum(row["sum_mb"] for row in table.values())
+    return [
+        *rows,
+        {"system": system, "role": "all", "processes": 0, "max_mb": 0.0, "sum_mb": total},
+    ]
 
 
 if __name__ == "__main__":
