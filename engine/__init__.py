@@ -10,6 +10,10 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "ModelLoadError": "engine.errors",
+    "OutOfPagesError": "engine.errors",
+    "PageAccountingError": "engine.errors",
+    "UnsupportedModelError": "engine.errors",
     "AttentionMetadata": "engine.attention",
     "ChatTemplateError": "engine.tokenizer",
     "Completion": "engine.llm",
@@ -25,7 +29,7 @@ _EXPORTS = {
     "PageTable": "engine.page_allocator",
     "PagedKVCache": "engine.kv_cache",
     "RequestOutput": "engine.llm",
-    "SamplingParams": "engine.sampling",
+    "SamplingParams": "engine.sampling_params",
     "SeqChunk": "engine.attention",
     "StageRunner": "engine.runner",
     "Tokenizer": "engine.tokenizer",

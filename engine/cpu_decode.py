@@ -34,7 +34,7 @@ def _matmul(linear: Linear) -> Matmul:
     def matmul(x: torch.Tensor) -> torch.Tensor:
         panels = linear.panels
         if panels is None:
-            return linear.forward(x)
+            return linear.decode_forward(x)
         return cpu_kernels.panel_linear(x, panels, linear.out_features, linear.bias)
 
     return matmul

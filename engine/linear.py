@@ -9,9 +9,11 @@ a float64 reference it is as accurate as `transformers`' float32 (tests/engine/t
 
 Decode steps (engine/cpu_decode.py) take a second packed copy in float32 where the native
 kernels are built: panels for `cpu_kernels.panel_linear`, which has no per-call setup (oneDNN's
-costs ~14 us a call, most of a decode-sized matmul; the panels are 1.2x faster at 32 rows, 2.3x
-at one). Each path is batch-invariant on its own: decode always uses the panels, prefill always
-oneDNN.
+costs ~14 us a call, most of a decode-sized matmul; with AVX-512 the panels are 1.2x faster at
+32 rows, 2.3x at one). With AVX2 only, oneDNN's kernels are faster than the panels at decode
+sizes (1.2-1.6x at 8-32 rows), so decode there runs on the oneDNN copy, rows padded to a small
+bucket (`decode_rows`), and no panels are packed. Each path is batch-invariant on its own:
+decode always uses the same one, prefill always oneDNN.
 
 oneDNN caches a compiled kernel per input shape (up to 1,024 per cache), so a prefill stage that
 saw every micro-batch size from 1 to 2048 rows grew by ~0.4 GB of native memory before the
@@ -75,10 +77,17 @@ class Linear(nn.Linear):
         self.panels = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._packed_matmul(x, -x.reshape(-1, x.shape[-1]).shape[0] % ROW_BUCKET)
+
+    def decode_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """A decode step's matmul where it has no panels: on oneDNN's packed weight, with the
+        rows padded only to `decode_rows` (a batch of 3 padded to 32 rows would cost 32)."""
+        return self._packed_matmul(x, decode_rows(x.shape[0]) - x.shape[0])
+
+    def _packed_matmul(self, x: torch.Tensor, short: int) -> torch.Tensor:
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, x.shape[-1])
-        short = -rows.shape[0] % ROW_BUCKET
         if short:
             rows = F.pad(rows, (0, 0, 0, short))
         out = _onednn_linear(rows, self.packed, self.bias)
@@ -89,6 +98,13 @@ class Linear(nn.Linear):
     def _apply(self, fn, recurse: bool = True):
         self.packed = self.panels = None
         return super()._apply(fn, recurse)
+
+
+def decode_rows(rows: int) -> int:
+    """The rows a decode matmul of `rows` runs on oneDNN: the next power of two up to 8, then
+    the next multiple of 8, so a decode batch of up to 64 compiles 11 kernel shapes per weight
+    rather than 64, and pads at most 7 rows."""
+    return 1 << (rows - 1).bit_length() if rows <= 8 else -(-rows // 8) * 8
 
 
 def _onednn_linear(
@@ -114,7 +130,7 @@ def pack_linears(module: nn.Module, mode: CpuLinear = "onednn", decode: bool = T
         weight = linear.weight
         if mode == "mkl" or weight.device.type != "cpu" or weight.dtype not in _PACKABLE:
             continue
-        if decode and cpu_kernels.usable(weight):
+        if decode and cpu_kernels.usable(weight) and cpu_kernels.panels_pay():
             linear.panels = cpu_kernels.pack_panels(weight)
         if not onednn_available(weight.dtype):
             _warn_once(

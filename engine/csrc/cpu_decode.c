@@ -75,17 +75,25 @@ void pd_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t inter) 
     }
 }
 
-/* Sixteen floats: the unit of the decode matmul (one AVX-512 register; two AVX2 ones). */
-typedef float vec16 __attribute__((vector_size(64)));
+/* One vector register of floats, the unit of the decode matmul: sixteen with AVX-512, eight
+ * elsewhere (AVX2). A wider vector type than the machine's registers would double the
+ * register tile below past AVX2's sixteen registers, and the spilled accumulators made the
+ * matmul ~30x slower there. */
+#ifdef __AVX512F__
+#define VEC 16
+#else
+#define VEC 8
+#endif
+typedef float vec __attribute__((vector_size(VEC * sizeof(float))));
 
-static inline vec16 load16(const float *p) {
-    vec16 v;
+static inline vec loadv(const float *p) {
+    vec v;
     memcpy(&v, p, sizeof v);
     return v;
 }
 
-#define PANEL 32   /* output columns per panel of the packed weight: two vectors */
-#define PANEL_ROWS 6 /* rows of x per register tile: 12 accumulators */
+#define PANEL (2 * VEC) /* output columns per panel of the packed weight: two vectors */
+#define PANEL_ROWS 6 /* rows of x per register tile: 12 accumulators, 15 registers in all */
 
 /* Packs a linear's weight w [n, k] (nn.Linear's layout) for pd_panel_linear: panels of PANEL
  * output columns, each [k][PANEL] (columns past n are zero), so the matmul reads the weight
@@ -106,11 +114,11 @@ void pd_pack_panels(const float *w, int64_t n, int64_t k, float *packed) {
  * memory. */
 static inline __attribute__((always_inline)) void panel_rows(const float *x, int64_t k,
                                                              const float *panel, int rows,
-                                                             vec16 acc[PANEL_ROWS][2]) {
+                                                             vec acc[PANEL_ROWS][2]) {
     for (int64_t i = 0; i < k; i++) {
-        vec16 w0 = load16(panel + i * PANEL), w1 = load16(panel + i * PANEL + 16);
+        vec w0 = loadv(panel + i * PANEL), w1 = loadv(panel + i * PANEL + VEC);
         for (int r = 0; r < rows; r++) {
-            vec16 b = (vec16){0} + x[r * k + i];
+            vec b = (vec){0} + x[r * k + i];
             acc[r][0] += b * w0;
             acc[r][1] += b * w1;
         }
@@ -120,8 +128,8 @@ static inline __attribute__((always_inline)) void panel_rows(const float *x, int
 /* The register tile of one panel for rows [0, rows) of x (rows <= PANEL_ROWS). */
 static inline __attribute__((always_inline)) void panel_tile(const float *x, int64_t k,
                                                              const float *panel, int rows,
-                                                             vec16 acc[PANEL_ROWS][2]) {
-    for (int r = 0; r < PANEL_ROWS; r++) acc[r][0] = acc[r][1] = (vec16){0};
+                                                             vec acc[PANEL_ROWS][2]) {
+    for (int r = 0; r < PANEL_ROWS; r++) acc[r][0] = acc[r][1] = (vec){0};
     if (rows == PANEL_ROWS)
         panel_rows(x, k, panel, PANEL_ROWS, acc);
     else
@@ -145,7 +153,7 @@ void pd_panel_linear(const float *x, const float *packed, const float *bias, flo
             int64_t col0 = p * PANEL, cols = n - col0 < PANEL ? n - col0 : PANEL;
             for (int64_t row0 = 0; row0 < m; row0 += PANEL_ROWS) {
                 int rows = m - row0 < PANEL_ROWS ? (int)(m - row0) : PANEL_ROWS;
-                vec16 acc[PANEL_ROWS][2];
+                vec acc[PANEL_ROWS][2];
                 panel_tile(x + row0 * k, k, packed + p * k * PANEL, rows, acc);
                 for (int r = 0; r < rows; r++) {
                     float out[PANEL];

@@ -22,8 +22,14 @@ def linears(stage) -> list[Linear]:
     return [m for m in stage.modules() if isinstance(m, Linear)]
 
 
+@pytest.fixture
+def panels(monkeypatch):
+    """Decode on the panels whatever this CPU prefers (they are the AVX-512 machines' path)."""
+    monkeypatch.setattr(cpu_kernels, "panels_pay", lambda: True)
+
+
 @needs_onednn
-def test_stages_pack_every_linear_by_default_and_mkl_opts_out(qwen2_dir):
+def test_stages_pack_every_linear_by_default_and_mkl_opts_out(qwen2_dir, panels):
     packed = linears(load_stage(qwen2_dir))
     assert len(packed) == 4 * 4 + 1  # qkv, o, gate_up, down per layer, and the LM head
     assert all(m.packed is not None and m.panels is not None for m in packed)
@@ -73,9 +79,35 @@ def test_packed_linear_sees_only_bucketed_row_counts(monkeypatch):
     assert seen == [32, 64, 64, 32]
 
 
+@needs_onednn
+def test_without_panels_decode_runs_on_onednn_in_small_row_buckets(monkeypatch):
+    """Where the panels do not pay (AVX2), decode packs none and runs on oneDNN's copy with rows
+    padded to `decode_rows` (not to 32): same result as F.linear, the same at any batch."""
+    monkeypatch.setattr(cpu_kernels, "panels_pay", lambda: False)
+    seen: list[int] = []
+    real = engine.linear._onednn_linear
+
+    def spy(x, *args):
+        seen.append(x.shape[0])
+        return real(x, *args)
+
+    monkeypatch.setattr(engine.linear, "_onednn_linear", spy)
+    torch.manual_seed(0)
+    layer = Linear(256, 688)
+    pack_linears(layer)
+    assert layer.panels is None and layer.packed is not None
+    x = torch.randn(64, 256)
+    full = layer.decode_forward(x)
+    torch.testing.assert_close(full, F.linear(x, layer.weight, layer.bias))
+    seen.clear()
+    for rows in (1, 2, 3, 5, 8, 9, 17, 33):
+        assert torch.equal(layer.decode_forward(x[:rows]), full[:rows])
+    assert seen == [1, 2, 4, 8, 8, 16, 24, 40]
+
+
 @pytest.mark.parametrize("n,k", [(1, 1), (7, 40), (32, 256), (100, 257), (688, 256)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_decode_panels_equal_float64_and_round_a_row_the_same_at_any_batch_size(n, k, bias):
+def test_decode_panels_equal_float64_and_round_a_row_the_same_at_any_batch_size(n, k, bias, panels):
     """The decode matmul (native, on the weight packed in panels): panel edges (n not a multiple
     of 32), register-tile edges (rows not a multiple of 6), any k."""
     torch.manual_seed(n * k)
@@ -108,7 +140,7 @@ def test_bf16_linears_pack_too():
 
 
 @needs_onednn
-def test_moving_or_casting_drops_the_stale_pack():
+def test_moving_or_casting_drops_the_stale_pack(panels):
     layer = Linear(32, 16)
     pack_linears(layer)
     assert layer.panels is not None
