@@ -6,6 +6,11 @@ theirs. Decode time is the time of a generation of N tokens minus that of a gene
 token (the prefill), for both engines alike. Both make token ids only: ours runs with
 `detokenize=False`, as `transformers`' `generate` makes no text either.
 Targets (CPU): prefill >= 1.0x, batched decode >= 2x.
+
+A second table (`engine_dtypes`) sets our engine in float32 against ours in bfloat16 on the same
+model, alike (alternating rounds, medians, the median of the rounds' bf16 / float32 ratios):
+prefill and decode at batch 1, 8 and 32. `--dtypes-only` runs just that table, on any model our
+engine loads (a .gguf too, which transformers' side would not).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 import torch
 
 from benchmarks.report import write_report
-from engine import LLM, EngineConfig, SamplingParams
+from engine import LLM, EngineConfig, SamplingParams, cpu_kernels
 from engine.testmodel import make_test_model
 
 
@@ -88,6 +93,59 @@ def throughput(
     )
 
 
+def dtype_rows(
+    model: str, rounds: int, prefill_tokens: int, decode_tokens: int, cpu_linear: str
+) -> list[dict[str, Any]]:
+    """Ours in float32 and in bfloat16 on the same prompts, side by side: tokens/s of each and
+    the median of the rounds' bf16 / float32 ratios (> 1: bf16 is faster)."""
+    engines = {
+        dtype: LLM(
+            EngineConfig(
+                model=model,
+                dtype=dtype,
+                device="cpu",
+                num_pages=2048,
+                max_num_batched_tokens=4096,
+                cpu_linear=cpu_linear,
+            )
+        )
+        for dtype in ("float32", "bfloat16")
+    }
+    vocab = engines["float32"].model_config.vocab_size
+    gen = torch.Generator().manual_seed(1)
+    for llm in engines.values():
+        _ours(llm, torch.randint(5, vocab, (2, 16), generator=gen).tolist(), 4)
+    rows = []
+    for phase, batch, prompt_len, new_tokens in (
+        ("prefill", 1, prefill_tokens, 1),
+        ("decode", 1, 32, decode_tokens),
+        ("decode", 8, 32, decode_tokens),
+        ("decode", 32, 32, decode_tokens),
+    ):
+        samples: dict[str, list[float]] = {dtype: [] for dtype in engines}
+        for _ in range(rounds):
+            prompts = torch.randint(5, vocab, (batch, prompt_len), generator=gen).tolist()
+            for dtype, llm in engines.items():
+                if phase == "prefill":
+                    samples[dtype].append(prompt_len * batch / _ours(llm, prompts, 1))
+                else:
+                    seconds = _ours(llm, prompts, new_tokens) - _ours(llm, prompts, 1)
+                    samples[dtype].append(batch * (new_tokens - 1) / seconds)
+        ratios = [b / a for a, b in zip(samples["float32"], samples["bfloat16"], strict=True)]
+        rows.append(
+            {
+                "phase": phase,
+                "batch": batch,
+                "prompt_tokens": prompt_len,
+                "new_tokens": new_tokens,
+                "float32_tok_s": statistics.median(samples["float32"]),
+                "bfloat16_tok_s": statistics.median(samples["bfloat16"]),
+                "ratio": statistics.median(ratios),
+            }
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", type=Path, help="HF model dir (default: a generated one)")
@@ -100,12 +158,43 @@ def main() -> None:
         default="onednn",
         help="how our CPU linears run (EngineConfig.cpu_linear)",
     )
+    parser.add_argument(
+        "--dtypes-only", action="store_true", help="only ours in float32 against ours in bf16"
+    )
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or make_test_model(Path(tmp) / "model", family="llama", seed=0)
+        model_name = str(args.model or "generated llama (4 layers, hidden 256)")
+        write_report(
+            "engine_dtypes",
+            dtype_rows(
+                str(model_dir),
+                args.rounds,
+                args.prefill_tokens,
+                args.decode_tokens,
+                args.cpu_linear,
+            ),
+            [
+                "phase",
+                "batch",
+                "prompt_tokens",
+                "new_tokens",
+                "float32_tok_s",
+                "bfloat16_tok_s",
+                "ratio",
+            ],
+            extra={
+                "model": model_name,
+                "rounds": args.rounds,
+                "cpu_linear": args.cpu_linear,
+                "bf16_matmul": "vdpbf16ps" if cpu_kernels.bf16_dot_products() else "widened",
+            },
+        )
+        if args.dtypes_only:
+            return
         llm = LLM(
             EngineConfig(
                 model=str(model_dir),
@@ -175,7 +264,7 @@ def main() -> None:
                 "target",
             ],
             extra={
-                "model": str(args.model or "generated llama (4 layers, hidden 256)"),
+                "model": model_name,
                 "rounds": args.rounds,
                 "cpu_linear": args.cpu_linear,
             },

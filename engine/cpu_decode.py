@@ -1,4 +1,4 @@
-"""A float32 CPU decode step through a stage's layers as one plain loop.
+"""A CPU decode step through a stage's layers as one plain loop, float32 or bfloat16 models.
 
 Why: at decode batch sizes a layer's arithmetic is well under a millisecond on a few cores, and
 the generic forward's Python around it (nine module calls a layer, device and dtype checks,
@@ -6,8 +6,13 @@ attribute lookups through `nn.Module`) cost ~5% of a batch-32 forward of the gen
 measured paired in one process (tests/engine/test_native_decode.py checks the result,
 benchmarks/engine_bench.py the speed). This runs the layers' native kernels
 (engine/cpu_kernels.py), and their linears on the weights packed in panels for decode
-(engine/linear.py) where they have them, from per-layer tuples gathered once. The modules stay the one definition of the model: prefill, CUDA and the
-torch-ops fallback run through them.
+(engine/linear.py) where they have them, from per-layer tuples gathered once. The modules stay
+the one definition of the model: prefill, CUDA and the torch-ops fallback run through them.
+
+A bf16 model's step reads bf16 weights and KV pages but carries its activations (hidden state,
+residual, q/k/v, MLP) in float32 from kernel to kernel: they are a few KiB against the MiBs of
+weights a step reads, so float32 costs nothing in bytes, saves a narrowing and a widening per op,
+and is at least as accurate as rounding each to bf16 as the modules' ops (prefill) do.
 """
 
 from __future__ import annotations
@@ -27,15 +32,16 @@ from engine.linear import Linear
 Matmul = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _matmul(linear: Linear) -> Matmul:
-    """The linear's decode matmul: on its panels when packed (read at each call, so a new pack
-    is seen), else its forward."""
+def float32_matmul(linear: Linear) -> Matmul:
+    """The linear's decode matmul, float32 in and out: on its panels when packed (read at each
+    call, so a new pack is seen), else its decode forward (oneDNN) in its own dtype. Also the CPU LM head's, in
+    prefill too: float32 logits of a bf16 model."""
 
     def matmul(x: torch.Tensor) -> torch.Tensor:
         panels = linear.panels
         if panels is None:
-            return linear.decode_forward(x)
-        return cpu_kernels.panel_linear(x, panels, linear.out_features, linear.bias)
+            return linear.decode_forward(x.to(linear.weight.dtype)).float()
+        return cpu_kernels.panel_linear(x.float(), panels, linear.out_features, linear.bias)
 
     return matmul
 
@@ -57,28 +63,25 @@ class _Layer(NamedTuple):
         return cls(
             layer.input_layernorm.weight,
             layer.input_layernorm.eps,
-            _matmul(attn.qkv_proj),
-            _matmul(attn.o_proj),
+            float32_matmul(attn.qkv_proj),
+            float32_matmul(attn.o_proj),
             layer.post_attention_layernorm.weight,
             layer.post_attention_layernorm.eps,
-            _matmul(mlp.gate_up_proj),
-            _matmul(mlp.down_proj),
+            float32_matmul(mlp.gate_up_proj),
+            float32_matmul(mlp.down_proj),
             attn.num_heads,
         )
 
 
 class CpuDecodeLayers:
     """Runs a decode step (metadata from `AttentionMetadata.for_paged_decode`) through
-    `layers` on the CPU in float32, reading the KV pages in place; `lm_head` is the decode
-    matmul of the last stage's LM head.
+    `layers` on the CPU, float32 inside, reading the KV pages (float32 or bf16) in place.
 
     Holds the layers' own parameter and module objects, so weights loaded or packed again in
     place are seen; a stage moved to another device or dtype must build a new one."""
 
-    def __init__(self, layers: nn.ModuleList, lm_head: Linear | None = None) -> None:
+    def __init__(self, layers: nn.ModuleList) -> None:
         self._layers = [_Layer.of(layer) for layer in layers]
-        # The last stage's LM head, on its panels too (logits of every row of a decode step).
-        self.lm_head = None if lm_head is None else _matmul(lm_head)
 
     def __call__(
         self,
@@ -88,8 +91,10 @@ class CpuDecodeLayers:
         meta: AttentionMetadata,
         kv_cache: PagedKVCache,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden states `[B, hidden]` in; `(h, residual)` out, as the layer loop returns."""
+        """Hidden states `[B, hidden]` in (the model's dtype); float32 `(h, residual)` out, as
+        the layer loop returns. cos and sin: float32 rotary tables."""
         rows = h.shape[0]
+        h = h.float()
         residual = None
         positions, tables, page_size = meta.positions, meta.block_tables, meta.page_size
         for i, layer in enumerate(self._layers):

@@ -14,6 +14,11 @@ from pydantic import BaseModel, Field, PositiveInt
 CpuLinear = Literal["onednn", "mkl"]
 """How CPU linears run: "onednn" (prepacked weight, the default) or "mkl" (plain F.linear)."""
 
+Role = Literal["both", "prefill", "decode"]
+"""What steps an engine or stage runs, so which packed forms its CPU linears keep
+(engine/linear.py): "both" (colocated), "prefill" (a PP stage of a prefill instance), "decode"
+(a PD decode replica)."""
+
 
 class ModelSettings(BaseModel):
     """What every role of a deployment shares about its model: declared once, here, and
@@ -39,6 +44,12 @@ class EngineConfig(ModelSettings):
         "onednn",
         description="CPU linears: on weights packed at load (oneDNN for prefill, native panels "
         "for decode), or plain F.linear (MKL, the kernel transformers uses; no packed copies)",
+    )
+    role: Role = Field(
+        "both",
+        description="the steps this engine runs, so the copies of its CPU linear weights it "
+        "keeps: both (colocated: one for prefill, one for decode), decode (a PD decode replica: "
+        "the decode copy only; a recompute after preemption prefills on it), prefill",
     )
     async_scheduling: bool | None = Field(
         None,

@@ -112,6 +112,7 @@ class LLM:
                 device=self.device,
                 config=self.model_config,
                 cpu_linear=config.cpu_linear,
+                role=config.role,
             )
         spec = KVCacheSpec(
             num_pages=config.num_pages or 1,

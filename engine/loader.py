@@ -19,7 +19,7 @@ from engine.config import ModelConfig
 from engine.errors import ModelLoadError
 from engine.gguf import GGUFCheckpoint, find_gguf
 from engine.layer_range import LayerRange
-from engine.linear import CpuLinear, pack_linears
+from engine.linear import CpuLinear, Role, pack_linears
 from engine.model import DecoderStage
 
 log = logging.getLogger(__name__)
@@ -82,12 +82,14 @@ def load_stage(
     config: ModelConfig | None = None,
     cpu_linear: CpuLinear = "onednn",
     decode: bool = True,
+    role: Role = "both",
 ) -> DecoderStage:
     """Loads layers `layer_range` (default: all) of the checkpoint in `model_dir`.
 
     `cpu_linear` picks how CPU linears run (engine/linear.py): their weights are packed here,
-    once, after every weight is in place; for decode too unless `decode` is False (a prefill
-    stage, which never decodes, then holds no decode panels).
+    once, after every weight is in place, into the forms the stage's `role` reads, and the
+    plain weights dropped. `decode=False` is `role="prefill"` (a PP stage of a prefill
+    instance, which never decodes).
     """
     model_dir = Path(model_dir)
     config = config or ModelConfig.from_dir(model_dir)
@@ -146,7 +148,7 @@ def load_stage(
     stage.rotary.inv_freq = stage.rotary.inv_freq.float()
     if checkpoint is not None and (factors := checkpoint.rope_freq_factors()) is not None:
         stage.rotary.inv_freq = (stage.rotary.inv_freq / factors.to(device)).float()
-    packed = pack_linears(stage, cpu_linear, decode)
+    packed = pack_linears(stage, cpu_linear, role if decode else "prefill")
     log.info(
         "loaded stage",
         extra={

@@ -12,7 +12,7 @@ from torch import nn
 
 from engine.attention import AttentionMetadata
 from engine.config import ModelConfig
-from engine.cpu_decode import CpuDecodeLayers
+from engine.cpu_decode import CpuDecodeLayers, float32_matmul
 from engine.kv_cache import PagedKVCache
 from engine.layer_range import LayerRange
 from engine.layers import DecoderLayer, RMSNorm
@@ -38,7 +38,10 @@ class DecoderStage(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(len(layer_range)))
         if self.is_last:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+            # Only ever sees the logit rows: decode-sized matmuls, on panels (engine/linear.py).
+            self.lm_head = Linear(
+                config.hidden_size, config.vocab_size, bias=False, logit_rows=True
+            )
         self.rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
         self._cpu_decode: CpuDecodeLayers | None = None  # built on the first CPU decode step
 
@@ -51,20 +54,25 @@ class DecoderStage(nn.Module):
         self, inputs: torch.Tensor, meta: AttentionMetadata, kv_cache: PagedKVCache
     ) -> torch.Tensor:
         h = self.embed_tokens(inputs) if self.is_first else inputs
-        # The Triton rotary kernel takes float32 cos/sin; the torch path rotates in h's dtype.
-        cos, sin = self.rotary.cos_sin(meta.positions, torch.float32 if h.is_cuda else h.dtype)
-        head = self.lm_head if self.is_last else None
-        if meta.block_tables is not None and not h.is_cuda:  # CPU decode, pages read in place
+        dtype = h.dtype
+        native_decode = meta.block_tables is not None and not h.is_cuda  # pages read in place
+        # The Triton rotary kernel and the native decode take float32 cos/sin; the torch path
+        # rotates in h's dtype.
+        rotary_dtype = torch.float32 if h.is_cuda or native_decode else dtype
+        cos, sin = self.rotary.cos_sin(meta.positions, rotary_dtype)
+        head = None
+        if self.is_last:  # on the CPU float32 logits, also of a bf16 model (engine/linear.py)
+            head = self.lm_head if h.is_cuda else float32_matmul(self.lm_head)
+        if native_decode:  # float32 activations out, whatever the model's dtype
             if self._cpu_decode is None:
-                self._cpu_decode = CpuDecodeLayers(self.layers, head)
+                self._cpu_decode = CpuDecodeLayers(self.layers)
             h, residual = self._cpu_decode(h, cos, sin, meta, kv_cache)
-            head = self._cpu_decode.lm_head
         else:
             residual = None
             for i, layer in enumerate(self.layers):
                 h, residual = layer(h, residual, cos, sin, kv_cache.flat_kv(i), meta)
         if head is None:
-            return h + residual
+            return (h + residual).to(dtype)  # hidden states cross stages in the model's dtype
         # Logit rows are increasing, so as many as there are tokens means every row (decode).
         if meta.logits_indices.shape[0] != h.shape[0]:
             h, residual = h[meta.logits_indices], residual[meta.logits_indices]

@@ -1,19 +1,25 @@
 """Runs one stage's forward over its paged KV cache: the piece a PP stage actor and the
 whole-model engine share. On CUDA, decode steps and short fresh-prompt prefill steps replay
-CUDA graphs (engine/cuda_graphs.py); on the CPU, float32 decode steps read pages in place with
-the native kernels (engine/cpu_kernels.py)."""
+CUDA graphs (engine/cuda_graphs.py); on the CPU, float32 and bf16 decode steps read pages in place
+with the native kernels (engine/cpu_kernels.py)."""
 
 from __future__ import annotations
 
+import functools
 import gc
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from engine import cpu_kernels
 from engine.attention import AttentionMetadata, SeqChunk, is_decode_step
 from engine.kv_cache import KVCacheSpec, PagedKVCache
+from engine.linear import onednn_available
 from engine.model import DecoderStage
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -22,10 +28,45 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags (Linux), or None where /proc/cpuinfo cannot tell."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    line = next((line for line in info.splitlines() if line.startswith("flags")), None)
+    return None if line is None else set(line.partition(":")[2].split())
+
+
+@functools.cache
+def cpu_bf16_choice() -> tuple[bool, str]:
+    """Whether `dtype="auto"` runs bfloat16 on this CPU, and why; logged once.
+
+    bf16 pays on the CPU where it has bf16 arithmetic (AVX512-BF16 dot products, AMX tiles):
+    oneDNN's prefill matmuls then run in bf16 and the native decode matmul multiplies bf16 pairs.
+    Elsewhere (AVX2, plain AVX-512) bf16 matmuls are emulated, several times slower than float32
+    in prefill (F.linear at 1,024 rows: 8x on an AVX2 EPYC), so float32 stays the default."""
+    flags = _cpu_flags()
+    has = [] if flags is None else sorted(flags & {"avx512_bf16", "amx_bf16"})
+    onednn = onednn_available(torch.bfloat16)  # torch's `_is_mkldnn_bf16_supported()`
+    if flags is not None and not has:
+        choice = False, "the CPU has neither avx512_bf16 nor amx_bf16"
+    elif not onednn:
+        choice = False, "torch's oneDNN has no bf16 kernels for this CPU"
+    else:
+        found = ", ".join(has) if has else "oneDNN bf16 (CPU flags unreadable)"
+        choice = True, f"the CPU has {found}"
+    log.info("dtype auto on the CPU: %s (%s)", "bfloat16" if choice[0] else "float32", choice[1])
+    return choice
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The engine's dtype: `auto` is bfloat16 on GPUs and on CPUs with native bf16 arithmetic
+    (`cpu_bf16_choice`), float32 on other CPUs; an explicit dtype is taken as given."""
     if dtype == "auto":
-        # bf16 matmuls are the fast path on GPUs; on CPUs float32 is both faster and exact.
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        return torch.bfloat16 if cpu_bf16_choice()[0] else torch.float32
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
             dtype
@@ -67,7 +108,7 @@ class StageRunner:
             )
         self.stage = stage
         self.kv_cache = kv_cache
-        self.device = next(stage.parameters()).device
+        self.device = stage.rotary.inv_freq.device  # parameters may be packed (meta)
         self.cuda_graphs = None
         # Decode reads pages in place on CUDA, and on the CPU when the native kernels take the
         # cache's dtype; otherwise each layer gathers the batch's pages with torch ops.

@@ -22,12 +22,12 @@ ROOT = Path(__file__).resolve().parents[2]
         (
             "benchmarks.engine_bench",
             ["--rounds", "1", "--prefill-tokens", "32", "--decode-tokens", "3"],
-            4,
+            {"engine": 4, "engine_dtypes": 4},
         ),
         (
             "benchmarks.real_model_bench",
             ["--rounds", "1", "--prefill-tokens", "16", "--decode-tokens", "3"],
-            4,
+            {"real_model": 4},
         ),
     ],
 )
@@ -42,9 +42,10 @@ def test_the_engine_benchmarks_run_and_report(tmp_path, module, args, rows):
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    [report] = tmp_path.glob("*.json")
-    data = json.loads(report.read_text())
-    assert len(data["rows"]) == rows
-    # A number, not a figure: at these sizes the decode time (N tokens minus 1) is noise and
-    # may even come out negative on a busy machine.
-    assert all(math.isfinite(row["ratio"]) for row in data["rows"])
+    assert {report.stem for report in tmp_path.glob("*.json")} == set(rows)
+    for name, count in rows.items():
+        data = json.loads((tmp_path / f"{name}.json").read_text())
+        assert len(data["rows"]) == count
+        # A number, not a figure: at these sizes the decode time (N tokens minus 1) is noise
+        # and may even come out negative on a busy machine.
+        assert all(math.isfinite(row["ratio"]) for row in data["rows"])

@@ -21,7 +21,8 @@ from engine.rotary import RotaryEmbedding
 def test_kernels_build_and_load():
     cpu_kernels.require()
     assert cpu_kernels.usable(torch.zeros(1))
-    assert not cpu_kernels.usable(torch.zeros(1, dtype=torch.bfloat16))
+    assert cpu_kernels.usable(torch.zeros(1, dtype=torch.bfloat16))
+    assert not cpu_kernels.usable(torch.zeros(1, dtype=torch.float16))
 
 
 @pytest.mark.parametrize("rows,n", [(1, 64), (32, 256), (700, 576)])
