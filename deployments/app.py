@@ -19,6 +19,7 @@ from deployments.prefill import PrefillConfig, build_prefill_app
 from deployments.routing import router_config
 from engine import EngineConfig, ModelSettings
 from engine.config import ModelConfig
+from engine.engine_config import Role
 from transport.config import TransportConfig
 
 
@@ -100,9 +101,15 @@ class AppConfig(ModelSettings):
             transport=self.transport,
         )
 
-    def decode(self) -> DecodeConfig:
+    def decode(self, role: Role = "decode") -> DecodeConfig:
+        """The decode role's config; the colocated engine is the same with `role="both"`
+        (a PD decode replica never prefills, so it keeps only decode's copy of the weights)."""
         engine = self.engine().model_copy(
-            update={"num_pages": self.decode_num_pages, "max_num_seqs": self.max_num_seqs}
+            update={
+                "num_pages": self.decode_num_pages,
+                "max_num_seqs": self.max_num_seqs,
+                "role": role,
+            }
         )
         return DecodeConfig(
             engine=engine,

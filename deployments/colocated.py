@@ -104,7 +104,7 @@ def build_colocated_app(config: Any) -> Any:
 
     from deployments.ingress import ingress_deployment
 
-    engine_config = config.decode()
+    engine_config = config.decode(role="both")
     actor: dict[str, Any] = {"num_cpus": engine_config.num_cpus}
     if engine_config.num_gpus:
         actor["num_gpus"] = engine_config.num_gpus
