@@ -34,8 +34,8 @@ Matmul = Callable[[torch.Tensor], torch.Tensor]
 
 def float32_matmul(linear: Linear) -> Matmul:
     """The linear's decode matmul, float32 in and out: on its panels when packed (read at each
-    call, so a new pack is seen), else its decode forward (oneDNN) in its own dtype. Also the CPU LM head's, in
-    prefill too: float32 logits of a bf16 model."""
+    call, so a new pack is seen), else its decode forward (oneDNN) in its own dtype. Also the
+    CPU LM head's, in prefill too: float32 logits of a bf16 model."""
 
     def matmul(x: torch.Tensor) -> torch.Tensor:
         panels = linear.panels

@@ -38,7 +38,7 @@ class DecoderStage(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(len(layer_range)))
         if self.is_last:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-            # Only ever sees the logit rows: decode-sized matmuls, on panels (engine/linear.py).
+            # Only ever sees the logit rows: decode-sized matmuls, on decode's copy (linear.py).
             self.lm_head = Linear(
                 config.hidden_size, config.vocab_size, bias=False, logit_rows=True
             )
