@@ -26,12 +26,16 @@ def threads_for(num_cpus: float | None, cores: int) -> int:
 
 
 def assigned_cpus() -> float | None:
-    """The CPUs Ray assigned to this actor or replica, or None outside Ray."""
+    """The CPUs Ray assigned to this actor or replica, or None outside one (no Ray, or a
+    driver, such as a test that builds an engine in its own process)."""
     import ray
 
     if not ray.is_initialized():
         return None
-    return ray.get_runtime_context().get_assigned_resources().get("CPU")
+    context = ray.get_runtime_context()
+    if context.worker.mode != ray.WORKER_MODE:
+        return None
+    return context.get_assigned_resources().get("CPU")
 
 
 def apply_thread_budget(role: str) -> int | None:
