@@ -100,6 +100,7 @@ bench: $(STAMP) sysdeps
 	$(PY) -m benchmarks.transport_bench
 	$(PY) -m benchmarks.fragmentation_bench
 	$(PY) -m benchmarks.consensus_bench
+	$(PY) -m benchmarks.grammar_bench
 	$(PY) -m benchmarks.serving_bench
 
 # pdserve (PD with PP=$(PP), and colocated) against vLLM's CPU build on the same model, machine

@@ -53,6 +53,8 @@ class TokenChunk:
     finish_reason: str | None
     num_prompt_tokens: int
     num_output_tokens: int
+    # Per token, when asked: its most likely alternatives, (token id, logprob).
+    top_logprobs: list[tuple[tuple[int, float], ...]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,8 @@ class ChunkPlan:
     finishing: bool  # the prompt's last chunk: send the KV, and the sampled first token
     room: int = 0
     sampling: SamplingParams | None = None
+    # The whole prompt, on a finishing chunk whose sampling reads it (repetition penalty).
+    prompt_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -113,7 +113,9 @@ class StageActor:
             on_transferred=lambda s: self.metrics.transferred(s.stats.nbytes, s.stats.seconds),
         )
         self._group: str | None = None
-        compute = LayerCompute(self.runner, spec.pp_rank, spec.start == 0, self.is_last)
+        compute = LayerCompute(
+            self.runner, spec.pp_rank, spec.start == 0, self.is_last, model=engine.model
+        )
         self.executor = PlanExecutor(
             self.requests,
             self._allreduce_min,

@@ -9,8 +9,10 @@ import torch
 
 from cluster.messages import ChunkPlan
 from engine.attention import SeqChunk
+from engine.grammar import GrammarState
 from engine.runner import StageRunner
-from engine.sampling import sample
+from engine.sampling import SamplingParams, TokenHistory, sample
+from engine.tokenizer import Tokenizer
 from transport.metadata import FirstToken
 from transport.streams import after_sends, behind_current_stream
 
@@ -18,11 +20,22 @@ from transport.streams import after_sends, behind_current_stream
 class LayerCompute:
     """Layers `[start, end)` of the model on this stage's device (`StageCompute`)."""
 
-    def __init__(self, runner: StageRunner, pp_rank: int, is_first: bool, is_last: bool) -> None:
+    def __init__(
+        self,
+        runner: StageRunner,
+        pp_rank: int,
+        is_first: bool,
+        is_last: bool,
+        model: str | None = None,
+    ) -> None:
+        """`model`: the model's directory, where the last stage finds the tokenizer that
+        structured output's grammars need (loaded on the first such request)."""
         self.runner = runner
         self.pp_rank = pp_rank
         self.is_first = is_first
         self.is_last = is_last
+        self._model = model
+        self._tokenizer: Tokenizer | None = None
 
     def launch(self, batch: tuple[ChunkPlan, ...], upstream: torch.Tensor | None) -> torch.Tensor:
         """Queue the forward. It waits (on the GPU) for the sends queued before it, which may
@@ -44,6 +57,20 @@ class LayerCompute:
             return out, {}
         return None, self._first_tokens(batch, out)
 
+    def _grammar(self, params: SamplingParams | None) -> GrammarState | None:
+        """A fresh grammar state for a first token (decode rebuilds its own from it)."""
+        if params is None or params.grammar is None:
+            return None
+        if self._tokenizer is None:
+            if self._model is None:
+                raise ValueError("structured output needs the model's tokenizer")
+            config = self.runner.stage.config
+            self._tokenizer = Tokenizer.from_dir(
+                self._model, extra_eos_token_ids=config.eos_token_ids
+            )
+        vocab = self.runner.stage.config.vocab_size
+        return GrammarState(self._tokenizer, vocab, params.grammar)
+
     def _inputs(self, batch: tuple[ChunkPlan, ...], upstream: torch.Tensor | None) -> torch.Tensor:
         if self.is_first:
             ids = [t for c in batch for t in c.token_ids]
@@ -58,13 +85,20 @@ class LayerCompute:
         finishing = [c for c in batch if c.finishing]
         params = [c.sampling for c in finishing]
         generators = [p.make_generator(logits.device) if p is not None else None for p in params]
-        tokens, logprobs = sample(logits, params, generators)  # type: ignore[arg-type]
+        # The first token's penalties start from the prompt (no output yet).
+        histories = [
+            TokenHistory(c.prompt_token_ids, grammar=self._grammar(c.sampling)) for c in finishing
+        ]
+        tokens, logprobs, top = sample(logits, params, generators, histories)  # type: ignore[arg-type]
         return {
             c.rid: FirstToken(
                 room=c.room,
                 token_id=token,
                 logprob=logprob,
                 num_prompt_tokens=c.start + len(c.token_ids),
+                top_logprobs=alternatives,
             )
-            for c, token, logprob in zip(finishing, tokens, logprobs, strict=True)
+            for c, token, logprob, alternatives in zip(
+                finishing, tokens, logprobs, top, strict=True
+            )
         }

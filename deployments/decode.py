@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import logging
 import time
@@ -209,7 +210,11 @@ class DecodeInstance:
                 raise DecodeFailed(reason)
             # The first token was read from our own pages' metadata slot; the loop joins the
             # request between steps and puts its first output in the stream.
-            join = _Join(request, pages, receiver.first_token, asyncio.Queue())
+            # Its top alternatives, when asked, came with the prefill's answer.
+            first = dataclasses.replace(
+                receiver.first_token, top_logprobs=result.first_token.top_logprobs
+            )
+            join = _Join(request, pages, first, asyncio.Queue())
             self._joins.append(join)
             self._work.set()
             while not finished:
@@ -363,6 +368,7 @@ class DecodeInstance:
                     join.pages,
                     join.first.token_id,
                     join.first.logprob,
+                    join.first.top_logprobs,
                 )
             except Exception as exc:
                 log.exception("joining the batch failed", extra={"rid": request.rid})
@@ -454,6 +460,7 @@ def chunk_of(out: Any) -> TokenChunk:
     return TokenChunk(
         token_ids=list(out.token_ids),
         logprobs=list(out.logprobs),
+        top_logprobs=list(out.top_logprobs),
         text=out.text,
         finish_reason=out.finish_reason.value if out.finish_reason else None,
         num_prompt_tokens=out.num_prompt_tokens,

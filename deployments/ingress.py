@@ -38,17 +38,18 @@ from deployments.admission import (
     accepted_stream,
     deployment_problem,
 )
+from deployments.choices import Answer, Choice, Prompt
 from deployments.health import Readiness
 from deployments.openai_api import (
     ChatCompletionRequest,
     CompletionRequest,
     error_body,
     now,
-    usage,
 )
 from deployments.prefill_controller import prompt_length_problem
 from engine.config import ModelConfig
-from engine.tokenizer import Tokenizer
+from engine.grammar import GrammarError, compile_grammar, grammar_problem
+from engine.tokenizer import ChatTemplateError, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ class Ingress:
         self.tokenizer = Tokenizer.from_dir(
             self.config.model, extra_eos_token_ids=model_config.eos_token_ids
         )
+        self.vocab_size = model_config.vocab_size
         self.decode = decode
         self.prefill = prefill  # asked only for its readiness
 
@@ -205,62 +207,89 @@ class Ingress:
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
         self._authorize(request)
         self._check_model(body.model)
-        if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], int):
-            prompt_ids = list(body.prompt)
+        prompts = []
+        for prompt in body.prompts():
+            if isinstance(prompt, str):
+                ids = self.tokenizer.encode(prompt)
+                prompts.append(Prompt(ids, prompt if body.echo else ""))
+                continue
             vocab = self.tokenizer.vocab_size
-            if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            if min(prompt) < 0 or max(prompt) >= vocab:
                 raise ApiError(
                     400,
                     f"prompt token ids must lie in [0, {vocab})",
                     "invalid_request_error",
                     "prompt",
                 )
-        else:
-            text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-            prompt_ids = self.tokenizer.encode(text)
-        return await self._serve(body, prompt_ids, chat=False, logprobs=bool(body.logprobs))
+            prompts.append(Prompt(prompt, self.tokenizer.decode(prompt) if body.echo else ""))
+        return await self._serve(body, prompts, chat=False, top_logprobs=body.logprobs)
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Any:
         self._authorize(request)
         self._check_model(body.model)
         try:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            messages = [m.for_template() for m in body.messages]
         except ValueError as exc:
             raise ApiError(400, str(exc), "invalid_request_error", "messages") from exc
-        text = self.tokenizer.apply_chat_template(messages)
+        tools = body.template_tools()
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, **({"tools": tools} if tools else {})
+            )
+        except ChatTemplateError as exc:  # the template refused these messages
+            raise ApiError(400, str(exc), "invalid_request_error", "messages") from exc
         prompt_ids = self.tokenizer.encode(text, add_special_tokens=False)
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
-        return await self._serve(body, prompt_ids, chat=True, logprobs=body.logprobs)
+        return await self._serve(
+            body, [Prompt(prompt_ids)], chat=True, top_logprobs=body.chosen_top_logprobs
+        )
 
     # -- shared path --------------------------------------------------------------------------
 
-    async def _serve(self, body: Any, prompt_ids: list[int], chat: bool, logprobs: bool) -> Any:
-        n = len(prompt_ids)
-        limit = self.config.max_model_len
-        max_tokens = body.max_tokens or min(self.config.default_max_tokens, max(1, limit - n))
+    async def _serve(
+        self, body: Any, prompts: list[Prompt], chat: bool, top_logprobs: int | None
+    ) -> Any:
+        """Validates every prompt, then runs the request's choices (n per prompt, each its own
+        internal request: its own rid and bootstrap room) and answers them as one response."""
         where = "messages" if chat else "prompt"
-        if (problem := prompt_length_problem(n, self.config.max_prompt_len)) is not None:
-            raise ApiError(400, problem, "invalid_request_error", where)
-        if n + max_tokens > limit:
-            raise ApiError(
-                400,
-                f"This model's maximum context length is {limit} tokens. However, you "
-                f"requested {n + max_tokens} tokens ({n} in the prompt, {max_tokens} for the "
-                "completion). Please reduce the length of the prompt or the completion.",
-                "invalid_request_error",
-                where,
-            )
-        try:
-            sampling = body.sampling(max_tokens, logprobs)
-        except ValueError as exc:
-            raise ApiError(400, str(exc), "invalid_request_error") from exc
+        if (problem := body.logit_bias_problem(self.tokenizer.vocab_size)) is not None:
+            raise ApiError(400, problem, "invalid_request_error", "logit_bias")
+        grammar = await self._grammar(body)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        room = secrets.randbits(63)
-        request = DecodeRequest(rid, room, prompt_ids, sampling)
+        eos = self.tokenizer.eos_token_ids
+        choices: list[Choice] = []
+        for p, prompt in enumerate(prompts):
+            max_tokens = self._max_tokens(body, len(prompt.token_ids), where)
+            for j in range(body.n):
+                index = p * body.n + j
+                if max_tokens == 0:  # echo only
+                    choices.append(Choice(index, prompt, None))
+                    continue
+                seed = None if body.seed is None else body.seed + j
+                try:
+                    sampling = body.sampling(max_tokens, top_logprobs, eos, seed, grammar)
+                except ValueError as exc:
+                    raise ApiError(400, str(exc), "invalid_request_error") from exc
+                child = rid if len(prompts) * body.n == 1 else f"{rid}-{index}"
+                request = DecodeRequest(child, secrets.randbits(63), prompt.token_ids, sampling)
+                choices.append(Choice(index, prompt, request))
+        prompt_tokens = sum(len(p.token_ids) for p in prompts)
         in_flight = _InFlight()
-        stream = self._generate(request)
-        log.info("request", extra={"rid": rid, "room": room, "prompt_tokens": n})
+        stream = self._choices_stream(choices)
+        log.info(
+            "request",
+            extra={"rid": rid, "prompt_tokens": prompt_tokens, "choices": len(choices)},
+        )
+        answer = Answer(
+            rid,
+            chat,
+            choices,
+            prompt_tokens,
+            top_logprobs,
+            self.tokenizer,
+            tools=body.tool_plan() if chat else None,
+        )
         if body.stream:
             # The status line waits for the first token: a request that fails before it
             # (no replica took it, overloaded) gets its real status, not a 200 and an event.
@@ -274,13 +303,87 @@ class Ingress:
                 raise
             _count("/chat/completions" if chat else "/completions", 200)
             return StreamingResponse(
-                _releasing(self._sse(stream, rid, chat, body.include_usage, n), in_flight),
+                _releasing(self._sse(stream, answer, body.include_usage), in_flight),
                 media_type="text/event-stream",
             )
         try:
-            return await self._collect(stream, rid, chat, n)
+            return await self._collect(stream, answer)
         finally:
             in_flight.release()
+
+    async def _grammar(self, body: Any) -> str | None:
+        """The request's structured-output grammar, checked against the model's tokenizer
+        (None: unconstrained); a constraint that cannot be built is a 400 naming its field."""
+        asked = body.constraint()
+        if asked is None:
+            return None
+        field, kind, spec = asked
+        try:
+            grammar = compile_grammar(kind, spec)
+            problem = await asyncio.to_thread(
+                grammar_problem, grammar, self.tokenizer, self.vocab_size
+            )
+        except GrammarError as exc:
+            problem = str(exc)
+        if problem is not None:
+            raise ApiError(400, f"{field}: {problem}", "invalid_request_error", field)
+        return grammar
+
+    def _max_tokens(self, body: Any, n: int, where: str) -> int:
+        """The request's max_tokens for a prompt of `n` tokens, or a 400 if they cannot fit."""
+        limit = self.config.max_model_len
+        max_tokens = body.max_tokens
+        if max_tokens is None:
+            max_tokens = min(self.config.default_max_tokens, max(1, limit - n))
+        if (problem := prompt_length_problem(n, self.config.max_prompt_len)) is not None:
+            raise ApiError(400, problem, "invalid_request_error", where)
+        if n + max_tokens > limit:
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you "
+                f"requested {n + max_tokens} tokens ({n} in the prompt, {max_tokens} for the "
+                "completion). Please reduce the length of the prompt or the completion.",
+                "invalid_request_error",
+                where,
+            )
+        return max_tokens
+
+    async def _choices_stream(self, choices: list[Choice]) -> AsyncIterator[tuple[int, TokenChunk]]:
+        """Every choice's chunks, tagged with its index, in the order they come. Closing it
+        (the client left) or a choice's failure ends them all."""
+        running = [(c.index, self._generate(c.request)) for c in choices if c.request]
+        if len(running) == 1:
+            index, stream = running[0]
+            async for chunk in stream:
+                yield index, chunk
+            return
+        queue: asyncio.Queue[tuple[int, TokenChunk | BaseException | None]] = asyncio.Queue()
+
+        async def pump(index: int, stream: AsyncIterator[TokenChunk]) -> None:
+            try:
+                async for chunk in stream:
+                    queue.put_nowait((index, chunk))
+                queue.put_nowait((index, None))
+            except Exception as exc:
+                queue.put_nowait((index, exc))
+            finally:
+                await stream.aclose()  # type: ignore[attr-defined]
+
+        tasks = [asyncio.create_task(pump(index, stream)) for index, stream in running]
+        try:
+            left = len(tasks)
+            while left:
+                index, item = await queue.get()
+                if item is None:
+                    left -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _generate(self, request: DecodeRequest) -> AsyncIterator[TokenChunk]:
         """The decode stream of `request`. One that fails inside pdserve before its first token
@@ -317,44 +420,22 @@ class Ingress:
                     request, rid=f"{request.rid}-retry", room=secrets.randbits(63)
                 )
 
-    async def _collect(self, stream: Any, rid: str, chat: bool, n: int) -> JSONResponse:
-        text, tokens, finish, logprobs = "", 0, None, []
+    async def _collect(self, stream: Any, answer: Answer) -> JSONResponse:
         try:
-            async for chunk in stream:
-                text += chunk.text
-                tokens = chunk.num_output_tokens
-                finish = chunk.finish_reason or finish
-                logprobs.extend(chunk.logprobs)
+            async for index, chunk in stream:
+                answer.add(index, chunk)
         except Exception as exc:
-            raise _server_error(exc, rid) from exc
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-            choice["logprobs"] = None
-        else:
-            choice["text"] = text
-            choice["logprobs"] = None
-        _count("/completions" if not chat else "/chat/completions", 200)
-        return JSONResponse(
-            {
-                "id": rid,
-                "object": "chat.completion" if chat else "text_completion",
-                "created": now(),
-                "model": self.config.served_model_name,
-                "choices": [choice],
-                "usage": usage(n, tokens),
-            }
-        )
+            raise _server_error(exc, answer.rid) from exc
+        _count("/chat/completions" if answer.chat else "/completions", 200)
+        return JSONResponse(answer.body(self.config.served_model_name))
 
-    async def _sse(
-        self, stream: Any, rid: str, chat: bool, include_usage: bool, n: int
-    ) -> AsyncIterator[str]:
-        kind = "chat.completion.chunk" if chat else "text_completion"
+    async def _sse(self, stream: Any, answer: Answer, include_usage: bool) -> AsyncIterator[str]:
+        kind = "chat.completion.chunk" if answer.chat else "text_completion"
         created = now()
 
         def event(choices: list[dict[str, Any]], **extra: Any) -> str:
             payload = {
-                "id": rid,
+                "id": answer.rid,
                 "object": kind,
                 "created": created,
                 "model": self.config.served_model_name,
@@ -363,35 +444,17 @@ class Ingress:
             }
             return f"data: {json.dumps(payload)}\n\n"
 
-        if chat:
-            yield event(
-                [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
-            )
-        tokens = 0
+        for start in answer.opening_events():
+            yield event([start])
         try:
-            async for chunk in stream:
-                tokens = chunk.num_output_tokens
-                finish = chunk.finish_reason
-                if chunk.text or finish:
-                    if chat:
-                        delta = {"content": chunk.text} if chunk.text else {}
-                        yield event([{"index": 0, "delta": delta, "finish_reason": finish}])
-                    else:
-                        yield event(
-                            [
-                                {
-                                    "index": 0,
-                                    "text": chunk.text,
-                                    "logprobs": None,
-                                    "finish_reason": finish,
-                                }
-                            ]
-                        )
+            async for index, chunk in stream:
+                if (delta := answer.add(index, chunk)) is not None:
+                    yield event([delta])
         except Exception as exc:
-            err = _server_error(exc, rid)
+            err = _server_error(exc, answer.rid)
             yield f"data: {json.dumps(error_body(err.message, err.type))}\n\n"
         if include_usage:
-            yield event([], usage=usage(n, tokens))
+            yield event([], usage=answer.usage())
         yield "data: [DONE]\n\n"
 
     def _authorize(self, request: Request) -> None:

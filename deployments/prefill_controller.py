@@ -281,6 +281,11 @@ class PrefillController:
                     finishing=finishing,
                     room=tracked.request.room,
                     sampling=tracked.request.sampling if finishing else None,
+                    prompt_token_ids=(
+                        tuple(prompt)
+                        if finishing and tracked.request.sampling.needs_history
+                        else ()
+                    ),
                 )
             )
         return tuple(batch)

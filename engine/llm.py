@@ -26,6 +26,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.engine_config import EngineConfig
+from engine.grammar import GrammarState
 from engine.kv_cache import KVCacheSpec, PagedKVCache
 from engine.loader import load_stage
 from engine.model import DecoderStage
@@ -37,7 +38,7 @@ from engine.runner import (
     resolve_device,
     resolve_dtype,
 )
-from engine.sampling import SampledTokens, SamplingParams, sample
+from engine.sampling import SampledTokens, SamplingParams, TokenHistory, TopLogprobs, sample
 from engine.scheduler import ScheduledStep, Scheduler
 from engine.sequence import FinishReason, Sequence
 from engine.tokenizer import Tokenizer
@@ -55,6 +56,7 @@ class RequestOutput:
     finish_reason: FinishReason | None
     num_prompt_tokens: int
     num_output_tokens: int
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)  # per token, when asked
 
 
 @dataclass
@@ -63,6 +65,7 @@ class Completion:
     prompt_token_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)
     text: str = ""
     finish_reason: FinishReason | None = None
 
@@ -179,6 +182,7 @@ class LLM:
         pages: list[int],
         first_token: int,
         first_logprob: float,
+        first_top_logprobs: TopLogprobs = (),
     ) -> RequestOutput:
         """Join the running batch with a prompt whose KV another process wrote into `pages`.
 
@@ -190,7 +194,7 @@ class LLM:
         seq.num_computed_tokens = len(prompt_token_ids)
         self.scheduler.add_running(seq)
         self._seqs[rid] = seq
-        return self._append(seq, first_token, first_logprob)
+        return self._append(seq, first_token, first_logprob, first_top_logprobs)
 
     def _new_sequence(
         self, rid: str, prompt_token_ids: list[int], params: SamplingParams, pages: list[int]
@@ -208,6 +212,7 @@ class LLM:
                 if self.tokenizer is not None and params.detokenize
                 else None
             ),
+            grammar=self._grammar(params),
             stop_token_ids=frozenset(params.stop_token_ids)
             | (
                 frozenset()
@@ -215,6 +220,13 @@ class LLM:
                 else frozenset(self.tokenizer.eos_token_ids)
             ),
         )
+
+    def _grammar(self, params: SamplingParams) -> GrammarState | None:
+        if params.grammar is None:
+            return None
+        if self.tokenizer is None:
+            raise ValueError("structured output needs the model's tokenizer")
+        return GrammarState(self.tokenizer, self.model_config.vocab_size, params.grammar)
 
     def abort(self, rid: str) -> bool:
         flight = self._in_flight
@@ -248,18 +260,26 @@ class LLM:
         sampled = [s for s, c in zip(step.seqs, step.chunks, strict=True) if c.wants_logits]
         if not sampled:
             return []
-        tokens, logprobs = sample(
-            logits, [s.params for s in sampled], [s.generator for s in sampled]
+        tokens, logprobs, top = sample(
+            logits,
+            [s.params for s in sampled],
+            [s.generator for s in sampled],
+            [_history(s) for s in sampled],
         )
         return [
-            self._append(seq, tok, lp)
-            for seq, tok, lp in zip(sampled, tokens, logprobs, strict=True)
+            self._append(seq, tok, lp, alternatives)
+            for seq, tok, lp, alternatives in zip(sampled, tokens, logprobs, top, strict=True)
         ]
 
     def _step_overlapped(self) -> list[RequestOutput]:
         prev = self._in_flight
-        step = self.scheduler.schedule(overlapped=prev is not None)
         outputs: list[RequestOutput] = []
+        if prev is not None and any(s.params.needs_history for s in prev.seqs):
+            # Penalties and min_tokens read the tokens so far: the step in flight's tokens
+            # must reach the host before the next step samples (synchronous while such
+            # requests run).
+            outputs, prev = self._drain(), None
+        step = self.scheduler.schedule(overlapped=prev is not None)
         if step is None and prev is not None:
             # Admitting prompts, preempting or nothing to decode: drain, then plan as the
             # synchronous loop would (prompt ids are on the host; nothing is pending).
@@ -279,7 +299,8 @@ class LLM:
         sampled = None
         if seqs:
             gens = [s.generator for s in seqs]
-            sampled = SampledTokens(logits, [s.params for s in seqs], gens)
+            histories = [_history(s) for s in seqs]
+            sampled = SampledTokens(logits, [s.params for s in seqs], gens, histories)
             for row, seq in enumerate(seqs):
                 seq.num_pending += 1
                 seq.pending_row = row
@@ -314,26 +335,36 @@ class LLM:
         self.scheduler.step_done(flight.step_id)
         if flight.sampled is None:
             return []
-        tokens, logprobs = flight.sampled.to_host()
+        tokens, logprobs, top = flight.sampled.to_host()
         outputs = []
-        for seq, token, logprob in zip(flight.seqs, tokens, logprobs, strict=True):
+        for seq, token, logprob, alternatives in zip(
+            flight.seqs, tokens, logprobs, top, strict=True
+        ):
             seq.num_pending -= 1
             if not seq.is_finished:  # else: it stopped (or was aborted) after this step began
-                outputs.append(self._append(seq, token, logprob))
+                outputs.append(self._append(seq, token, logprob, alternatives))
         return outputs
 
     def _drain(self) -> list[RequestOutput]:
         flight, self._in_flight = self._in_flight, None
         return self._resolve(flight) if flight is not None else []
 
-    def _append(self, seq: Sequence, token: int, logprob: float) -> RequestOutput:
+    def _append(
+        self, seq: Sequence, token: int, logprob: float, top: TopLogprobs = ()
+    ) -> RequestOutput:
         # Runs once per request per step: kept to plain attribute and list work.
         outputs = seq.output_token_ids
         outputs.append(token)
         seq.output_logprobs.append(logprob)
         params = seq.params
+        if seq.grammar is not None:
+            seq.grammar.advance(token)
         if token in seq.stop_token_ids:
             reason: FinishReason | None = FinishReason.STOP
+        elif seq.grammar is not None and seq.grammar.finished:
+            reason = FinishReason.STOP  # the grammar is complete: nothing but EOS may follow
+            if seq.decoder is not None:
+                seq.text += seq.decoder.step(token)
         else:
             reason = self._stop_reason(seq, token)
             if seq.decoder is not None and (piece := seq.decoder.step(token)):
@@ -353,6 +384,7 @@ class LLM:
             finish_reason=seq.finish_reason,
             num_prompt_tokens=len(seq.prompt_token_ids),
             num_output_tokens=len(outputs),
+            top_logprobs=[top] if top else [],
         )
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
@@ -389,6 +421,14 @@ class LLM:
                 c = completions[out.rid]
                 c.token_ids += out.token_ids
                 c.logprobs += out.logprobs
+                c.top_logprobs += out.top_logprobs
                 c.text += out.text
                 c.finish_reason = out.finish_reason
         return list(completions.values())
+
+
+def _history(seq: Sequence) -> TokenHistory | None:
+    """What the sampler's penalties and `min_tokens` read for `seq` (None: it reads nothing)."""
+    if not seq.params.needs_history:
+        return None
+    return TokenHistory(seq.prompt_token_ids, seq.output_token_ids, seq.stop_token_ids, seq.grammar)

@@ -1,49 +1,126 @@
 """The batched sampler of `SamplingParams` (engine/sampling_params.py).
 
 Greedy rows are one batched argmax. Seeded requests own a `torch.Generator`, so the same seed
-gives the same tokens whatever else shares the batch. Logprobs are those of the model's raw
-distribution (log-softmax of the logits before temperature, top-k and top-p), as vLLM reports.
+gives the same tokens whatever else shares the batch. Penalties, `logit_bias` and `min_tokens`
+adjust a row's logits before it is sampled (greedy too), from the row's `TokenHistory`; the
+last prefill stage samples a prompt's first token with the same code, from the prompt alone.
+Logprobs, and the top alternatives beside them, are those of the model's raw distribution
+(log-softmax of the logits before any adjustment, temperature, top-k or top-p), as vLLM
+reports by default.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
 import torch
 
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.grammar import GrammarState
+
+TopLogprobs = tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
+
+
+@dataclass(frozen=True)
+class TokenHistory:
+    """What a row's penalties, `min_tokens` and grammar read: the prompt, the tokens sampled so
+    far, the ids that would end the request (banned while `min_tokens` is not reached), and
+    the request's place in its grammar."""
+
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int] = ()
+    stop_token_ids: Collection[int] = ()
+    grammar: GrammarState | None = None
+
+
+class Sampled(NamedTuple):
+    """One token per row, its logprob (0.0 where not asked) and its top alternatives (empty
+    where not asked)."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    top: list[TopLogprobs]
 
 
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
-) -> tuple[list[int], list[float]]:
-    """Pick one token per row of `logits` [B, V]; returns (tokens, logprobs of those tokens)."""
-    if not any(not p.greedy or p.logprobs for p in params):
-        # All greedy, no logprobs (the common serving case): one argmax, one host copy.
-        return logits.argmax(dim=-1).tolist(), [0.0] * len(params)
-    tokens, logprobs = sample_on_device(logits, params, generators)
-    return tokens.tolist(), [0.0] * len(params) if logprobs is None else logprobs.tolist()
+    histories: list[TokenHistory | None] | None = None,
+) -> Sampled:
+    """Pick one token per row of `logits` [B, V]."""
+    if all(p.plain for p in params):
+        # All greedy, nothing asked beside the token (the common serving case): one argmax.
+        return Sampled(logits.argmax(dim=-1).tolist(), [0.0] * len(params), [()] * len(params))
+    return SampledTokens(logits, params, generators, histories).to_host()
 
 
 def sample_on_device(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`sample` without the host copy: token ids [B] (int64) and, when a request asks for them,
-    their logprobs [B] (float32), on the logits' device. Nothing here waits for the device, so
-    async scheduling can feed the tokens to the next step before the host has seen them; the
-    ops are `sample`'s own, so both give the same tokens for the same generator states."""
-    if not any(not p.greedy or p.logprobs for p in params):
-        return logits.argmax(dim=-1), None
-    logits = logits.float()
-    tokens = logits.argmax(dim=-1)
+    histories: list[TokenHistory | None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """`sample` without the host copy: token ids [B] (int64), and when a request asks for them
+    their logprobs [B] and the top alternatives (ids and logprobs, [B, k]), on the logits'
+    device. Nothing here waits for the device, so async scheduling can feed the tokens to the
+    next step before the host has seen them."""
+    if all(p.plain for p in params):
+        return logits.argmax(dim=-1), None, None, None
+    raw = logits.float()
+    adjusted = raw
+    if any(p.adjusts_logits for p in params):
+        adjusted = raw.clone()
+        for i, p in enumerate(params):
+            if p.adjusts_logits:
+                adjust_logits(adjusted[i], p, histories[i] if histories else None)
+    tokens = adjusted.argmax(dim=-1)
     for i, p in enumerate(params):
         if not p.greedy:
-            tokens[i] = _sample_row(logits[i], p, generators[i])
+            tokens[i] = _sample_row(adjusted[i], p, generators[i])
     if not any(p.logprobs for p in params):
-        return tokens, None
-    return tokens, torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+        return tokens, None, None, None
+    logprobs = torch.log_softmax(raw, dim=-1)
+    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
+    k = max(p.top_logprobs if p.logprobs else 0 for p in params)
+    if not k:
+        return tokens, chosen, None, None
+    top = logprobs.topk(k, dim=-1)
+    return tokens, chosen, top.indices, top.values
+
+
+def adjust_logits(row: torch.Tensor, p: SamplingParams, history: TokenHistory | None) -> None:
+    """Apply `p`'s penalties, logit bias, `min_tokens` ban and grammar mask to one row of
+    float32 logits, in place, in vLLM's order: repetition, then frequency and presence, then
+    the bias; the bans last, so nothing lifts them."""
+    output = list(history.output_token_ids) if history is not None else []
+    if p.repetition_penalty != 1.0 and history is not None:
+        seen = torch.tensor(sorted({*history.prompt_token_ids, *output}), dtype=torch.long)
+        seen = seen.to(row.device)
+        values = row[seen]
+        row[seen] = torch.where(
+            values > 0, values / p.repetition_penalty, values * p.repetition_penalty
+        )
+    if output and (p.frequency_penalty or p.presence_penalty):
+        ids = torch.tensor(output, dtype=torch.long, device=row.device)
+        counts = torch.bincount(ids, minlength=row.shape[-1])[: row.shape[-1]].to(row.dtype)
+        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+    for token, bias in p.logit_bias:
+        if 0 <= token < row.shape[-1]:
+            row[token] += bias
+    if len(output) < p.min_tokens:
+        stops = set(p.stop_token_ids)
+        if not p.ignore_eos:
+            stops |= {*p.eos_token_ids, *(history.stop_token_ids if history else ())}
+        banned = [t for t in stops if 0 <= t < row.shape[-1]]
+        if banned:
+            row[torch.tensor(banned, dtype=torch.long, device=row.device)] = float("-inf")
+    if history is not None and history.grammar is not None:
+        history.grammar.mask(row)
 
 
 class SampledTokens:
@@ -60,22 +137,30 @@ class SampledTokens:
         logits: torch.Tensor,
         params: list[SamplingParams],
         generators: list[torch.Generator | None],
+        histories: list[TokenHistory | None] | None = None,
     ) -> None:
-        self.tokens, logprobs = sample_on_device(logits, params, generators)
-        self._host_tokens, self._host_logprobs = self.tokens, logprobs
+        self._top_k = [p.top_logprobs if p.logprobs else 0 for p in params]
+        self.tokens, *extras = sample_on_device(logits, params, generators, histories)
+        self._host = [self.tokens, *extras]
         if self.tokens.is_cuda:
-            self._host_tokens = _to_pinned(self.tokens)
-            self._host_logprobs = None if logprobs is None else _to_pinned(logprobs)
+            self._host = [None if t is None else _to_pinned(t) for t in self._host]
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
 
-    def to_host(self) -> tuple[list[int], list[float]]:
-        """(tokens, logprobs) as lists; call once the step's device work has ended."""
-        tokens = self._host_tokens.tolist()
-        if self._host_logprobs is None:
-            return tokens, [0.0] * len(tokens)
-        return tokens, self._host_logprobs.tolist()
+    def to_host(self) -> Sampled:
+        """The step's tokens, logprobs and top alternatives as lists; call once the step's
+        device work has ended."""
+        tokens_t, logprobs_t, top_ids_t, top_values_t = self._host
+        tokens = tokens_t.tolist()
+        logprobs = [0.0] * len(tokens) if logprobs_t is None else logprobs_t.tolist()
+        if top_ids_t is None:
+            return Sampled(tokens, logprobs, [()] * len(tokens))
+        ids, values = top_ids_t.tolist(), top_values_t.tolist()
+        top = [
+            tuple(zip(ids[i][:k], values[i][:k], strict=True)) for i, k in enumerate(self._top_k)
+        ]
+        return Sampled(tokens, logprobs, top)
 
 
 def _to_pinned(values: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,9 @@ if TYPE_CHECKING:
     import torch
 
 
+MAX_TOP_LOGPROBS = 20
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0
@@ -24,6 +27,18 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False
+    # With `logprobs`: how many of the most likely tokens to report beside each sampled one.
+    top_logprobs: int = 0
+    presence_penalty: float = 0.0  # OpenAI's: minus this once a token is in the output
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times the token's output count
+    repetition_penalty: float = 1.0  # vLLM's: divides (or multiplies) prompt and output tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    min_tokens: int = 0  # stop tokens (and EOS) are banned until this many were sampled
+    # The model's end-of-sequence ids, for `min_tokens`: filled in where the tokenizer is known
+    # (the ingress), so a process without one (the last prefill stage) can ban them too.
+    eos_token_ids: tuple[int, ...] = ()
+    # Structured output: an llguidance grammar (engine/grammar.py) every sampled token obeys.
+    grammar: str | None = None
     # False: token ids only, no text (no incremental detokenizing; stop strings need text).
     detokenize: bool = True
     extra: dict = field(default_factory=dict, compare=False, repr=False)
@@ -41,10 +56,41 @@ class SamplingParams:
             raise ValueError("stop strings must not be empty")
         if self.stop and not self.detokenize:
             raise ValueError("stop strings need detokenize=True")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+        if any(not -100.0 <= bias <= 100.0 for _, bias in self.logit_bias):
+            raise ValueError("logit_bias values must be in [-100, 100]")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}]")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def needs_history(self) -> bool:
+        """The logits depend on the tokens so far (penalties) or their count (`min_tokens`)."""
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+            or self.min_tokens > 0
+            or self.grammar is not None  # the mask follows the tokens so far
+        )
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return self.needs_history or bool(self.logit_bias)
+
+    @property
+    def plain(self) -> bool:
+        """Greedy, nothing to adjust, nothing to report: one batched argmax serves it."""
+        return self.greedy and not self.logprobs and not self.adjusts_logits
 
     def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
         if self.greedy:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -45,6 +46,7 @@ class Sequence:
     decoder: IncrementalDecoder | None = None
     # EOS (unless ignored) and the request's own stop tokens, fixed when the request arrives.
     stop_token_ids: frozenset[int] = frozenset()
+    grammar: Any = None  # engine.grammar.GrammarState, for structured output
     text: str = ""
     _emitted_chars: int = 0
 

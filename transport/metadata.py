@@ -32,6 +32,9 @@ class FirstToken:
     token_id: int
     logprob: float
     num_prompt_tokens: int
+    # The first token's top alternatives, when asked: they travel with the prefill's answer
+    # (the `PrefillResult`), not in the fixed-size metadata slot.
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
     def pack(self) -> bytes:
         return _RECORD.pack(

@@ -258,7 +258,7 @@ def test_disconnects_and_aborts_at_every_phase_leave_nothing_behind(served) -> N
         ({"prompt": [5] * 201, "max_tokens": 4}, None, 400, "at most 200"),
         ({"prompt": "hi", "max_tokens": 5000}, None, 400, "maximum context length"),
         ({"prompt": "hi", "temperature": 7}, None, 400, "temperature"),
-        ({"prompt": "hi", "n": 2}, None, 400, "n=1"),
+        ({"prompt": "hi", "n": 0}, None, 400, "n"),
         ({"prompt": "hi", "top_p": 0}, None, 400, "top_p"),
         ({"prompt": [10**6]}, None, 400, "token ids"),
         ("{not json", None, 400, "not valid JSON"),

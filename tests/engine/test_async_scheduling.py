@@ -224,7 +224,7 @@ def prefill_elsewhere(llm: LLM, prompt: list[int]) -> tuple[list[int], int, floa
     pages = llm.allocator.allocate(-(-(len(prompt) + 1) // llm.config.page_size))
     logits = llm.runner.forward([SeqChunk(0, len(prompt), pages)], torch.tensor(prompt))
     params = SamplingParams(temperature=0, logprobs=True)
-    [token], [logprob] = sample(logits.clone(), [params], [None])
+    [token], [logprob], _ = sample(logits.clone(), [params], [None])
     return pages, token, logprob
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from engine import LLM, EngineConfig, SamplingParams
-from engine.sampling import sample
+from engine.sampling import TokenHistory, adjust_logits, sample
 from tests.engine.helpers import full_logits
 
 
@@ -52,7 +54,7 @@ def test_top_k_restricts_to_the_k_most_likely_tokens():
     seen = set()
     for seed in range(200):
         p = SamplingParams(temperature=2.0, top_k=2, seed=seed)
-        tokens, _ = sample(logits, [p], [p.make_generator()])
+        tokens, _, _ = sample(logits, [p], [p.make_generator()])
         seen.add(tokens[0])
     assert seen == {1, 2}
 
@@ -62,7 +64,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     seen = set()
     for seed in range(300):
         p = SamplingParams(temperature=1.0, top_p=0.7, seed=seed)
-        tokens, _ = sample(logits, [p], [p.make_generator()])
+        tokens, _, _ = sample(logits, [p], [p.make_generator()])
         seen.add(tokens[0])
     assert seen == {0, 1}
 
@@ -73,7 +75,7 @@ def test_temperature_sampling_follows_the_distribution():
     gen = p.make_generator()
     counts = torch.zeros(3)
     for _ in range(3000):
-        tokens, _ = sample(torch.log(probs)[None], [p], [gen])
+        tokens, _, _ = sample(torch.log(probs)[None], [p], [gen])
         counts[tokens[0]] += 1
     assert torch.allclose(counts / 3000, probs, atol=0.03)
 
@@ -150,6 +152,12 @@ def test_without_detokenizing_the_same_tokens_come_without_text(llm):
         {"max_tokens": 0},
         {"stop": ("",)},
         {"stop": ("x",), "detokenize": False},
+        {"top_logprobs": 21},
+        {"presence_penalty": 2.5},
+        {"frequency_penalty": -3.0},
+        {"repetition_penalty": 0.0},
+        {"logit_bias": ((5, 101.0),)},
+        {"min_tokens": 17, "max_tokens": 16},
     ],
 )
 def test_bad_sampling_parameters_are_rejected(kwargs):
@@ -165,3 +173,76 @@ def test_prompts_the_engine_cannot_run_are_rejected_before_scheduling(llm):
     with pytest.raises(ValueError, match="token ids"):
         llm.add_request([llm.model_config.vocab_size], SamplingParams())
     assert not llm.has_unfinished()
+
+
+# -- logit adjustments and top logprobs (OpenAI's penalties, logit_bias; vLLM's extensions) -----
+
+
+def test_logit_bias_plus_100_forces_a_token_and_minus_100_bans_it(llm):
+    greedy = run(llm, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)).token_ids
+    forced = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logit_bias=((77, 100),))
+    assert run(llm, forced).token_ids == [77] * 6
+    banned = SamplingParams(
+        temperature=0, max_tokens=6, ignore_eos=True, logit_bias=((greedy[0], -100),)
+    )
+    assert run(llm, banned).token_ids[0] != greedy[0]
+    sampled = SamplingParams(temperature=1.0, seed=3, max_tokens=6, logit_bias=((77, 100),))
+    assert run(llm, sampled).token_ids == [77] * 6
+
+
+def test_penalties_follow_openai_and_vllm_definitions():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 1.0]])
+    history = TokenHistory(prompt_token_ids=[4], output_token_ids=[3, 3, 2])
+    p = SamplingParams(
+        temperature=0, frequency_penalty=0.5, presence_penalty=0.25, repetition_penalty=2.0
+    )
+    row = logits[0].clone()
+    adjust_logits(row, p, history)
+    # repetition first (prompt and output: 4, 3, 2), then frequency x count and presence.
+    want = torch.tensor([2.0, -1.0, 0.25 - 0.5 - 0.25, 1.5 - 1.0 - 0.25, 0.5])
+    torch.testing.assert_close(row, want)
+    assert sample(logits, [p], [None], [history]).tokens == [0]
+
+
+def test_min_tokens_bans_eos_and_stop_ids_until_reached(llm):
+    eos = sorted(llm.tokenizer.eos_token_ids)[0]
+    ends_at_once = SamplingParams(temperature=0, max_tokens=8, logit_bias=((eos, 50),))
+    assert run(llm, ends_at_once).token_ids == [eos]
+    at_least = SamplingParams(temperature=0, max_tokens=8, logit_bias=((eos, 50),), min_tokens=3)
+    out = run(llm, at_least)
+    assert len(out.token_ids) == 4 and out.token_ids[-1] == eos
+    assert eos not in out.token_ids[:3]
+
+
+def test_penalised_requests_decode_the_same_with_and_without_async_scheduling(llama_dir):
+    p = SamplingParams(
+        temperature=0, max_tokens=24, ignore_eos=True, frequency_penalty=1.5, presence_penalty=0.5
+    )
+    outs = []
+    for overlap in (False, True):
+        engine = LLM(EngineConfig(model=str(llama_dir), num_pages=64, async_scheduling=overlap))
+        outs.append(engine.generate([PROMPT, [5, 6, 7]], p))
+    assert [c.token_ids for c in outs[0]] == [c.token_ids for c in outs[1]]
+    unpenalised = replace(p, frequency_penalty=0, presence_penalty=0)
+    plain = run(LLM(EngineConfig(model=str(llama_dir), num_pages=64)), unpenalised)
+    assert outs[0][0].token_ids != plain.token_ids  # the penalties changed something
+    # a penalised output repeats no token more often than the unpenalised one does
+    assert max(map(outs[0][0].token_ids.count, set(outs[0][0].token_ids))) <= max(
+        map(plain.token_ids.count, set(plain.token_ids))
+    )
+
+
+def test_top_logprobs_are_the_raw_distributions_most_likely_tokens(llm):
+    p = SamplingParams(temperature=0.8, seed=5, max_tokens=5, logprobs=True, top_logprobs=4)
+    c = run(llm, p)
+    assert len(c.top_logprobs) == 5 and all(len(t) == 4 for t in c.top_logprobs)
+    ids = PROMPT + c.token_ids
+    logits = full_logits([llm.runner.stage], torch.tensor(ids)).double()
+    want = torch.log_softmax(logits, -1)[len(PROMPT) - 1 : -1]
+    for step, top in enumerate(c.top_logprobs):
+        values, order = want[step].topk(4)
+        assert [t for t, _ in top] == order.tolist()
+        torch.testing.assert_close(
+            torch.tensor([v for _, v in top], dtype=torch.double), values, atol=1e-3, rtol=0
+        )
+    assert all(t[0][1] >= lp - 1e-6 for t, lp in zip(c.top_logprobs, c.logprobs, strict=True))

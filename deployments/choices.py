@@ -1,0 +1,185 @@
+"""One API response assembled from its choices' token streams.
+
+A request becomes one internal request per choice (n per prompt), each streamed by decode on
+its own; this gathers their chunks by choice index into the OpenAI shapes: whole responses,
+or the streaming deltas with each choice's logprobs beside its text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from cluster.messages import DecodeRequest, TokenChunk
+from deployments.openai_api import chat_logprobs, completion_logprobs, now, usage
+from deployments.tools import ToolPlan, forced_calls, parse_tool_calls
+from engine.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt of a request: its token ids, and its text where the answer echoes it."""
+
+    token_ids: list[int]
+    echo: str = ""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One choice to answer: its index, its prompt, and the internal request that generates
+    it (None: nothing to generate, `max_tokens: 0` with `echo`)."""
+
+    index: int
+    prompt: Prompt
+    request: DecodeRequest | None
+
+
+@dataclass
+class _Progress:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top: list[tuple[tuple[int, float], ...]] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_output_tokens: int = 0
+
+
+class Answer:
+    """The choices of one request as they arrive, and the response they make."""
+
+    def __init__(
+        self,
+        rid: str,
+        chat: bool,
+        choices: list[Choice],
+        prompt_tokens: int,
+        top_logprobs: int | None,
+        tokenizer: Tokenizer,
+        tools: ToolPlan | None = None,
+    ) -> None:
+        """`tools`: how the request uses tools (chat only); its choices' text then becomes
+        tool calls where the model made them, and streams as one delta at the end."""
+        self.rid, self.chat, self.choices = rid, chat, choices
+        self.tools = tools
+        self.prompt_tokens = prompt_tokens
+        self.wants_logprobs = top_logprobs is not None
+        self._token_text = tokenizer.token_text
+        self._progress = {c.index: _Progress(text=c.prompt.echo) for c in choices}
+        for choice in choices:
+            if choice.request is None:
+                self._progress[choice.index].finish_reason = "length"
+
+    def add(self, index: int, chunk: TokenChunk) -> dict[str, Any] | None:
+        """Takes a choice's chunk; returns its streaming delta (None: nothing to send)."""
+        progress = self._progress[index]
+        offset = len(progress.text)
+        progress.text += chunk.text
+        progress.token_ids += chunk.token_ids
+        progress.logprobs += chunk.logprobs
+        progress.top += chunk.top_logprobs
+        progress.num_output_tokens = chunk.num_output_tokens
+        progress.finish_reason = chunk.finish_reason or progress.finish_reason
+        if self.tools is not None:
+            return self._tool_delta(index, progress) if chunk.finish_reason else None
+        if not (chunk.text or chunk.finish_reason or (self.wants_logprobs and chunk.token_ids)):
+            return None
+        logprobs = self._logprobs(chunk.token_ids, chunk.logprobs, chunk.top_logprobs, offset)
+        if self.chat:
+            delta = {"content": chunk.text} if chunk.text else {}
+            return {
+                "index": index,
+                "delta": delta,
+                "logprobs": logprobs,
+                "finish_reason": chunk.finish_reason,
+            }
+        return {
+            "index": index,
+            "text": chunk.text,
+            "logprobs": logprobs,
+            "finish_reason": chunk.finish_reason,
+        }
+
+    def opening_events(self) -> list[dict[str, Any]]:
+        """What a stream says before any token: each chat choice's role; each completion's
+        echoed prompt (and the whole of a choice that generates nothing)."""
+        events = []
+        for c in self.choices:
+            if self.chat:
+                delta = {"role": "assistant", "content": ""}
+                events.append(
+                    {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": None}
+                )
+            elif c.prompt.echo or c.request is None:
+                events.append(
+                    {
+                        "index": c.index,
+                        "text": c.prompt.echo,
+                        "logprobs": None,
+                        "finish_reason": "length" if c.request is None else None,
+                    }
+                )
+        return events
+
+    def body(self, model: str) -> dict[str, Any]:
+        choices = []
+        for c in sorted(self.choices, key=lambda c: c.index):
+            p = self._progress[c.index]
+            echo = len(c.prompt.echo)
+            logprobs = self._logprobs(p.token_ids, p.logprobs, p.top, echo)
+            if self.chat:
+                content, calls, finish = self._message(p)
+                message: dict[str, Any] = {"role": "assistant", "content": content}
+                if calls:
+                    message["tool_calls"] = calls
+                choice = {"index": c.index, "message": message, "logprobs": logprobs}
+                choice["finish_reason"] = finish
+            else:
+                choice = {"index": c.index, "text": p.text, "logprobs": logprobs}
+                choice["finish_reason"] = p.finish_reason
+            choices.append(choice)
+        return {
+            "id": self.rid,
+            "object": "chat.completion" if self.chat else "text_completion",
+            "created": now(),
+            "model": model,
+            "choices": choices,
+            "usage": self.usage(),
+        }
+
+    def _message(self, p: _Progress) -> tuple[str | None, list[dict[str, Any]], str | None]:
+        """A chat choice's (content, tool calls, finish reason): its text as the model wrote
+        it, unless it holds tool calls. A forced call cut short (`length`) stays text."""
+        if self.tools is None or p.finish_reason == "length":
+            return p.text, [], p.finish_reason
+        if self.tools.mode == "auto":
+            content, calls = parse_tool_calls(p.text)
+        else:
+            content, calls = None, forced_calls(p.text, self.tools)
+        return content, calls, "tool_calls" if calls else p.finish_reason
+
+    def _tool_delta(self, index: int, p: _Progress) -> dict[str, Any]:
+        """A tool-using choice streams at its end: its content, or its calls, in one delta."""
+        content, calls, finish = self._message(p)
+        delta: dict[str, Any] = {"content": content} if content else {}
+        if calls:
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
+        logprobs = self._logprobs(p.token_ids, p.logprobs, p.top, 0)
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+    def usage(self) -> dict[str, int]:
+        """Each prompt counted once, every choice's tokens."""
+        completion = sum(p.num_output_tokens for p in self._progress.values())
+        return usage(self.prompt_tokens, completion)
+
+    def _logprobs(
+        self,
+        token_ids: list[int],
+        logprobs: list[float],
+        top: list[tuple[tuple[int, float], ...]],
+        text_offset: int,
+    ) -> dict[str, Any] | None:
+        if not self.wants_logprobs:
+            return None
+        if self.chat:
+            return chat_logprobs(self._token_text, token_ids, logprobs, top)
+        return completion_logprobs(self._token_text, token_ids, logprobs, top, text_offset)
