@@ -51,10 +51,10 @@ def tool_plan(tools: list[dict[str, Any]], choice: str | dict[str, Any] | None) 
 def function_of(tool: dict[str, Any]) -> dict[str, Any]:
     """A tool's function definition (name, description, parameters), checked."""
     if tool.get("type", "function") != "function" or not isinstance(tool.get("function"), dict):
-        raise ValueError("each tool is {'type': 'function', 'function': {...}}")
+        raise ValueError("tools: each tool is {'type': 'function', 'function': {...}}")
     function = tool["function"]
     if not isinstance(function.get("name"), str) or not function["name"]:
-        raise ValueError("each tool's function needs a name")
+        raise ValueError("tools: each tool's function needs a name")
     return function
 
 

@@ -257,11 +257,11 @@ def test_a_failed_join_fails_its_request_frees_its_pages_once_and_spares_the_bat
     append = llm._append
     broken = {"half"}
 
-    def append_failing_once(seq: Any, token: int, logprob: float) -> Any:
+    def append_failing_once(seq: Any, token: int, logprob: float, *rest: Any) -> Any:
         if seq.rid in broken:  # the request is in the batch already: a half-applied join
             broken.discard(seq.rid)
             raise RuntimeError("detokenizer exploded")
-        return append(seq, token, logprob)
+        return append(seq, token, logprob, *rest)
 
     llm._append = append_failing_once  # type: ignore[method-assign]
     first = request("dup", 1, [5, 6, 7, 8], max_tokens=40)
