@@ -55,6 +55,9 @@ class TokenChunk:
     num_output_tokens: int
     # Per token, when asked: its most likely alternatives, (token id, logprob).
     top_logprobs: list[tuple[tuple[int, float], ...]] = field(default_factory=list)
+    # On a request's first chunk, when asked: its prompt's tokens after the first, each
+    # (token id, logprob, alternatives).
+    prompt_logprobs: list[tuple[int, float, tuple[tuple[int, float], ...]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,10 @@ class ChunkPlan:
     sampling: SamplingParams | None = None
     # The whole prompt, on a finishing chunk whose sampling reads it (repetition penalty).
     prompt_token_ids: tuple[int, ...] = ()
+    # Echo with logprobs: the last stage scores the chunk's prompt tokens, with this many top
+    # alternatives each; `next_token` is the prompt token after a chunk that does not finish.
+    prompt_logprobs: int | None = None
+    next_token: int | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +139,8 @@ class StageReport:
     num_requests: int
     pages_in_use: int
     first_tokens: dict[str, FirstToken] = field(default_factory=dict)
+    # The last stage's scores of this step's prompt chunks (echo with logprobs), per request.
+    prompt_logprobs: dict[str, list] = field(default_factory=dict)
     forward_seconds: float = 0.0
     consensus_seconds: float = 0.0
 

@@ -49,6 +49,10 @@ class StageCompute(Protocol):
         tokens."""
         ...
 
+    def take_prompt_logprobs(self) -> dict[str, list]:
+        """The last stage's scores of the prompt chunks it just finished (echo with logprobs)."""
+        ...
+
 
 class PlanExecutor:
     """Applies each plan the controller sends on one rank and reports what the rank did."""
@@ -127,6 +131,7 @@ class PlanExecutor:
                 num_requests=len(self.requests.senders),
                 pages_in_use=self.requests.pages_in_use,
                 first_tokens=first_tokens if self._is_last else {},
+                prompt_logprobs=self._compute.take_prompt_logprobs() if self._is_last else {},
                 forward_seconds=forward_s,
                 consensus_seconds=self.consensus.seconds,
             )

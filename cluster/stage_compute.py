@@ -8,10 +8,10 @@ from contextlib import AbstractContextManager
 import torch
 
 from cluster.messages import ChunkPlan
-from engine.attention import SeqChunk
+from engine.attention import SeqChunk, logits_rows
 from engine.grammar import GrammarState
 from engine.runner import StageRunner
-from engine.sampling import SamplingParams, TokenHistory, sample
+from engine.sampling import PromptLogprob, SamplingParams, TokenHistory, prompt_logprobs, sample
 from engine.tokenizer import Tokenizer
 from transport.metadata import FirstToken
 from transport.streams import after_sends, behind_current_stream
@@ -36,12 +36,13 @@ class LayerCompute:
         self.is_last = is_last
         self._model = model
         self._tokenizer: Tokenizer | None = None
+        self._scored: dict[str, list[PromptLogprob]] = {}
 
     def launch(self, batch: tuple[ChunkPlan, ...], upstream: torch.Tensor | None) -> torch.Tensor:
         """Queue the forward. It waits (on the GPU) for the sends queued before it, which may
         still read pages it is about to write."""
         inputs = self._inputs(batch, upstream)
-        chunks = [SeqChunk(c.start, len(c.token_ids), c.pages, c.finishing) for c in batch]
+        chunks = [_seq_chunk(c) for c in batch]
         after_sends(self.runner.device)
         return self.runner.forward(chunks, inputs)
 
@@ -56,6 +57,21 @@ class LayerCompute:
         if not self.is_last:  # on its device: the stage's hidden channel hands it on
             return out, {}
         return None, self._first_tokens(batch, out)
+
+    def _score_prompts(self, batch: tuple[ChunkPlan, ...], logits: torch.Tensor) -> torch.Tensor:
+        """Scores the prompt tokens of chunks that asked (each row the token after it: the
+        chunk's next one, or the next chunk's first); returns the rows to sample from."""
+        rows = logits_rows([_seq_chunk(c) for c in batch])
+        sample_rows = []
+        for c, span in zip(batch, rows, strict=True):
+            if c.finishing:
+                sample_rows.append(span[-1])
+            if c.prompt_logprobs is None:
+                continue
+            targets = list(c.token_ids[1:]) + ([] if c.finishing else [c.next_token])
+            scored = logits[span.start : span.start + len(targets)]
+            self._scored[c.rid] = prompt_logprobs(scored, targets, c.prompt_logprobs)
+        return logits[sample_rows]
 
     def _grammar(self, params: SamplingParams | None) -> GrammarState | None:
         """A fresh grammar state for a first token (decode rebuilds its own from it)."""
@@ -79,9 +95,15 @@ class LayerCompute:
             raise RuntimeError(f"stage {self.pp_rank - 1} produced no hidden states")
         return upstream
 
+    def take_prompt_logprobs(self) -> dict[str, list[PromptLogprob]]:
+        scored, self._scored = self._scored, {}
+        return scored
+
     def _first_tokens(
         self, batch: tuple[ChunkPlan, ...], logits: torch.Tensor
     ) -> dict[str, FirstToken]:
+        if any(c.prompt_logprobs is not None for c in batch):
+            logits = self._score_prompts(batch, logits)
         finishing = [c for c in batch if c.finishing]
         params = [c.sampling for c in finishing]
         generators = [p.make_generator(logits.device) if p is not None else None for p in params]
@@ -102,3 +124,10 @@ class LayerCompute:
                 finishing, tokens, logprobs, top, strict=True
             )
         }
+
+
+def _seq_chunk(c: ChunkPlan) -> SeqChunk:
+    """The engine's view of a planned chunk: a token is sampled after a finishing one; every
+    token's logits where the prompt is scored."""
+    scores = c.prompt_logprobs is not None
+    return SeqChunk(c.start, len(c.token_ids), c.pages, c.finishing, all_logits=scores)

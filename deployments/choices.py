@@ -27,11 +27,14 @@ class Prompt:
 @dataclass(frozen=True)
 class Choice:
     """One choice to answer: its index, its prompt, and the internal request that generates
-    it (None: nothing to generate, `max_tokens: 0` with `echo`)."""
+    it (None: nothing to generate, `max_tokens: 0` with `echo`). `echo_only`: the request
+    runs for the prompt's logprobs alone (`max_tokens: 0`, `echo`, `logprobs`), and the one
+    token it generates is not part of the answer."""
 
     index: int
     prompt: Prompt
     request: DecodeRequest | None
+    echo_only: bool = False
 
 
 @dataclass
@@ -42,6 +45,9 @@ class _Progress:
     top: list[tuple[tuple[int, float], ...]] = field(default_factory=list)
     finish_reason: str | None = None
     num_output_tokens: int = 0
+    # Echo with logprobs: the prompt's tokens, their logprobs and alternatives (the first
+    # token has none), once the first chunk brought them.
+    echo: tuple[list[int], list[float | None], list[Any]] | None = None
 
 
 class Answer:
@@ -63,8 +69,15 @@ class Answer:
         self.tools = tools
         self.prompt_tokens = prompt_tokens
         self.wants_logprobs = top_logprobs is not None
+        self.top_k = top_logprobs or 0
         self._token_text = tokenizer.token_text
+        self._choices = {c.index: c for c in choices}
         self._progress = {c.index: _Progress(text=c.prompt.echo) for c in choices}
+        # Completions that echo with logprobs send the prompt with its scores, which come
+        # with the first chunk, not before it.
+        self._echo_pending = {
+            c.index for c in choices if c.prompt.echo and self.wants_logprobs and c.request
+        }
         for choice in choices:
             if choice.request is None:
                 self._progress[choice.index].finish_reason = "length"
@@ -72,6 +85,10 @@ class Answer:
     def add(self, index: int, chunk: TokenChunk) -> dict[str, Any] | None:
         """Takes a choice's chunk; returns its streaming delta (None: nothing to send)."""
         progress = self._progress[index]
+        if index in self._echo_pending:
+            return self._add_echoed(index, progress, chunk)
+        if self._choices[index].echo_only:
+            return None
         offset = len(progress.text)
         progress.text += chunk.text
         progress.token_ids += chunk.token_ids
@@ -109,7 +126,7 @@ class Answer:
                 events.append(
                     {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": None}
                 )
-            elif c.prompt.echo or c.request is None:
+            elif (c.prompt.echo or c.request is None) and c.index not in self._echo_pending:
                 events.append(
                     {
                         "index": c.index,
@@ -124,8 +141,9 @@ class Answer:
         choices = []
         for c in sorted(self.choices, key=lambda c: c.index):
             p = self._progress[c.index]
-            echo = len(c.prompt.echo)
-            logprobs = self._logprobs(p.token_ids, p.logprobs, p.top, echo)
+            logprobs = self._logprobs(p.token_ids, p.logprobs, p.top, len(c.prompt.echo))
+            if logprobs is not None and p.echo is not None:
+                logprobs = _joined(self._logprobs(*p.echo, 0), logprobs)
             if self.chat:
                 content, calls, finish = self._message(p)
                 message: dict[str, Any] = {"role": "assistant", "content": content}
@@ -166,6 +184,36 @@ class Answer:
         logprobs = self._logprobs(p.token_ids, p.logprobs, p.top, 0)
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
+    def _add_echoed(self, index: int, p: _Progress, chunk: TokenChunk) -> dict[str, Any]:
+        """A completion's first chunk when it echoes with logprobs: the prompt, scored, then
+        the chunk's own tokens (none of them when the request ran for the scores alone)."""
+        self._echo_pending.discard(index)
+        choice = self._choices[index]
+        scored = chunk.prompt_logprobs or []
+        p.echo = (
+            list(choice.prompt.token_ids),
+            [None, *(lp for _, lp, _ in scored)],
+            [None, *(alts for _, _, alts in scored)] if self.top_k else [],
+        )
+        echoed = self._logprobs(*p.echo, 0)
+        if choice.echo_only:
+            p.finish_reason = "length"
+            return {"index": index, "text": p.text, "logprobs": echoed, "finish_reason": "length"}
+        offset = len(p.text)
+        p.text += chunk.text
+        p.token_ids += chunk.token_ids
+        p.logprobs += chunk.logprobs
+        p.top += chunk.top_logprobs
+        p.num_output_tokens = chunk.num_output_tokens
+        p.finish_reason = chunk.finish_reason
+        own = self._logprobs(chunk.token_ids, chunk.logprobs, chunk.top_logprobs, offset)
+        return {
+            "index": index,
+            "text": choice.prompt.echo + chunk.text,
+            "logprobs": _joined(echoed, own),
+            "finish_reason": chunk.finish_reason,
+        }
+
     def usage(self) -> dict[str, int]:
         """Each prompt counted once, every choice's tokens."""
         completion = sum(p.num_output_tokens for p in self._progress.values())
@@ -183,3 +231,15 @@ class Answer:
         if self.chat:
             return chat_logprobs(self._token_text, token_ids, logprobs, top)
         return completion_logprobs(self._token_text, token_ids, logprobs, top, text_offset)
+
+
+def _joined(first: dict[str, Any] | None, then: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Two runs of completions logprobs, one after the other."""
+    if first is None or then is None:
+        return first or then
+    return {
+        key: None
+        if first[key] is None and then[key] is None
+        else (first[key] or []) + (then[key] or [])
+        for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+    }

@@ -210,9 +210,12 @@ class DecodeInstance:
                 raise DecodeFailed(reason)
             # The first token was read from our own pages' metadata slot; the loop joins the
             # request between steps and puts its first output in the stream.
-            # Its top alternatives, when asked, came with the prefill's answer.
+            # Its top alternatives and the prompt's scores, when asked, came with the
+            # prefill's answer.
             first = dataclasses.replace(
-                receiver.first_token, top_logprobs=result.first_token.top_logprobs
+                receiver.first_token,
+                top_logprobs=result.first_token.top_logprobs,
+                prompt_logprobs=result.first_token.prompt_logprobs,
             )
             join = _Join(request, pages, first, asyncio.Queue())
             self._joins.append(join)
@@ -369,6 +372,7 @@ class DecodeInstance:
                     join.first.token_id,
                     join.first.logprob,
                     join.first.top_logprobs,
+                    join.first.prompt_logprobs,
                 )
             except Exception as exc:
                 log.exception("joining the batch failed", extra={"rid": request.rid})
@@ -461,6 +465,7 @@ def chunk_of(out: Any) -> TokenChunk:
         token_ids=list(out.token_ids),
         logprobs=list(out.logprobs),
         top_logprobs=list(out.top_logprobs),
+        prompt_logprobs=out.prompt_logprobs,
         text=out.text,
         finish_reason=out.finish_reason.value if out.finish_reason else None,
         num_prompt_tokens=out.num_prompt_tokens,

@@ -261,19 +261,23 @@ class Ingress:
         choices: list[Choice] = []
         for p, prompt in enumerate(prompts):
             max_tokens = self._max_tokens(body, len(prompt.token_ids), where)
+            # Echo with logprobs: the prefill side scores the prompt too.
+            scored = top_logprobs if prompt.echo and top_logprobs is not None else None
             for j in range(body.n):
                 index = p * body.n + j
-                if max_tokens == 0:  # echo only
+                if max_tokens == 0 and scored is None:  # the echo alone
                     choices.append(Choice(index, prompt, None))
                     continue
                 seed = None if body.seed is None else body.seed + j
                 try:
-                    sampling = body.sampling(max_tokens, top_logprobs, eos, seed, grammar)
+                    sampling = body.sampling(
+                        max(1, max_tokens), top_logprobs, eos, seed, grammar, scored
+                    )
                 except ValueError as exc:
                     raise ApiError(400, str(exc), "invalid_request_error") from exc
                 child = rid if len(prompts) * body.n == 1 else f"{rid}-{index}"
                 request = DecodeRequest(child, secrets.randbits(63), prompt.token_ids, sampling)
-                choices.append(Choice(index, prompt, request))
+                choices.append(Choice(index, prompt, request, echo_only=max_tokens == 0))
         prompt_tokens = sum(len(p.token_ids) for p in prompts)
         in_flight = _InFlight()
         stream = self._choices_stream(choices)

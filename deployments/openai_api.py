@@ -1,8 +1,8 @@
 """OpenAI request and response shapes pdserve accepts and returns (the subset it supports).
 
 Validation happens here, before any prefill or decode state exists: unknown fields are
-ignored as OpenAI does; a known field pdserve cannot honour (structured output, tools, prompt
-logprobs, for now) is refused with a 400 that names it, never ignored; and everything the
+ignored as OpenAI does; a known field pdserve cannot honour (`suffix`, `best_of` other than
+`n`, the deprecated `functions`) is refused with a 400 that names it, never ignored; and everything the
 engine needs for each choice is turned into one `SamplingParams`.
 """
 
@@ -130,6 +130,7 @@ class _Common(BaseModel):
         eos_token_ids: tuple[int, ...] = (),
         seed: int | None = None,
         grammar: str | None = None,
+        prompt_logprobs: int | None = None,
     ) -> SamplingParams:
         """The engine's parameters for one choice: `top_logprobs` None asks for no logprobs,
         `seed` is this choice's own (n choices of one seeded request differ)."""
@@ -152,6 +153,7 @@ class _Common(BaseModel):
             min_tokens=self.min_tokens,
             eos_token_ids=eos_token_ids if self.min_tokens else (),
             grammar=grammar,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def logit_bias_problem(self, vocab_size: int) -> str | None:
@@ -195,8 +197,6 @@ class CompletionRequest(_Common):
             raise _refuse("best_of", "only best_of equal to n (or unset)")
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens: 0 answers nothing without echo")
-        if self.echo and self.logprobs is not None:
-            raise _refuse("echo with logprobs", "prompt logprobs are not built yet")
         if len(self.prompts()) * self.n > MAX_CHOICES:
             raise ValueError(f"prompts times n must be at most {MAX_CHOICES}")
         return self
@@ -296,12 +296,13 @@ TokenText = Callable[[int], str]
 def completion_logprobs(
     token_text: TokenText,
     token_ids: list[int],
-    logprobs: list[float],
-    top: list[tuple[tuple[int, float], ...]],
+    logprobs: list[float | None],
+    top: list[tuple[tuple[int, float], ...] | None],
     text_offset: int,
 ) -> dict[str, Any]:
     """The completions API's `logprobs` for some tokens: their text, logprobs, the top
-    alternatives as {text: logprob}, and where each token starts in the choice's text."""
+    alternatives as {text: logprob} (none asked: null), and where each token starts in the
+    choice's text. An echoed prompt's first token has no logprob (null)."""
     texts = [token_text(t) for t in token_ids]
     offsets = []
     for piece in texts:
@@ -310,7 +311,10 @@ def completion_logprobs(
     return {
         "tokens": texts,
         "token_logprobs": logprobs,
-        "top_logprobs": [{token_text(t): lp for t, lp in alts} for alts in top] or None,
+        "top_logprobs": [
+            None if alts is None else {token_text(t): lp for t, lp in alts} for alts in top
+        ]
+        or None,
         "text_offset": offsets,
     }
 

@@ -9,6 +9,7 @@ can drive it through any interleaving.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import OrderedDict
@@ -53,6 +54,7 @@ class Tracked:
     pages: list[int] = field(default_factory=list)
     computed: int = 0  # prompt tokens whose KV is written
     first_token: FirstToken | None = None
+    prompt_logprobs: list = field(default_factory=list)  # echo with logprobs: scored so far
     admitted_at: float = field(default_factory=time.monotonic)
     ready_at: float | None = None
     prefill_started_at: float | None = None
@@ -204,17 +206,23 @@ class PrefillController:
     def apply(self, plan: StepPlan, reports: list[StageReport]) -> list[Ended]:
         """Apply what every stage reported for `plan`, once; returns the requests that ended."""
         first_tokens: dict[str, FirstToken] = {}
+        scored: dict[str, list] = {}
         for report in reports:
             first_tokens.update(report.first_tokens)
+            scored.update(report.prompt_logprobs)
         for chunk in plan.batch:
             tracked = self.requests.get(chunk.rid)
             if tracked is None:
                 continue
             tracked.computed = chunk.start + len(chunk.token_ids)
+            tracked.prompt_logprobs += scored.get(chunk.rid, [])
             if chunk.finishing:
                 tracked.phase = Phase.INFLIGHT
                 tracked.inflight_at = time.monotonic()
-                tracked.first_token = first_tokens.get(chunk.rid)
+                first = first_tokens.get(chunk.rid)
+                if first is not None and chunk.prompt_logprobs is not None:
+                    first = dataclasses.replace(first, prompt_logprobs=tracked.prompt_logprobs)
+                tracked.first_token = first
         ended: list[Ended] = []
         for decision in self.ticks.collect(reports):
             ended += self._apply_decision(decision)
@@ -286,6 +294,8 @@ class PrefillController:
                         if finishing and tracked.request.sampling.needs_history
                         else ()
                     ),
+                    prompt_logprobs=tracked.request.sampling.prompt_logprobs,
+                    next_token=None if finishing else prompt[start + take],
                 )
             )
         return tuple(batch)

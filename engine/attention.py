@@ -31,7 +31,20 @@ class SeqChunk:
     start: int
     num_new: int
     pages: Sequence[int]
-    wants_logits: bool = True
+    wants_logits: bool = True  # its last token's logits: a token is sampled after it
+    all_logits: bool = False  # every token's logits (prompt logprobs)
+
+
+def logits_rows(chunks: Sequence[SeqChunk]) -> list[range]:
+    """Which rows of the last stage's logits belong to each chunk: all of its tokens'
+    (`all_logits`), its last token's (`wants_logits`), or none. A sampled chunk's row is the
+    last of its range."""
+    rows, offset = [], 0
+    for c in chunks:
+        n = c.num_new if c.all_logits else int(c.wants_logits)
+        rows.append(range(offset, offset + n))
+        offset += n
+    return rows
 
 
 @dataclass
@@ -212,10 +225,13 @@ class AttentionMetadata:
             logits_indices = torch.arange(int(positions.shape[0]))
         else:
             ends = list(accumulate(query_lens))
-            logits_indices = torch.tensor(
-                [e - 1 for e, c in zip(ends, chunks, strict=True) if c.wants_logits],
-                dtype=torch.int64,
-            )
+            wanted = []
+            for e, c in zip(ends, chunks, strict=True):
+                if c.all_logits:
+                    wanted.extend(range(e - c.num_new, e))
+                elif c.wants_logits:
+                    wanted.append(e - 1)
+            logits_indices = torch.tensor(wanted, dtype=torch.int64)
         cu_seqlens = torch.tensor([0, *accumulate(query_lens)])
         parts = [positions, slot_mapping, logits_indices, cu_seqlens]
         for i, c in enumerate(chunks):

@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import torch
 
+from engine.attention import logits_rows
 from engine.config import ModelConfig
 from engine.engine_config import EngineConfig
 from engine.grammar import GrammarState
@@ -38,7 +39,15 @@ from engine.runner import (
     resolve_device,
     resolve_dtype,
 )
-from engine.sampling import SampledTokens, SamplingParams, TokenHistory, TopLogprobs, sample
+from engine.sampling import (
+    PromptLogprob,
+    SampledTokens,
+    SamplingParams,
+    TokenHistory,
+    TopLogprobs,
+    prompt_logprobs,
+    sample,
+)
 from engine.scheduler import ScheduledStep, Scheduler
 from engine.sequence import FinishReason, Sequence
 from engine.tokenizer import Tokenizer
@@ -57,6 +66,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     top_logprobs: list[TopLogprobs] = field(default_factory=list)  # per token, when asked
+    prompt_logprobs: list[PromptLogprob] | None = None  # on a request's first output, if asked
 
 
 @dataclass
@@ -66,6 +76,7 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[TopLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[PromptLogprob] | None = None
     text: str = ""
     finish_reason: FinishReason | None = None
 
@@ -183,6 +194,7 @@ class LLM:
         first_token: int,
         first_logprob: float,
         first_top_logprobs: TopLogprobs = (),
+        prompt_logprobs: list[PromptLogprob] | None = None,
     ) -> RequestOutput:
         """Join the running batch with a prompt whose KV another process wrote into `pages`.
 
@@ -192,6 +204,7 @@ class LLM:
         """
         seq = self._new_sequence(rid, prompt_token_ids, params, pages)
         seq.num_computed_tokens = len(prompt_token_ids)
+        seq.prompt_logprobs = list(prompt_logprobs or [])  # scored by the prefill side
         self.scheduler.add_running(seq)
         self._seqs[rid] = seq
         return self._append(seq, first_token, first_logprob, first_top_logprobs)
@@ -255,7 +268,7 @@ class LLM:
         if step is None:
             return []
         ids = torch.tensor(step.input_token_ids(), dtype=torch.int64)
-        logits = self.runner.forward(step.chunks, ids)
+        logits = self._score_prompts(step, self.runner.forward(step.chunks, ids))
         self.scheduler.postprocess(step)
         sampled = [s for s, c in zip(step.seqs, step.chunks, strict=True) if c.wants_logits]
         if not sampled:
@@ -294,6 +307,7 @@ class LLM:
     def _launch(self, step: ScheduledStep, prev: _InFlight | None) -> _InFlight:
         """Queue a step's forward and sampling on the device; nothing here waits for it."""
         logits = self.runner.forward(step.chunks, self._input_ids(step, prev))
+        logits = self._score_prompts(step, logits)
         self.scheduler.postprocess(step)
         seqs = [s for s, c in zip(step.seqs, step.chunks, strict=True) if c.wants_logits]
         sampled = None
@@ -309,6 +323,18 @@ class LLM:
             done = torch.cuda.Event()
             done.record()
         return _InFlight(self.scheduler.step_launched(), seqs, sampled, done)
+
+    def _score_prompts(self, step: ScheduledStep, logits: torch.Tensor) -> torch.Tensor:
+        """Takes the prompt logprobs of chunks that scored every token (echo with logprobs)
+        into their sequences; returns the rows the sampler reads, one per sampled chunk."""
+        if not any(c.all_logits for c in step.chunks):
+            return logits
+        rows = logits_rows(step.chunks)
+        for seq, chunk, span in zip(step.seqs, step.chunks, rows, strict=True):
+            if chunk.all_logits:
+                score_prompt_chunk(seq, chunk.start, logits[span.start : span.stop])
+        wanted = [span[-1] for c, span in zip(step.chunks, rows, strict=True) if c.wants_logits]
+        return logits[wanted]
 
     def _input_ids(self, step: ScheduledStep, prev: _InFlight | None) -> torch.Tensor:
         """The step's token ids: on the host, or gathered on the device from the tokens the
@@ -385,6 +411,11 @@ class LLM:
             num_prompt_tokens=len(seq.prompt_token_ids),
             num_output_tokens=len(outputs),
             top_logprobs=[top] if top else [],
+            prompt_logprobs=(
+                seq.prompt_logprobs
+                if len(outputs) == 1 and params.prompt_logprobs is not None
+                else None
+            ),
         )
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
@@ -422,6 +453,7 @@ class LLM:
                 c.token_ids += out.token_ids
                 c.logprobs += out.logprobs
                 c.top_logprobs += out.top_logprobs
+                c.prompt_logprobs = out.prompt_logprobs or c.prompt_logprobs
                 c.text += out.text
                 c.finish_reason = out.finish_reason
         return list(completions.values())
@@ -432,3 +464,18 @@ def _history(seq: Sequence) -> TokenHistory | None:
     if not seq.params.needs_history:
         return None
     return TokenHistory(seq.prompt_token_ids, seq.output_token_ids, seq.stop_token_ids, seq.grammar)
+
+
+def score_prompt_chunk(seq: Sequence, start: int, logits: torch.Tensor) -> None:
+    """Appends to `seq.prompt_logprobs` the prompt tokens that a chunk's logits (one row per
+    token from position `start`) score and that are not scored yet (a preempted request
+    computes its prompt again)."""
+    prompt = seq.prompt_token_ids
+    first = max(start, len(seq.prompt_logprobs))
+    last = min(start + int(logits.shape[0]), len(prompt) - 1)  # the last row scores a token
+    if first >= last:
+        return
+    rows = logits[first - start : last - start]
+    seq.prompt_logprobs += prompt_logprobs(
+        rows, prompt[first + 1 : last + 1], seq.params.prompt_logprobs or 0
+    )

@@ -138,7 +138,8 @@ class StageRunner:
         if self.cuda_graphs is not None:
             if is_decode_step(chunks):
                 return self.cuda_graphs.decode(chunks, inputs)
-            if not all_logits and (out := self.cuda_graphs.prefill(chunks, inputs)) is not None:
+            graphable = not all_logits and not any(c.all_logits for c in chunks)
+            if graphable and (out := self.cuda_graphs.prefill(chunks, inputs)) is not None:
                 return out
         meta = AttentionMetadata.build(
             chunks, self.page_size, self.device, all_logits, paged_decode=self.paged_decode

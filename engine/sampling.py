@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from engine.grammar import GrammarState
 
 TopLogprobs = tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
+PromptLogprob = tuple[int, float, TopLogprobs]  # a prompt token, its logprob, the alternatives
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,22 @@ def adjust_logits(row: torch.Tensor, p: SamplingParams, history: TokenHistory | 
             row[torch.tensor(banned, dtype=torch.long, device=row.device)] = float("-inf")
     if history is not None and history.grammar is not None:
         history.grammar.mask(row)
+
+
+def prompt_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[PromptLogprob]:
+    """Each of `targets` (the prompt's tokens after the first) scored by the logits row
+    before it: its logprob and the `k` most likely tokens there."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    index = torch.tensor(targets, dtype=torch.long, device=logits.device)[:, None]
+    chosen = logprobs.gather(1, index).squeeze(1).tolist()
+    if not k:
+        return [(t, lp, ()) for t, lp in zip(targets, chosen, strict=True)]
+    top = logprobs.topk(k, dim=-1)
+    ids, values = top.indices.tolist(), top.values.tolist()
+    return [
+        (t, lp, tuple(zip(i, v, strict=True)))
+        for t, lp, i, v in zip(targets, chosen, ids, values, strict=True)
+    ]
 
 
 class SampledTokens:

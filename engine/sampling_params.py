@@ -37,6 +37,8 @@ class SamplingParams:
     # The model's end-of-sequence ids, for `min_tokens`: filled in where the tokenizer is known
     # (the ingress), so a process without one (the last prefill stage) can ban them too.
     eos_token_ids: tuple[int, ...] = ()
+    # The prompt's own logprobs (echo): None, or how many top alternatives beside each.
+    prompt_logprobs: int | None = None
     # Structured output: an llguidance grammar (engine/grammar.py) every sampled token obeys.
     grammar: str | None = None
     # False: token ids only, no text (no incremental detokenizing; stop strings need text).
@@ -58,6 +60,8 @@ class SamplingParams:
             raise ValueError("stop strings need detokenize=True")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")

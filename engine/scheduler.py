@@ -134,8 +134,18 @@ class Scheduler:
                 break
             seq.page_table.grow_to(seq.num_computed_tokens + n, self.allocator)
             done = seq.num_computed_tokens + n == seq.num_tokens
+            scores_prompt = (
+                seq.params.prompt_logprobs is not None
+                and len(seq.prompt_logprobs) < len(seq.prompt_token_ids) - 1
+            )
             chunks.append(
-                SeqChunk(seq.num_computed_tokens, n, seq.page_table.pages, wants_logits=done)
+                SeqChunk(
+                    seq.num_computed_tokens,
+                    n,
+                    seq.page_table.pages,
+                    wants_logits=done,
+                    all_logits=scores_prompt,
+                )
             )
             seqs.append(seq)
             budget -= n

@@ -33,6 +33,8 @@ class Sequence:
     page_table: PageTable
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
+    # With `params.prompt_logprobs`: the prompt's tokens after the first, scored (echo).
+    prompt_logprobs: list[Any] = field(default_factory=list)
     # Tokens whose K/V are in the cache; the next forward starts at this position.
     num_computed_tokens: int = 0
     # Async scheduling: tokens sampled on the device that the host has not read yet (one per

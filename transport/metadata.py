@@ -35,6 +35,8 @@ class FirstToken:
     # The first token's top alternatives, when asked: they travel with the prefill's answer
     # (the `PrefillResult`), not in the fixed-size metadata slot.
     top_logprobs: tuple[tuple[int, float], ...] = ()
+    # The prompt's scores, when asked (echo with logprobs): they travel the same way.
+    prompt_logprobs: list | None = None
 
     def pack(self) -> bytes:
         return _RECORD.pack(

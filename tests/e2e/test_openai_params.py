@@ -193,6 +193,46 @@ def test_echo_puts_the_prompt_before_the_completion(client) -> None:
     assert "".join(c.choices[0].text for c in stream if c.choices).startswith("abc def")
 
 
+def test_echo_with_logprobs_scores_the_prompt_on_the_prefill_side(client, engine) -> None:
+    prompt = [(7 * i + 3) % 500 + 5 for i in range(150)]  # three prefill chunks of 64
+    want = engine.generate(
+        [prompt],
+        SamplingParams(
+            temperature=0, max_tokens=3, ignore_eos=True, logprobs=True, top_logprobs=2,
+            prompt_logprobs=2,
+        ),
+    )[0]  # fmt: skip
+    out = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=2,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(prompt) + 3
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    scored = [p for _, p, _ in want.prompt_logprobs] + want.logprobs
+    assert lp.token_logprobs[1:] == pytest.approx(scored, abs=1e-4)
+    assert lp.tokens[: len(prompt)] == [engine.tokenizer.token_text(t) for t in prompt]
+    scored_top = lp.top_logprobs[1 : len(prompt)]
+    for got, (_, _, alternatives) in zip(scored_top, want.prompt_logprobs, strict=True):
+        expected = {engine.tokenizer.token_text(t): v for t, v in alternatives}
+        assert got == pytest.approx(expected, abs=1e-4)
+    assert out.choices[0].text.startswith(engine.tokenizer.decode(prompt))
+    # max_tokens 0: what evaluation harnesses send, the prompt's logprobs alone
+    only = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=0
+    )
+    assert only.usage.completion_tokens == 0 and only.choices[0].finish_reason == "length"
+    assert only.choices[0].logprobs.token_logprobs[1:] == pytest.approx(scored[:-3], abs=1e-4)
+    assert only.choices[0].logprobs.top_logprobs is None
+    stream = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=2,
+        stream=True, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    streamed = [c.choices[0].logprobs for c in stream if c.choices and c.choices[0].logprobs]
+    values = [v for part in streamed for v in part.token_logprobs]
+    assert values[0] is None and values[1:] == pytest.approx(scored, abs=1e-4)
+
+
 def test_aborting_an_n_4_stream_frees_everything_on_both_sides(served) -> None:
     body = {"model": MODEL, "prompt": "a long one", "max_tokens": 300, "n": 4, "ignore_eos": True}
     _stream_then_disconnect(served, body, events=6)
@@ -205,7 +245,6 @@ def test_aborting_an_n_4_stream_frees_everything_on_both_sides(served) -> None:
     [
         ("completions", {"suffix": "end"}, "suffix"),
         ("completions", {"best_of": 3}, "best_of"),
-        ("completions", {"echo": True, "logprobs": 1}, "echo with logprobs"),
         ("completions", {"logprobs": 21}, "logprobs"),
         ("completions", {"n": 33}, "n"),
         ("completions", {"logit_bias": {"999999": 5}}, "logit_bias"),

@@ -246,3 +246,18 @@ def test_top_logprobs_are_the_raw_distributions_most_likely_tokens(llm):
             torch.tensor([v for _, v in top], dtype=torch.double), values, atol=1e-3, rtol=0
         )
     assert all(t[0][1] >= lp - 1e-6 for t, lp in zip(c.top_logprobs, c.logprobs, strict=True))
+
+
+@pytest.mark.parametrize("budget", [512, 7])  # one prefill step, and a chunk every 7 tokens
+def test_prompt_logprobs_score_each_prompt_token_by_the_row_before_it(llama_dir, budget):
+    llm = LLM(EngineConfig(model=str(llama_dir), num_pages=64, max_num_batched_tokens=budget))
+    prompt = PROMPT * 4
+    p = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3, logprobs=True)
+    [c] = llm.generate([prompt], p)
+    ref = torch.log_softmax(full_logits([llm.runner.stage], torch.tensor(prompt)).double(), -1)
+    assert [t for t, _, _ in c.prompt_logprobs] == prompt[1:]
+    for i, (token, logprob, top) in enumerate(c.prompt_logprobs):
+        assert logprob == pytest.approx(ref[i, token].item(), abs=1e-4)
+        order = ref[i].topk(3).indices
+        assert [t for t, _ in top] == order.tolist()
+    assert c.logprobs[0] == pytest.approx(ref[-1, c.token_ids[0]].item(), abs=1e-4)

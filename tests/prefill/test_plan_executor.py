@@ -63,6 +63,9 @@ class RecordingCompute:
         self.events.append("waited for the forward")
         return "hidden", self.sample(batch)
 
+    def take_prompt_logprobs(self) -> dict[str, list]:
+        return {}
+
 
 def make_executor(
     events: Events, is_last: bool, sample: Callable[..., dict[str, FirstToken]]

@@ -113,6 +113,9 @@ class ScriptedCompute:
             if c.finishing
         }
 
+    def take_prompt_logprobs(self) -> dict[str, list]:
+        return {}
+
 
 class ThreadAllReduce:
     """MIN all-reduce across `world` threads, like gloo's: same call order on every rank."""
