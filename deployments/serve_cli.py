@@ -164,11 +164,12 @@ def serve_main(args: argparse.Namespace) -> int:
         sys.stdout.write(usage_text(config, args.mode))
         sys.stdout.flush()
         stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        try:
-            while not stop.wait(1):
-                pass
-        except KeyboardInterrupt:
+        # Both stop it, also where SIGINT came in ignored (a background job of a script, which
+        # is how benchmarks start it): Python raises KeyboardInterrupt only for a SIGINT it
+        # found handled at start.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        while not stop.wait(1):
             pass
         _progress("shutting down")
         serve.shutdown()
