@@ -58,6 +58,7 @@ class TokenChunk:
     # On a request's first chunk, when asked: its prompt's tokens after the first, each
     # (token id, logprob, alternatives).
     prompt_logprobs: list[tuple[int, float, tuple[tuple[int, float], ...]]] | None = None
+    index: int = 0  # which of the request's n choices (`SamplingParams.n`) it belongs to
 
 
 @dataclass(frozen=True)

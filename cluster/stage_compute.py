@@ -3,6 +3,7 @@ let the KV sends start behind them, then wait for the hidden states or sample fi
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import AbstractContextManager
 
 import torch
@@ -105,25 +106,39 @@ class LayerCompute:
         if any(c.prompt_logprobs is not None for c in batch):
             logits = self._score_prompts(batch, logits)
         finishing = [c for c in batch if c.finishing]
-        params = [c.sampling for c in finishing]
-        generators = [p.make_generator(logits.device) if p is not None else None for p in params]
+        # One row per choice: a request of n choices samples n first tokens from its row,
+        # choice i with its own generator (seed + i).
+        rows, params = [], []
+        for row, c in enumerate(finishing):
+            sampling = c.sampling or SamplingParams()
+            for i in range(sampling.n):
+                rows.append(row)
+                params.append(sampling.for_choice(i) if sampling.n > 1 else sampling)
+        if len(rows) != len(finishing):
+            logits = logits[rows]
+        generators = [p.make_generator(logits.device) for p in params]
         # The first token's penalties start from the prompt (no output yet).
         histories = [
-            TokenHistory(c.prompt_token_ids, grammar=self._grammar(c.sampling)) for c in finishing
+            TokenHistory(finishing[row].prompt_token_ids, grammar=self._grammar(p))
+            for row, p in zip(rows, params, strict=True)
         ]
-        tokens, logprobs, top = sample(logits, params, generators, histories)  # type: ignore[arg-type]
-        return {
-            c.rid: FirstToken(
-                room=c.room,
-                token_id=token,
-                logprob=logprob,
-                num_prompt_tokens=c.start + len(c.token_ids),
-                top_logprobs=alternatives,
-            )
-            for c, token, logprob, alternatives in zip(
-                finishing, tokens, logprobs, top, strict=True
-            )
-        }
+        tokens, logprobs, top = sample(logits, params, generators, histories)
+        firsts: dict[str, FirstToken] = {}
+        for k, row in enumerate(rows):
+            c = finishing[row]
+            if c.rid not in firsts:
+                firsts[c.rid] = FirstToken(
+                    room=c.room,
+                    token_id=tokens[k],
+                    logprob=logprobs[k],
+                    num_prompt_tokens=c.start + len(c.token_ids),
+                    top_logprobs=top[k],
+                )
+            else:
+                first = firsts[c.rid]
+                more = (*first.more_choices, (tokens[k], logprobs[k], top[k]))
+                firsts[c.rid] = dataclasses.replace(first, more_choices=more)
+        return firsts
 
 
 def _seq_chunk(c: ChunkPlan) -> SeqChunk:

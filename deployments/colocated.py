@@ -41,20 +41,25 @@ class ColocatedDeployment:
         """`Accepted` first (the ingress's queue wait ends here), then the tokens."""
         yield Accepted()
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._streams[request.rid] = queue
+        n = request.sampling.n
+        children = [request.rid] + [f"{request.rid}#{i}" for i in range(1, n)]
+        for child in children:
+            self._streams[child] = queue
         self._new.append(request)
         self._work.set()
+        ended: set[int] = set()
         try:
-            while True:
+            while len(ended) < n:
                 out = await queue.get()
                 if isinstance(out, BaseException):
                     raise out
                 yield chunk_of(out)
                 if out.finished:
-                    return
+                    ended.add(out.index)
         finally:
-            self._streams.pop(request.rid, None)
-            self._aborts.append(request.rid)
+            for child in children:
+                self._streams.pop(child, None)
+            self._aborts += children
             self._work.set()
 
     async def stats(self) -> dict[str, Any]:
@@ -79,10 +84,13 @@ class ColocatedDeployment:
             for request in self._new:
                 # The ingress validates; this is the safety net: a bad prompt, or one larger
                 # than the whole KV cache, fails its own request, not the loop serving the rest.
+                # Each of n choices is its own sequence here (its own prefill).
                 try:
-                    self.llm.add_request(
-                        request.prompt_token_ids, request.sampling, rid=request.rid
-                    )
+                    params = request.sampling
+                    for i in range(params.n):
+                        rid = request.rid if i == 0 else f"{request.rid}#{i}"
+                        choice = params.for_choice(i) if params.n > 1 else params
+                        self.llm.add_request(request.prompt_token_ids, choice, rid=rid, index=i)
                 except (ValueError, OutOfPagesError) as exc:
                     queue = self._streams.get(request.rid)
                     if queue is not None:

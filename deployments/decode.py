@@ -23,7 +23,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
@@ -111,6 +111,14 @@ class _Join:
     first: FirstToken
     stream: asyncio.Queue[Any]
     state: JoinState = JoinState.WAITING
+    # Choices 1..n-1 of a request of n: each decodes on its own copy of the prompt's pages.
+    more_pages: list[list[int]] = field(default_factory=list)
+
+    def children(self) -> list[tuple[str, int, list[int]]]:
+        """(engine rid, choice index, pages) of each of the request's choices."""
+        rid = self.request.rid
+        sets = [(rid, 0, self.pages)]
+        return sets + [(f"{rid}#{i}", i, p) for i, p in enumerate(self.more_pages, start=1)]
 
 
 class DecodeInstance:
@@ -158,10 +166,13 @@ class DecodeInstance:
         timer = self.metrics.request(len(request.prompt_token_ids))
         started = time.perf_counter()
         try:
-            pages = await self._preallocate(request)
+            pages = await self._preallocate(request)  # n sets of the prompt's pages
         except DecodeOverloaded as exc:
             self.metrics.failed(str(exc), before_transfer=True)
             raise
+        n = request.sampling.n
+        per_choice = len(pages) // n
+        sets = [pages[i * per_choice : (i + 1) * per_choice] for i in range(n)]
         try:
             receiver = KVReceiver(
                 self.endpoint,
@@ -169,7 +180,7 @@ class DecodeInstance:
                 room=request.room,
                 regions=self.llm.kv_cache.regions(),
                 layout=self.layout,
-                page_indices=pages,
+                page_indices=sets[0],  # the KV comes once; the loop copies it for the others
                 num_stages=self.config.num_prefill_stages,
             )
         except Exception:  # e.g. every metadata slot held: nothing was published yet
@@ -216,10 +227,12 @@ class DecodeInstance:
                 receiver.first_token,
                 top_logprobs=result.first_token.top_logprobs,
                 prompt_logprobs=result.first_token.prompt_logprobs,
+                more_choices=result.first_token.more_choices,
             )
-            join = _Join(request, pages, first, asyncio.Queue())
+            join = _Join(request, sets[0], first, asyncio.Queue(), more_pages=sets[1:])
             self._joins.append(join)
             self._work.set()
+            ended: set[int] = set()
             while not finished:
                 item = await join.stream.get()
                 if isinstance(item, BaseException):  # the batch failed it: our own failure
@@ -230,7 +243,9 @@ class DecodeInstance:
                     timeline["join"] = time.perf_counter() - prefilled
                     self._record(request.rid, timeline, result.phases)
                 yield chunk_of(item)
-                finished = item.finished
+                if item.finished:
+                    ended.add(item.index)
+                finished = len(ended) == n
             timer.finished()
             self.streak.succeeded()
         finally:
@@ -261,14 +276,16 @@ class DecodeInstance:
         if join is None:  # never queued to join: the pages are still ours
             self._release(pages, receiver)
             return
-        if self._streams.get(rid) is join.stream:
-            del self._streams[rid]
+        children = [child for child, _, _ in join.children()]
+        for child in children:
+            if self._streams.get(child) is join.stream:
+                del self._streams[child]
         if join.state is JoinState.WAITING:
             join.state = JoinState.CANCELLED  # the loop drops it: never joined after this
             log.info("request left before joining the batch", extra={"rid": rid})
             self._release(pages, receiver)  # the KV arrived: nothing can write into them
         elif join.state is JoinState.JOINED and not finished:
-            self._pending_aborts.append(rid)  # the engine frees its pages
+            self._pending_aborts += children  # the engine frees their pages (ended ones: no-op)
             self._work.set()
         # FAILED: the loop gave the pages back; JOINED and finished: the engine did.
 
@@ -276,7 +293,9 @@ class DecodeInstance:
         """Pages for the prompt and the first token, granted by the loop between steps (the
         scheduler inside a step checks free pages, then takes them: nobody may take any in
         between). Waits, with a bound, while memory is short."""
-        need = pages_needed(len(request.prompt_token_ids) + 1, self.config.engine.page_size)
+        need = request.sampling.n * pages_needed(
+            len(request.prompt_token_ids) + 1, self.config.engine.page_size
+        )
         if need > self.llm.allocator.num_pages:  # would hold the queue's head until it timed out
             raise DecodeOverloaded(
                 f"the prompt needs {need} KV pages, this decode replica's whole cache has "
@@ -364,16 +383,7 @@ class DecodeInstance:
                 continue  # its caller left first and freed the pages
             request = join.request
             try:
-                out = self.llm.add_prefilled(
-                    request.rid,
-                    request.prompt_token_ids,
-                    request.sampling,
-                    join.pages,
-                    join.first.token_id,
-                    join.first.logprob,
-                    join.first.top_logprobs,
-                    join.first.prompt_logprobs,
-                )
+                outs = self._join_choices(join)
             except Exception as exc:
                 log.exception("joining the batch failed", extra={"rid": request.rid})
                 join.state = JoinState.FAILED
@@ -383,19 +393,48 @@ class DecodeInstance:
                 )
                 continue
             join.state = JoinState.JOINED
-            if not out.finished:
-                self._streams[request.rid] = join.stream
-            join.stream.put_nowait(out)
+            for child, out in outs:
+                if not out.finished:
+                    self._streams[child] = join.stream
+                join.stream.put_nowait(out)
+
+    def _join_choices(self, join: _Join) -> list[tuple[str, Any]]:
+        """Adds each of the request's choices to the batch, with its first token: choice 0 on
+        the pages the KV arrived in, each other on a copy of them (no step runs meanwhile)."""
+        request, first = join.request, join.first
+        firsts = [(first.token_id, first.logprob, first.top_logprobs), *first.more_choices]
+        if len(firsts) != len(join.children()):
+            raise RuntimeError(f"{len(firsts)} first tokens for {len(join.children())} choices")
+        outs = []
+        for (child, index, pages), (token, logprob, top) in zip(
+            join.children(), firsts, strict=True
+        ):
+            if index:
+                self.llm.kv_cache.copy_pages(join.pages, pages)
+            params = request.sampling.for_choice(index) if request.sampling.n > 1 else None
+            out = self.llm.add_prefilled(
+                child,
+                request.prompt_token_ids,
+                params or request.sampling,
+                pages,
+                token,
+                logprob,
+                top,
+                first.prompt_logprobs,
+                index=index,
+            )
+            outs.append((child, out))
+        return outs
 
     def _undo_join(self, join: _Join) -> None:
-        """`add_prefilled` raised: free the join's pages once, through the engine if the
-        request got into the batch (then they are its pages), else here."""
-        rid = join.request.rid
+        """Joining raised: free the join's pages once, each choice's through the engine if it
+        got into the batch (then they are its pages), else here."""
         running = self.llm.scheduler.running
-        if any(s.rid == rid and s.page_table.pages == join.pages for s in running):
-            self.llm.abort(rid)
-        else:
-            self._free(join.pages)
+        for child, _, pages in join.children():
+            if any(s.rid == child and s.page_table.pages == pages for s in running):
+                self.llm.abort(child)
+            else:
+                self._free(pages)
 
     def queue_sizes(self) -> dict[str, int]:
         """Prealloc (waiting for pages), transfer (waiting for KV), and the engine's queues."""
@@ -466,6 +505,7 @@ def chunk_of(out: Any) -> TokenChunk:
         logprobs=list(out.logprobs),
         top_logprobs=list(out.top_logprobs),
         prompt_logprobs=out.prompt_logprobs,
+        index=out.index,
         text=out.text,
         finish_reason=out.finish_reason.value if out.finish_reason else None,
         num_prompt_tokens=out.num_prompt_tokens,

@@ -263,21 +263,23 @@ class Ingress:
             max_tokens = self._max_tokens(body, len(prompt.token_ids), where)
             # Echo with logprobs: the prefill side scores the prompt too.
             scored = top_logprobs if prompt.echo and top_logprobs is not None else None
-            for j in range(body.n):
-                index = p * body.n + j
-                if max_tokens == 0 and scored is None:  # the echo alone
-                    choices.append(Choice(index, prompt, None))
-                    continue
-                seed = None if body.seed is None else body.seed + j
-                try:
-                    sampling = body.sampling(
-                        max(1, max_tokens), top_logprobs, eos, seed, grammar, scored
-                    )
-                except ValueError as exc:
-                    raise ApiError(400, str(exc), "invalid_request_error") from exc
-                child = rid if len(prompts) * body.n == 1 else f"{rid}-{index}"
-                request = DecodeRequest(child, secrets.randbits(63), prompt.token_ids, sampling)
-                choices.append(Choice(index, prompt, request, echo_only=max_tokens == 0))
+            base = p * body.n
+            if max_tokens == 0 and scored is None:  # the echo alone
+                choices += [Choice(base + j, prompt, None) for j in range(body.n)]
+                continue
+            # One internal request per prompt, its n choices prefilled once (choice j samples
+            # with seed + j); each prompt its own rid and bootstrap room.
+            try:
+                sampling = body.sampling(
+                    max(1, max_tokens), top_logprobs, eos, body.seed, grammar, scored, body.n
+                )
+            except ValueError as exc:
+                raise ApiError(400, str(exc), "invalid_request_error") from exc
+            child = rid if len(prompts) == 1 else f"{rid}-{p}"
+            request = DecodeRequest(child, secrets.randbits(63), prompt.token_ids, sampling)
+            choices += [
+                Choice(base + j, prompt, request, echo_only=max_tokens == 0) for j in range(body.n)
+            ]
         prompt_tokens = sum(len(p.token_ids) for p in prompts)
         in_flight = _InFlight()
         stream = self._choices_stream(choices)
@@ -355,21 +357,27 @@ class Ingress:
     async def _choices_stream(self, choices: list[Choice]) -> AsyncIterator[tuple[int, TokenChunk]]:
         """Every choice's chunks, tagged with its index, in the order they come. Closing it
         (the client left) or a choice's failure ends them all."""
-        running = [(c.index, self._generate(c.request)) for c in choices if c.request]
+        # One stream per internal request (a prompt's n choices share one); a chunk's index
+        # is its choice within the request.
+        running, seen = [], set()
+        for c in choices:  # a request's first choice has its lowest index
+            if c.request is not None and id(c.request) not in seen:
+                seen.add(id(c.request))
+                running.append((c.index, self._generate(c.request)))
         if len(running) == 1:
-            index, stream = running[0]
+            base, stream = running[0]
             async for chunk in stream:
-                yield index, chunk
+                yield base + chunk.index, chunk
             return
         queue: asyncio.Queue[tuple[int, TokenChunk | BaseException | None]] = asyncio.Queue()
 
-        async def pump(index: int, stream: AsyncIterator[TokenChunk]) -> None:
+        async def pump(base: int, stream: AsyncIterator[TokenChunk]) -> None:
             try:
                 async for chunk in stream:
-                    queue.put_nowait((index, chunk))
-                queue.put_nowait((index, None))
+                    queue.put_nowait((base + chunk.index, chunk))
+                queue.put_nowait((base, None))
             except Exception as exc:
-                queue.put_nowait((index, exc))
+                queue.put_nowait((base, exc))
             finally:
                 await stream.aclose()  # type: ignore[attr-defined]
 

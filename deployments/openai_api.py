@@ -131,9 +131,11 @@ class _Common(BaseModel):
         seed: int | None = None,
         grammar: str | None = None,
         prompt_logprobs: int | None = None,
+        n: int = 1,
     ) -> SamplingParams:
-        """The engine's parameters for one choice: `top_logprobs` None asks for no logprobs,
-        `seed` is this choice's own (n choices of one seeded request differ)."""
+        """The engine's parameters for one prompt's `n` choices: `top_logprobs` None asks for
+        no logprobs; choice i samples with `seed + i` (n choices of one seeded request
+        differ)."""
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             temperature=self.temperature,
@@ -154,6 +156,7 @@ class _Common(BaseModel):
             eos_token_ids=eos_token_ids if self.min_tokens else (),
             grammar=grammar,
             prompt_logprobs=prompt_logprobs,
+            n=n,
         )
 
     def logit_bias_problem(self, vocab_size: int) -> str | None:

@@ -66,6 +66,17 @@ class PagedKVCache:
         t = self.layers[local_layer]
         return t[0].view(-1, t.shape[3], t.shape[4]), t[1].view(-1, t.shape[3], t.shape[4])
 
+    def copy_pages(self, src: list[int], dst: list[int]) -> None:
+        """Copies pages `src` onto pages `dst` in every layer (n choices of one prompt: each
+        decodes on its own copy of the prompt's KV)."""
+        import torch
+
+        device = self.layers[0].device
+        s = torch.tensor(src, dtype=torch.long, device=device)
+        d = torch.tensor(dst, dtype=torch.long, device=device)
+        for t in self.layers:
+            t[:, d] = t[:, s]
+
     def regions(self) -> list[KVLayerRegion]:
         out = []
         for i, t in enumerate(self.layers):

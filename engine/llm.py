@@ -67,6 +67,7 @@ class RequestOutput:
     num_output_tokens: int
     top_logprobs: list[TopLogprobs] = field(default_factory=list)  # per token, when asked
     prompt_logprobs: list[PromptLogprob] | None = None  # on a request's first output, if asked
+    index: int = 0  # the choice (of n) this output belongs to
 
 
 @dataclass
@@ -167,8 +168,13 @@ class LLM:
         )
 
     def add_request(
-        self, prompt_token_ids: list[int], params: SamplingParams, rid: str | None = None
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        rid: str | None = None,
+        index: int = 0,
     ) -> str:
+        """Queue a prompt; `index`: which choice of its client request it is (outputs say)."""
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
         if len(prompt_token_ids) >= self.max_model_len:
@@ -181,6 +187,7 @@ class LLM:
         if rid is None:
             rid, self._next_rid = f"req-{self._next_rid}", self._next_rid + 1
         seq = self._new_sequence(rid, prompt_token_ids, params, [])
+        seq.index = index
         self.scheduler.add(seq)
         self._seqs[rid] = seq
         return rid
@@ -195,6 +202,7 @@ class LLM:
         first_logprob: float,
         first_top_logprobs: TopLogprobs = (),
         prompt_logprobs: list[PromptLogprob] | None = None,
+        index: int = 0,
     ) -> RequestOutput:
         """Join the running batch with a prompt whose KV another process wrote into `pages`.
 
@@ -205,6 +213,7 @@ class LLM:
         seq = self._new_sequence(rid, prompt_token_ids, params, pages)
         seq.num_computed_tokens = len(prompt_token_ids)
         seq.prompt_logprobs = list(prompt_logprobs or [])  # scored by the prefill side
+        seq.index = index
         self.scheduler.add_running(seq)
         self._seqs[rid] = seq
         return self._append(seq, first_token, first_logprob, first_top_logprobs)
@@ -416,6 +425,7 @@ class LLM:
                 if len(outputs) == 1 and params.prompt_logprobs is not None
                 else None
             ),
+            index=seq.index,
         )
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:

@@ -6,7 +6,7 @@ request and holds no model; the sampler that applies them is `engine.sampling`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -39,6 +39,9 @@ class SamplingParams:
     eos_token_ids: tuple[int, ...] = ()
     # The prompt's own logprobs (echo): None, or how many top alternatives beside each.
     prompt_logprobs: int | None = None
+    # Choices of one prompt: one prefill, n first tokens (choice i samples with seed + i),
+    # n sequences in decode.
+    n: int = 1
     # Structured output: an llguidance grammar (engine/grammar.py) every sampled token obeys.
     grammar: str | None = None
     # False: token ids only, no text (no incremental detokenizing; stop strings need text).
@@ -69,8 +72,15 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
         if any(not -100.0 <= bias <= 100.0 for _, bias in self.logit_bias):
             raise ValueError("logit_bias values must be in [-100, 100]")
+        if not 1 <= self.n <= 32:
+            raise ValueError(f"n must be in [1, 32], got {self.n}")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}]")
+
+    def for_choice(self, index: int) -> SamplingParams:
+        """The parameters one of the n choices samples with: its own seed."""
+        seed = None if self.seed is None else self.seed + index
+        return replace(self, n=1, seed=seed)
 
     @property
     def greedy(self) -> bool:

@@ -49,6 +49,7 @@ class Sequence:
     # EOS (unless ignored) and the request's own stop tokens, fixed when the request arrives.
     stop_token_ids: frozenset[int] = frozenset()
     grammar: Any = None  # engine.grammar.GrammarState, for structured output
+    index: int = 0  # which of its request's n choices this is
     text: str = ""
     _emitted_chars: int = 0
 

@@ -37,6 +37,8 @@ class FirstToken:
     top_logprobs: tuple[tuple[int, float], ...] = ()
     # The prompt's scores, when asked (echo with logprobs): they travel the same way.
     prompt_logprobs: list | None = None
+    # Choices 1..n-1 of a request of n: each one's (first token, logprob, alternatives).
+    more_choices: tuple[tuple[int, float, tuple[tuple[int, float], ...]], ...] = ()
 
     def pack(self) -> bytes:
         return _RECORD.pack(

@@ -63,3 +63,19 @@ def test_colocated_mode_serves_chat_and_lists_the_model(urls: dict[str, str]) ->
 def test_an_unknown_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="mode is one of"):
         build_service(None, "both")  # type: ignore[arg-type]
+
+
+def test_n_seeded_choices_are_the_same_in_pd_and_colocated(urls: dict[str, str]) -> None:
+    """PD samples a prompt's n first tokens on the last prefill stage and the rest on decode,
+    on copies of the prompt's pages; colocated runs n sequences in one engine. Each choice
+    has its own seed (seed + i) on both, so the choices agree choice by choice; greedy
+    choices are all the same text."""
+    answers = {}
+    for mode, url in urls.items():
+        client = OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        out = client.completions.create(
+            model="pdserve-test", prompt=PROMPTS[0], max_tokens=6, temperature=0, n=3
+        )
+        answers[mode] = [c.text for c in sorted(out.choices, key=lambda c: c.index)]
+    assert answers["pd"] == answers["colocated"]
+    assert len(set(answers["pd"])) == 1

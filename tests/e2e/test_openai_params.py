@@ -48,6 +48,7 @@ def in_process(engine: LLM, prompt: list[int], **kwargs: Any) -> Any:
 
 
 def test_n_choices_differ_when_sampled_and_agree_when_greedy(client, served) -> None:
+    _, before = stats(app_of(served))
     sampled = client.completions.create(
         model=MODEL, prompt=PROMPT, max_tokens=8, temperature=1.0, n=3, seed=1,
         extra_body={"ignore_eos": True},
@@ -56,6 +57,8 @@ def test_n_choices_differ_when_sampled_and_agree_when_greedy(client, served) -> 
     assert len({c.text for c in sampled.choices}) > 1
     assert all(c.finish_reason == "length" for c in sampled.choices)
     assert sampled.usage.completion_tokens == 24 and sampled.usage.prompt_tokens == len(PROMPT)
+    _, after = stats(app_of(served))
+    assert after["requests_admitted"] == before["requests_admitted"] + 1  # one prefill for n=3
     again = client.completions.create(
         model=MODEL, prompt=PROMPT, max_tokens=8, temperature=1.0, n=3, seed=1,
         extra_body={"ignore_eos": True},

@@ -66,11 +66,11 @@ class BatchWatch:
             finally:
                 self.stepping = False
 
-        def watched_add(rid: str, *args: Any) -> Any:
+        def watched_add(rid: str, *args: Any, **kwargs: Any) -> Any:
             if self.stepping:
                 self.joins_during_step.append(rid)
             self.events.append(("join", rid))
-            return add(rid, *args)
+            return add(rid, *args, **kwargs)
 
         def watched_allocate(count: int) -> list[int]:
             # The scheduler allocates inside the step (worker thread); the loop must not then.
