@@ -2,9 +2,10 @@
 the decode step it constrains, on the real default model (49k vocabulary), at batch 1 and 32.
 
 The step is a plain decode step of the engine at that batch (median of several); the mask cost
-is what a step adds for a batch that all follows the schema: one mask and one advance per row,
-driven along real answers (each row's matcher takes the most likely allowed token, restarting
-once its answer completes).
+is what a step adds for a batch that all follows the schema: one mask and one advance per row.
+The rows are driven by random logits, not the model's (each matcher takes the most likely
+allowed token and restarts once its answer completes), so the answers are valid but not the
+ones the model would write.
 """
 
 from __future__ import annotations

@@ -49,6 +49,17 @@ class _Progress:
     # token has none), once the first chunk brought them.
     echo: tuple[list[int], list[float | None], list[Any]] | None = None
 
+    def take(self, chunk: TokenChunk) -> int:
+        """Adds a chunk's text and tokens; returns where its text starts in the choice's."""
+        offset = len(self.text)
+        self.text += chunk.text
+        self.token_ids += chunk.token_ids
+        self.logprobs += chunk.logprobs
+        self.top += chunk.top_logprobs
+        self.num_output_tokens = chunk.num_output_tokens
+        self.finish_reason = chunk.finish_reason or self.finish_reason
+        return offset
+
 
 class Answer:
     """The choices of one request as they arrive, and the response they make."""
@@ -89,13 +100,7 @@ class Answer:
             return self._add_echoed(index, progress, chunk)
         if self._choices[index].echo_only:
             return None
-        offset = len(progress.text)
-        progress.text += chunk.text
-        progress.token_ids += chunk.token_ids
-        progress.logprobs += chunk.logprobs
-        progress.top += chunk.top_logprobs
-        progress.num_output_tokens = chunk.num_output_tokens
-        progress.finish_reason = chunk.finish_reason or progress.finish_reason
+        offset = progress.take(chunk)
         if self.tools is not None:
             return self._tool_delta(index, progress) if chunk.finish_reason else None
         if not (chunk.text or chunk.finish_reason or (self.wants_logprobs and chunk.token_ids)):
@@ -199,13 +204,7 @@ class Answer:
         if choice.echo_only:
             p.finish_reason = "length"
             return {"index": index, "text": p.text, "logprobs": echoed, "finish_reason": "length"}
-        offset = len(p.text)
-        p.text += chunk.text
-        p.token_ids += chunk.token_ids
-        p.logprobs += chunk.logprobs
-        p.top += chunk.top_logprobs
-        p.num_output_tokens = chunk.num_output_tokens
-        p.finish_reason = chunk.finish_reason
+        offset = p.take(chunk)
         own = self._logprobs(chunk.token_ids, chunk.logprobs, chunk.top_logprobs, offset)
         return {
             "index": index,
