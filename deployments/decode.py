@@ -23,7 +23,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
@@ -94,6 +94,37 @@ class _PageRequest:
     granted: asyncio.Future[list[int]]
 
 
+@dataclass(frozen=True)
+class ChoicePages:
+    """The pages of a request's n choices: the prompt's full pages, which every choice reads and
+    none writes, held once; and one tail per choice, from the prompt's last, partial page on,
+    where each choice writes its own tokens. The KV arrives into choice 0's pages; forking
+    copies choice 0's first tail page onto the others' and adds holders to the full pages."""
+
+    shared: list[int]
+    tails: list[list[int]]
+
+    @staticmethod
+    def needed(num_prompt_tokens: int, n: int, page_size: int) -> int:
+        """Pages for the prompt and each choice's first token."""
+        full = num_prompt_tokens // page_size
+        return full + n * (pages_needed(num_prompt_tokens + 1, page_size) - full)
+
+    @classmethod
+    def split(cls, pages: list[int], num_prompt_tokens: int, n: int, page_size: int) -> ChoicePages:
+        full = num_prompt_tokens // page_size
+        tail = (len(pages) - full) // n
+        return cls(pages[:full], [pages[full + i * tail : full + (i + 1) * tail] for i in range(n)])
+
+    def of_choice(self, index: int) -> list[int]:
+        return self.shared + self.tails[index]
+
+    @property
+    def all(self) -> list[int]:
+        """Every page once, as preallocated (before the fork, each has one holder)."""
+        return self.shared + [page for tail in self.tails for page in tail]
+
+
 class JoinState(enum.Enum):
     WAITING = "waiting"  # queued for the loop
     JOINED = "joined"  # in the batch: leaving early means an abort
@@ -107,18 +138,19 @@ class _Join:
     puts its first output (or the error) into `stream`."""
 
     request: DecodeRequest
-    pages: list[int]
+    pages: ChoicePages
     first: FirstToken
     stream: asyncio.Queue[Any]
     state: JoinState = JoinState.WAITING
-    # Choices 1..n-1 of a request of n: each decodes on its own copy of the prompt's pages.
-    more_pages: list[list[int]] = field(default_factory=list)
+    forked: bool = False  # each choice holds the shared pages (until then, the request does)
 
     def children(self) -> list[tuple[str, int, list[int]]]:
         """(engine rid, choice index, pages) of each of the request's choices."""
         rid = self.request.rid
-        sets = [(rid, 0, self.pages)]
-        return sets + [(f"{rid}#{i}", i, p) for i, p in enumerate(self.more_pages, start=1)]
+        return [
+            (rid if i == 0 else f"{rid}#{i}", i, self.pages.of_choice(i))
+            for i in range(len(self.pages.tails))
+        ]
 
 
 class DecodeInstance:
@@ -166,13 +198,14 @@ class DecodeInstance:
         timer = self.metrics.request(len(request.prompt_token_ids))
         started = time.perf_counter()
         try:
-            pages = await self._preallocate(request)  # n sets of the prompt's pages
+            pages = await self._preallocate(request)  # the prompt's, and n choices' tails
         except DecodeOverloaded as exc:
             self.metrics.failed(str(exc), before_transfer=True)
             raise
         n = request.sampling.n
-        per_choice = len(pages) // n
-        sets = [pages[i * per_choice : (i + 1) * per_choice] for i in range(n)]
+        choices = ChoicePages.split(
+            pages, len(request.prompt_token_ids), n, self.config.engine.page_size
+        )
         try:
             receiver = KVReceiver(
                 self.endpoint,
@@ -180,7 +213,7 @@ class DecodeInstance:
                 room=request.room,
                 regions=self.llm.kv_cache.regions(),
                 layout=self.layout,
-                page_indices=sets[0],  # the KV comes once; the loop copies it for the others
+                page_indices=choices.of_choice(0),  # the KV comes once; the others fork it
                 num_stages=self.config.num_prefill_stages,
             )
         except Exception:  # e.g. every metadata slot held: nothing was published yet
@@ -229,7 +262,7 @@ class DecodeInstance:
                 prompt_logprobs=result.first_token.prompt_logprobs,
                 more_choices=result.first_token.more_choices,
             )
-            join = _Join(request, sets[0], first, asyncio.Queue(), more_pages=sets[1:])
+            join = _Join(request, choices, first, asyncio.Queue())
             self._joins.append(join)
             self._work.set()
             ended: set[int] = set()
@@ -293,8 +326,8 @@ class DecodeInstance:
         """Pages for the prompt and the first token, granted by the loop between steps (the
         scheduler inside a step checks free pages, then takes them: nobody may take any in
         between). Waits, with a bound, while memory is short."""
-        need = request.sampling.n * pages_needed(
-            len(request.prompt_token_ids) + 1, self.config.engine.page_size
+        need = ChoicePages.needed(
+            len(request.prompt_token_ids), request.sampling.n, self.config.engine.page_size
         )
         if need > self.llm.allocator.num_pages:  # would hold the queue's head until it timed out
             raise DecodeOverloaded(
@@ -399,18 +432,17 @@ class DecodeInstance:
                 join.stream.put_nowait(out)
 
     def _join_choices(self, join: _Join) -> list[tuple[str, Any]]:
-        """Adds each of the request's choices to the batch, with its first token: choice 0 on
-        the pages the KV arrived in, each other on a copy of them (no step runs meanwhile)."""
+        """Adds each of the request's choices to the batch, with its first token, all on the
+        pages the KV arrived in (no step runs meanwhile)."""
         request, first = join.request, join.first
         firsts = [(first.token_id, first.logprob, first.top_logprobs), *first.more_choices]
         if len(firsts) != len(join.children()):
             raise RuntimeError(f"{len(firsts)} first tokens for {len(join.children())} choices")
+        self._fork(join)
         outs = []
         for (child, index, pages), (token, logprob, top) in zip(
             join.children(), firsts, strict=True
         ):
-            if index:
-                self.llm.kv_cache.copy_pages(join.pages, pages)
             params = request.sampling.for_choice(index) if request.sampling.n > 1 else None
             out = self.llm.add_prefilled(
                 child,
@@ -426,9 +458,24 @@ class DecodeInstance:
             outs.append((child, out))
         return outs
 
+    def _fork(self, join: _Join) -> None:
+        """Choices 1..n-1 get the prompt's last, partial page copied from choice 0 (each writes
+        its own tokens into it) and become holders of the full pages."""
+        pages, n = join.pages, len(join.pages.tails)
+        if n > 1 and len(join.request.prompt_token_ids) % self.config.engine.page_size:
+            first_tail = pages.tails[0][0]
+            self.llm.kv_cache.copy_pages(
+                [first_tail] * (n - 1), [tail[0] for tail in pages.tails[1:]]
+            )
+        self.llm.allocator.share(pages.shared, holders=n - 1)  # none for n = 1
+        join.forked = True
+
     def _undo_join(self, join: _Join) -> None:
         """Joining raised: free the join's pages once, each choice's through the engine if it
         got into the batch (then they are its pages), else here."""
+        if not join.forked:  # no choice holds anything yet
+            self._free(join.pages.all)
+            return
         running = self.llm.scheduler.running
         for child, _, pages in join.children():
             if any(s.rid == child and s.page_table.pages == pages for s in running):

@@ -67,8 +67,8 @@ class PagedKVCache:
         return t[0].view(-1, t.shape[3], t.shape[4]), t[1].view(-1, t.shape[3], t.shape[4])
 
     def copy_pages(self, src: list[int], dst: list[int]) -> None:
-        """Copies pages `src` onto pages `dst` in every layer (n choices of one prompt: each
-        decodes on its own copy of the prompt's KV)."""
+        """Copies pages `src` onto pages `dst` in every layer (the n choices of one prompt:
+        each writes its own tokens into its copy of the prompt's last, partial page)."""
         import torch
 
         device = self.layers[0].device

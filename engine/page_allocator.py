@@ -12,6 +12,12 @@ first); a single page (decode growth) is the lowest free page; a freed page merg
 neighbours. Runs are two parallel lists sorted by start: bisect finds a page's neighbours, and a
 many-page allocation scans the run lengths once, so nothing costs O(num_pages).
 
+A page may have several holders: the n choices of one prompt decode on the prompt's full pages
+(`share` adds a holder), and a page goes back to the free runs when its last holder frees it.
+Only pages nobody writes any more may be shared (full prompt pages); a holder that writes gets
+its own copy first. Extra holders are counted in a dict keyed by page, so unshared pages (nearly
+all of them) cost nothing more, and `num_in_use` counts each page once.
+
 A decode replica's engine step runs in a worker thread while its event loop frees pages (a
 request that ends before joining, quarantined pages coming back), so every state change and
 every count is taken under one lock. A sequence of calls (`can_allocate`, then `allocate`) is
@@ -22,7 +28,7 @@ event loop between steps), while frees may come from anywhere.
 from __future__ import annotations
 
 import bisect
-import itertools
+import collections
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -41,6 +47,8 @@ class PageAllocator:
         self._starts: list[int] = [0]
         self._lengths: list[int] = [num_pages]
         self._num_free = num_pages
+        # Holders beyond the first, for shared pages only (a page with none is absent).
+        self._extra_holders: dict[int, int] = {}
         # Uncontended, a `with` on it costs about 0.1 us: nothing next to a step.
         self._lock = threading.Lock()
 
@@ -74,25 +82,58 @@ class PageAllocator:
         # Pieces of different runs never touch, so ascending order keeps each one a run.
         return [page for start, n in sorted(pieces) for page in range(start, start + n)]
 
-    def free(self, pages: Iterable[int]) -> None:
+    def share(self, pages: Iterable[int], holders: int = 1) -> None:
+        """Adds `holders` holders to each of `pages`, all in use; each holder frees them once."""
         ordered = sorted(pages)
-        repeated = [b for a, b in itertools.pairwise(ordered) if a == b]
-        chunks = _consecutive_chunks(ordered)
+        if holders < 0:
+            raise ValueError(f"cannot add {holders} holders")
         with self._lock:
+            not_in_use = [p for p in ordered if not self._in_use(p, 1)]
+            if not_in_use:
+                raise PageAccountingError(f"sharing pages not in use: {not_in_use}")
+            if holders:
+                for page in ordered:
+                    self._extra_holders[page] = self._extra_holders.get(page, 0) + holders
+
+    def holders(self, page: int) -> int:
+        """How many holders an in-use page has (0 if free)."""
+        with self._lock:
+            if not self._in_use(page, 1):
+                return 0
+            return 1 + self._extra_holders.get(page, 0)
+
+    def free(self, pages: Iterable[int]) -> None:
+        """Drops one holder per occurrence of a page; pages left with none become free."""
+        counts = collections.Counter(pages)
+        with self._lock:
+            extra = self._extra_holders
+            # A page freed c times by holders that hold it: extra holders >= c - 1.
+            over = [p for p, c in counts.items() if c - 1 > extra.get(p, 0)]
             not_in_use = [
                 page
-                for start, n in chunks
+                for start, n in _consecutive_chunks(sorted(counts))
                 if not self._in_use(start, n)
                 for page in range(start, start + n)
                 if not self._in_use(page, 1)
             ]
-            if repeated or not_in_use:
+            if over or not_in_use:
                 raise PageAccountingError(
-                    f"freeing pages not in use (double free?): {sorted(set(repeated + not_in_use))}"
+                    f"freeing pages not in use (double free?): {sorted(set(over + not_in_use))}"
                 )
-            for start, n in chunks:
+            last: list[int] = []
+            for page, c in counts.items():
+                left = extra.get(page, 0) - c
+                if left >= 0:
+                    if left:
+                        extra[page] = left
+                    else:
+                        del extra[page]
+                else:  # its last holder
+                    extra.pop(page, None)
+                    last.append(page)
+            for start, n in _consecutive_chunks(sorted(last)):
                 self._give_back(start, n)
-            self._num_free += len(ordered)
+            self._num_free += len(last)
 
     # -- runs (under the lock) ----------------------------------------------------------------
 

@@ -67,7 +67,7 @@ def test_an_unknown_mode_is_refused() -> None:
 
 def test_n_seeded_choices_are_the_same_in_pd_and_colocated(urls: dict[str, str]) -> None:
     """PD samples a prompt's n first tokens on the last prefill stage and the rest on decode,
-    on copies of the prompt's pages; colocated runs n sequences in one engine. Each choice
+    on the prompt's shared pages; colocated runs n sequences in one engine. Each choice
     has its own seed (seed + i) on both, so the choices agree choice by choice; greedy
     choices are all the same text."""
     answers = {}

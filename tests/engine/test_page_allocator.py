@@ -3,6 +3,8 @@ Mooncake segment per run per layer per K/V, so scattered pages mean thousands of
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -204,6 +206,69 @@ def test_after_any_churn_a_request_gets_the_fewest_runs_and_accounting_is_exact(
         assert len(runs(pages)) == fewest
     assert alloc.num_in_use == len({p for h in held for p in h}) + want
     alloc.free(pages)
+    for h in held:
+        alloc.free(h)
+    assert alloc.num_free == NUM_PAGES and alloc.allocate(NUM_PAGES) == list(range(NUM_PAGES))
+
+
+# -- shared pages: the n choices of one prompt hold its full pages together -------------------
+
+
+def test_a_shared_page_is_free_only_after_its_last_holder_frees_it():
+    alloc = PageAllocator(8)
+    prompt = alloc.allocate(3)
+    alloc.share(prompt, holders=2)  # three choices hold the prompt's pages
+    assert [alloc.holders(p) for p in prompt] == [3, 3, 3]
+    alloc.free(prompt)
+    alloc.free(prompt)
+    assert alloc.num_in_use == 3 and alloc.holders(prompt[0]) == 1
+    assert alloc.allocate(5) == [3, 4, 5, 6, 7]  # the shared pages are not handed out again
+    alloc.free(prompt)
+    assert alloc.holders(prompt[0]) == 0 and alloc.num_free == 3
+    assert alloc.allocate(3) == prompt
+
+
+def test_one_call_may_free_a_shared_page_once_per_holder_and_no_more():
+    alloc = PageAllocator(4)
+    pages = alloc.allocate(2)
+    alloc.share(pages[:1])
+    with pytest.raises(PageAccountingError):
+        alloc.free([pages[0]] * 3)  # two holders
+    assert alloc.holders(pages[0]) == 2 and alloc.num_in_use == 2  # nothing changed
+    alloc.free([pages[0], pages[0], pages[1]])
+    assert alloc.num_free == 4
+
+
+def test_only_pages_in_use_can_be_shared():
+    alloc = PageAllocator(4)
+    held = alloc.allocate(1)
+    with pytest.raises(PageAccountingError):
+        alloc.share([*held, 2])
+    assert alloc.holders(held[0]) == 1  # the refused call shared nothing
+
+
+share_op = st.tuples(
+    st.sampled_from(["allocate", "share", "free"]), st.integers(1, 9), st.integers(0, 99)
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(share_op, max_size=60))
+def test_after_any_sharing_a_page_is_free_exactly_when_no_holder_is_left(ops):
+    alloc = PageAllocator(NUM_PAGES)
+    held: list[list[int]] = []  # each holder's pages; a page may be in several
+    for kind, count, who in ops:
+        if kind == "allocate" and count <= alloc.num_free:
+            held.append(alloc.allocate(count))
+        elif kind == "share" and held:
+            pages = held[who % len(held)][:count]
+            alloc.share(pages)
+            held.append(list(pages))
+        elif kind == "free" and held:
+            alloc.free(held.pop(who % len(held)))
+        holders = collections.Counter(p for h in held for p in h)
+        assert alloc.num_in_use == len(holders)
+        assert all(alloc.holders(p) == holders[p] for p in range(NUM_PAGES))
     for h in held:
         alloc.free(h)
     assert alloc.num_free == NUM_PAGES and alloc.allocate(NUM_PAGES) == list(range(NUM_PAGES))

@@ -111,7 +111,15 @@ class LocalLastStage:
         await asyncio.sleep(self.delays.get(request.rid, 0.0))
         info = request.receiver_info
         assert info is not None
-        first = FirstToken(request.room, self.first_token, -0.5, len(request.prompt_token_ids))
+        # Choice i of n starts with first_token + i.
+        more = tuple((self.first_token + i, -0.5, ()) for i in range(1, request.sampling.n))
+        first = FirstToken(
+            request.room,
+            self.first_token,
+            -0.5,
+            len(request.prompt_token_ids),
+            more_choices=more,
+        )
         ctypes.memmove(info.metadata.address, first.pack(), info.metadata.nbytes)
         if request.rid in self.cancel_on_landing:
             current = asyncio.current_task()
@@ -141,8 +149,12 @@ async def start_decode(config: DecodeConfig, prefill: Any, replica: str) -> Deco
     return DecodeInstance(config, prefill, replica)
 
 
-def request(rid: str, room: int, prompt: list[int], max_tokens: int) -> DecodeRequest:
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+def request(
+    rid: str, room: int, prompt: list[int], max_tokens: int, **sampling: Any
+) -> DecodeRequest:
+    params = SamplingParams(
+        **({"temperature": 0, "max_tokens": max_tokens, "ignore_eos": True} | sampling)
+    )
     return DecodeRequest(rid, room, prompt, params)
 
 
@@ -343,6 +355,96 @@ def test_a_large_request_is_not_passed_over_by_a_stream_of_small_ones(
         loop.run(instance.close())
 
 
+def by_choice(chunks: list[Any]) -> dict[int, list[int]]:
+    """The tokens of each choice of an n > 1 stream."""
+    tokens: dict[int, list[int]] = {}
+    for c in chunks:
+        tokens.setdefault(c.index, []).extend(c.token_ids)
+    return tokens
+
+
+@pytest.mark.parametrize("prompt_len", [40, 32], ids=["partial_last_page", "whole_pages"])
+def test_n_choices_hold_the_prompts_full_pages_once_and_the_last_choice_frees_them(
+    loop: LoopThread, llama_dir: Path, prompt_len: int
+) -> None:
+    """The KV arrives once; the prompt's full pages get a holder per choice, the last partial
+    page is copied for each choice (each writes its own tokens there), and the pages go back
+    when the last choice ends, leaves, or fails to join."""
+    stage = LocalLastStage(num_stages=2)
+    instance = loop.run(start_decode(decode_config(llama_dir), stage, f"joins-n{prompt_len}"))
+    llm = instance.llm
+    watch = BatchWatch(llm, loop.thread)
+    watch.install()
+    full = prompt_len // PAGE  # 2 either way; a 40-token prompt ends inside a third page
+    at_join: dict[str, Any] = {}
+    join_choices = instance._join_choices
+
+    def spied_join(join: Any) -> Any:
+        tails = [tail[0] for tail in join.pages.tails]
+        if prompt_len % PAGE:  # what the prefill wrote into choice 0's partial page
+            llm.kv_cache.layers[0][:, tails[0]] = 1.5
+        outs = join_choices(join)
+        at_join[join.request.rid] = {
+            "in_use": llm.allocator.num_in_use,
+            "holders": [llm.allocator.holders(p) for p in join.pages.shared],
+            "tables": [
+                s.page_table.pages[:]
+                for s in llm.scheduler.running
+                if s.rid.startswith(join.request.rid)
+            ],
+            "tails_equal": [
+                bool((llm.kv_cache.layers[0][:, t] == llm.kv_cache.layers[0][:, tails[0]]).all())
+                for t in tails
+            ],
+        }
+        return outs
+
+    instance._join_choices = spied_join  # type: ignore[method-assign]
+    append, broken = llm._append, {"broken#2"}
+
+    def append_failing_once(seq: Any, *rest: Any) -> Any:
+        if seq.rid in broken:  # choices 0 and 1 joined already: a half-applied fork
+            broken.discard(seq.rid)
+            raise RuntimeError("detokenizer exploded")
+        return append(seq, *rest)
+
+    llm._append = append_failing_once  # type: ignore[method-assign]
+    prompt = list(range(5, 5 + prompt_len))
+    whole = request("whole", 1, prompt, max_tokens=6, n=4)
+    leaving = request("leaving", 2, prompt, max_tokens=40, n=3)
+    failing = request("broken", 3, prompt, max_tokens=6, n=3)
+
+    async def run_all() -> list[Any]:
+        return await asyncio.gather(
+            consume(instance, whole, watch),
+            consume(instance, leaving, watch, leave_after=5),
+            consume(instance, failing, watch),
+            return_exceptions=True,
+        )
+
+    try:
+        done, left, failed = loop.run(run_all(), timeout=60)
+        tokens = by_choice(done)
+        assert sorted(tokens) == [0, 1, 2, 3]
+        assert [t[0] for _, t in sorted(tokens.items())] == [7, 8, 9, 10]  # first of each
+        assert all(len(t) == 6 for t in tokens.values())
+        seen = at_join["whole"]
+        # Each request: its full pages once, plus a page per choice; the other two requests
+        # may hold theirs meanwhile. Copies would need (4 + 3 + 3) x 3 = 30.
+        assert seen["in_use"] <= sum(full + n for n in (4, 3, 3))
+        assert seen["holders"] == [4] * full
+        tables = seen["tables"]
+        assert len(tables) == 4 and all(t[:full] == tables[0][:full] for t in tables)
+        assert len({t[full] for t in tables}) == 4  # a partial page of its own
+        if prompt_len % PAGE:
+            assert seen["tails_equal"] == [True] * 4  # the prompt's tokens in every copy
+        assert isinstance(left, list) and len(left) == 5
+        assert isinstance(failed, DecodeFailed) and "detokenizer exploded" in str(failed)
+        assert_idle(instance)  # a page freed once too often would have raised
+    finally:
+        loop.run(instance.close())
+
+
 # -- with a real prefill instance ---------------------------------------------------------------
 
 
@@ -411,5 +513,32 @@ def test_requests_prefilled_by_pp_stages_join_while_steps_run_and_decode_the_gre
             time.sleep(0.05)
         assert prefill.controller.allocator.num_in_use == 0
         assert set(prefill.controller.queue_sizes().values()) == {0}
+    finally:
+        loop.run(instance.close())
+
+
+def test_seeded_choices_on_shared_pages_equal_single_requests_with_their_seeds(
+    loop: LoopThread, llama_dir: Path, prefill: PrefillInstance
+) -> None:
+    """Choice i of a seeded n > 1 request samples with seed + i on both sides, so it must equal
+    a request of its own with that seed: a choice that read another's tokens from a shared
+    page would not."""
+    instance = loop.run(start_decode(decode_config(llama_dir), prefill, "joins-pd-n"))
+    watch = BatchWatch(instance.llm, loop.thread)
+    rng = random.Random(5)
+    sampling = {"temperature": 1.0, "max_tokens": 12}
+    try:
+        for length in (37, 48):  # the last page partial, and whole pages
+            prompt = [rng.randrange(5, 600) for _ in range(length)]
+            n_req = request(f"n{length}", 2000 + length, prompt, seed=11, n=3, **sampling)
+            choices = by_choice(loop.run(consume(instance, n_req, watch), timeout=120))
+            for i in range(3):
+                single = request(
+                    f"s{length}-{i}", 2100 + 3 * length + i, prompt, seed=11 + i, **sampling
+                )
+                chunks = loop.run(consume(instance, single, watch), timeout=120)
+                assert choices[i] == [t for c in chunks for t in c.token_ids], (length, i)
+            assert len({tuple(t) for t in choices.values()}) == 3
+        assert_idle(instance)
     finally:
         loop.run(instance.close())
