@@ -12,7 +12,8 @@ from typing import Any
 
 from cluster.messages import DecodeRequest, TokenChunk
 from deployments.openai_api import chat_logprobs, completion_logprobs, now, usage
-from deployments.tools import ToolPlan, forced_calls, parse_tool_calls
+from deployments.tool_stream import ToolCallStream, complete_calls
+from deployments.tools import ToolPlan
 from engine.tokenizer import Tokenizer
 
 
@@ -75,9 +76,10 @@ class Answer:
         tools: ToolPlan | None = None,
     ) -> None:
         """`tools`: how the request uses tools (chat only); its choices' text then becomes
-        tool calls where the model made them, and streams as one delta at the end."""
+        tool calls where the model made them, streamed as the model writes them."""
         self.rid, self.chat, self.choices = rid, chat, choices
         self.tools = tools
+        self._tool_streams = {c.index: ToolCallStream(tools) for c in choices} if tools else {}
         self.prompt_tokens = prompt_tokens
         self.wants_logprobs = top_logprobs is not None
         self.top_k = top_logprobs or 0
@@ -102,7 +104,7 @@ class Answer:
             return None
         offset = progress.take(chunk)
         if self.tools is not None:
-            return self._tool_delta(index, progress) if chunk.finish_reason else None
+            return self._tool_delta(index, chunk, offset)
         if not (chunk.text or chunk.finish_reason or (self.wants_logprobs and chunk.token_ids)):
             return None
         logprobs = self._logprobs(chunk.token_ids, chunk.logprobs, chunk.top_logprobs, offset)
@@ -171,22 +173,21 @@ class Answer:
 
     def _message(self, p: _Progress) -> tuple[str | None, list[dict[str, Any]], str | None]:
         """A chat choice's (content, tool calls, finish reason): its text as the model wrote
-        it, unless it holds tool calls. A forced call cut short (`length`) stays text."""
-        if self.tools is None or p.finish_reason == "length":
+        it, unless it holds tool calls."""
+        if self.tools is None:
             return p.text, [], p.finish_reason
-        if self.tools.mode == "auto":
-            content, calls = parse_tool_calls(p.text)
-        else:
-            content, calls = None, forced_calls(p.text, self.tools)
-        return content, calls, "tool_calls" if calls else p.finish_reason
+        return complete_calls(self.tools, p.text, p.finish_reason)
 
-    def _tool_delta(self, index: int, p: _Progress) -> dict[str, Any]:
-        """A tool-using choice streams at its end: its content, or its calls, in one delta."""
-        content, calls, finish = self._message(p)
-        delta: dict[str, Any] = {"content": content} if content else {}
-        if calls:
-            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
-        logprobs = self._logprobs(p.token_ids, p.logprobs, p.top, 0)
+    def _tool_delta(self, index: int, chunk: TokenChunk, offset: int) -> dict[str, Any] | None:
+        """A tool-using choice's delta: content until its calls begin, then each call's header
+        and its arguments as they are written."""
+        piece, finish = self._tool_streams[index].take(chunk.text, chunk.finish_reason)
+        if not (piece.content or piece.tool_calls or finish or self.wants_logprobs):
+            return None
+        delta: dict[str, Any] = {"content": piece.content} if piece.content else {}
+        if piece.tool_calls:
+            delta["tool_calls"] = piece.tool_calls
+        logprobs = self._logprobs(chunk.token_ids, chunk.logprobs, chunk.top_logprobs, offset)
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
     def _add_echoed(self, index: int, p: _Progress, chunk: TokenChunk) -> dict[str, Any]:

@@ -1,26 +1,23 @@
-"""Tool calls on `/v1/chat/completions`: what a forced call must look like, and how calls are
-found in a model's free text.
+"""Tool calls on `/v1/chat/completions`: how a request uses its tools, and what a forced call
+must look like.
 
 `tool_choice: "required"` and a named function are grammar-enforced (engine/grammar.py): the
 model writes a JSON array of `{"name", "arguments"}` (required) or the named function's
 arguments (named), each validated by the tools' own parameter schemas. `auto` lets the model
-write what its chat template taught it, and `parse_tool_calls` reads the two common formats:
-Hermes/Qwen `<tool_call>{...}</tool_call>` blocks and Llama-3.x bare JSON
-(`{"name": ..., "parameters": ...}`, optionally after `<|python_tag|>`, several joined by `;`).
+write what its chat template taught it; `deployments.tool_stream` reads the calls out of the
+text, streamed or whole: Hermes/Qwen `<tool_call>{...}</tool_call>` blocks and Llama-3.x bare
+JSON (`{"name": ..., "parameters": ...}`, optionally after `<|python_tag|>`, several joined by
+`;`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import re
-import secrets
 from dataclasses import dataclass
 from typing import Any, Literal
 
 ToolMode = Literal["auto", "required", "named"]
-
-_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -81,54 +78,6 @@ def forced_schema(
     ]
     schema = {"type": "array", "items": {"anyOf": calls}, "minItems": 1}
     return schema | ({} if parallel else {"maxItems": 1})
-
-
-def tool_call(name: str, arguments: Any) -> dict[str, Any]:
-    """One OpenAI tool call; `arguments` as the JSON text OpenAI returns."""
-    text = arguments if isinstance(arguments, str) else json.dumps(arguments)
-    return {
-        "id": f"call_{secrets.token_hex(12)}",
-        "type": "function",
-        "function": {"name": name, "arguments": text},
-    }
-
-
-def forced_calls(text: str, plan: ToolPlan) -> list[dict[str, Any]]:
-    """The calls of a grammar-forced answer."""
-    if plan.mode == "named":
-        assert plan.function is not None
-        return [tool_call(plan.function, text)]
-    return [tool_call(c["name"], c["arguments"]) for c in json.loads(text)]
-
-
-def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
-    """(content left around the calls, or None; the calls) in a model's free text."""
-    if "<tool_call>" in text:
-        calls = []
-        for block in _HERMES.findall(text):
-            call = _call_of(block)
-            if call is None:
-                return text, []  # a malformed call: leave the text as the model wrote it
-            calls.append(call)
-        content = text[: text.index("<tool_call>")].strip()
-        return content or None, calls
-    body = text.strip().removeprefix("<|python_tag|>").strip()
-    if body.startswith("{"):
-        calls = [_call_of(part) for part in body.split(";")]
-        if calls and all(c is not None for c in calls):
-            return None, calls  # type: ignore[return-value]
-    return text, []
-
-
-def _call_of(block: str) -> dict[str, Any] | None:
-    try:
-        value = json.loads(block)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-        return None
-    arguments = value.get("arguments", value.get("parameters", {}))
-    return tool_call(value["name"], arguments)
 
 
 def template_message(message: dict[str, Any]) -> dict[str, Any]:

@@ -448,8 +448,18 @@ def test_required_and_named_tool_calls_follow_the_tools_parameters(client) -> No
     )  # fmt: skip
     deltas = [c.choices[0] for c in stream if c.choices]
     calls = [t for d in deltas if d.delta.tool_calls for t in d.delta.tool_calls]
-    assert calls and calls[0].function.name == "get_weather"
-    assert deltas[-1].finish_reason == "tool_calls"
+    # The call's header first, once; then its arguments as the model writes them.
+    assert calls[0].id.startswith("call_") and calls[0].function.name == "get_weather"
+    assert all(t.id is None and t.function.name is None for t in calls[1:])
+    assert len(calls) > 3 and deltas[-1].finish_reason == "tool_calls"
+    arguments = "".join(t.function.arguments or "" for t in calls)
+    jsonschema.validate(json.loads(arguments), PARAMETERS["get_weather"])
+    whole = client.chat.completions.create(
+        model=MODEL, messages=ask, tools=[WEATHER], tool_choice="required", max_tokens=200,
+        temperature=0, parallel_tool_calls=False,
+    )  # fmt: skip
+    [call] = whole.choices[0].message.tool_calls
+    assert json.loads(call.function.arguments) == json.loads(arguments)  # greedy: the same
 
 
 def test_auto_tools_render_and_a_tool_result_continues_the_chat(client) -> None:
