@@ -97,14 +97,7 @@ class GrammarState:
 
     def mask(self, row: torch.Tensor) -> None:
         """Sets the logits of tokens the grammar forbids next to -inf, in place."""
-        import numpy as np
-        import torch
-
-        bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
-        allowed = np.unpackbits(bits, bitorder="little")[: row.shape[-1]].astype(bool)
-        forbidden = torch.from_numpy(~allowed).to(row.device)
-        row[: forbidden.shape[0]].masked_fill_(forbidden, float("-inf"))
-        row[forbidden.shape[0] :] = float("-inf")
+        mask_rows(row[None], [(0, self)])
 
     def advance(self, token: int) -> None:
         """Takes the sampled token (masked sampling only picks allowed ones)."""
@@ -114,3 +107,34 @@ class GrammarState:
     def finished(self) -> bool:
         """The grammar is complete (only EOS may follow), or it broke."""
         return self._matcher.is_stopped() or self._matcher.is_error()
+
+
+def mask_rows(logits: torch.Tensor, rows: list[tuple[int, GrammarState]]) -> None:
+    """Masks rows of `logits` [B, V] in place, row `i` by its grammar state, all at once: the
+    matchers fill one bitmask on llguidance's thread pool (the per-row Python loop cost
+    0.33 ms a row at batch 32), and one masked fill applies it."""
+    import numpy as np
+    import torch
+
+    if not rows:
+        return
+    vocab = logits.shape[-1]
+    # What llguidance.torch's fill_next_token_bitmask_par does, without importing that module
+    # (it sets up torch.compile on import: seconds, for a kernel not used here).
+    bitmask = np.full((len(rows), -(-vocab // 32)), -1, dtype=np.int32)
+    matchers = [(state._matcher, j) for j, (_, state) in enumerate(rows)]
+    _executor().unsafe_compute_mask_ptr(
+        matchers, bitmask.ctypes.data, bitmask.shape[1] * 4, len(rows)
+    )
+    # Bit b of int32 word w allows token 32 w + b: little-endian bytes, little-endian bits.
+    bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")
+    forbidden = torch.from_numpy(bits[:, :vocab] == 0).to(logits.device)
+    index = torch.tensor([i for i, _ in rows], dtype=torch.long, device=logits.device)
+    logits[index] = logits[index].masked_fill_(forbidden, float("-inf"))
+
+
+@lru_cache(maxsize=1)
+def _executor() -> Any:
+    from llguidance import LLExecutor
+
+    return LLExecutor()

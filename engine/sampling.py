@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from engine.grammar import mask_rows
 from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -79,6 +80,10 @@ def sample_on_device(
         for i, p in enumerate(params):
             if p.adjusts_logits:
                 adjust_logits(adjusted[i], p, histories[i] if histories else None)
+        # The grammar masks last (nothing may lift them), every constrained row at once.
+        if histories:
+            grammars = [(i, h.grammar) for i, h in enumerate(histories) if h and h.grammar]
+            mask_rows(adjusted, grammars)
     tokens = adjusted.argmax(dim=-1)
     for i, p in enumerate(params):
         if not p.greedy:
@@ -95,9 +100,9 @@ def sample_on_device(
 
 
 def adjust_logits(row: torch.Tensor, p: SamplingParams, history: TokenHistory | None) -> None:
-    """Apply `p`'s penalties, logit bias, `min_tokens` ban and grammar mask to one row of
-    float32 logits, in place, in vLLM's order: repetition, then frequency and presence, then
-    the bias; the bans last, so nothing lifts them."""
+    """Apply `p`'s penalties, logit bias and `min_tokens` ban to one row of float32 logits, in
+    place, in vLLM's order: repetition, then frequency and presence, then the bias; the ban
+    last, so nothing lifts it (the grammar's mask comes after, for the batch: `mask_rows`)."""
     output = list(history.output_token_ids) if history is not None else []
     if p.repetition_penalty != 1.0 and history is not None:
         seen = torch.tensor(sorted({*history.prompt_token_ids, *output}), dtype=torch.long)
@@ -120,8 +125,6 @@ def adjust_logits(row: torch.Tensor, p: SamplingParams, history: TokenHistory | 
         banned = [t for t in stops if 0 <= t < row.shape[-1]]
         if banned:
             row[torch.tensor(banned, dtype=torch.long, device=row.device)] = float("-inf")
-    if history is not None and history.grammar is not None:
-        history.grammar.mask(row)
 
 
 def prompt_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[PromptLogprob]:

@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from engine import LLM, EngineConfig, SamplingParams
-from engine.grammar import GrammarError, GrammarState, compile_grammar, grammar_problem
+from engine.grammar import (
+    GrammarError,
+    GrammarState,
+    compile_grammar,
+    grammar_problem,
+    mask_rows,
+)
 
 SCHEMA = {
     "type": "object",
@@ -69,3 +75,26 @@ def test_bad_grammars_are_refused_before_serving(llm) -> None:
         compile_grammar("choice", [])
     bad = compile_grammar("regex", "(unclosed")
     assert grammar_problem(bad, llm.tokenizer, llm.model_config.vocab_size)
+
+
+def test_a_batch_is_masked_row_by_row_as_each_matcher_allows(llm) -> None:
+    """`mask_rows` fills every row's bitmask at once: each row gets its own matcher's mask,
+    rows without a grammar are left alone."""
+    import numpy as np
+
+    vocab = llm.model_config.vocab_size
+    grammar = compile_grammar("json_schema", SCHEMA)
+    states = [GrammarState(llm.tokenizer, vocab, grammar) for _ in range(3)]
+    for text in ('{"name": "ab', '{"name": "a", "n": 4'):  # rows 1 and 2 at other places
+        state = states[1 if text.endswith("ab") else 2]
+        for token in llm.tokenizer.encode(text):
+            state.advance(token)
+    logits = torch.randn(5, vocab)
+    before = logits.clone()
+    mask_rows(logits, [(0, states[0]), (2, states[1]), (4, states[2])])
+    for row, state in ((0, states[0]), (2, states[1]), (4, states[2])):
+        bits = np.frombuffer(state._matcher.compute_bitmask(), dtype=np.uint8)
+        allowed = torch.from_numpy(np.unpackbits(bits, bitorder="little")[:vocab].astype(bool))
+        assert torch.equal(logits[row][allowed], before[row][allowed])
+        assert torch.isinf(logits[row][~allowed]).all() and 0 < allowed.sum() < vocab
+    assert torch.equal(logits[[1, 3]], before[[1, 3]])
