@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cluster.consensus import AllReduceMin, RankConsensus
@@ -33,6 +34,17 @@ SETTLE_S = 0.02
 TICK_REPORT_WAIT_S = 0.05
 
 
+@dataclass
+class StageOutput:
+    """What a stage's forward over a micro-batch gives: hidden states for the next stage, or
+    on the last stage the first tokens of the requests it finished and the scores of the
+    prompt chunks that asked for them (echo with logprobs)."""
+
+    hidden: Any = None
+    first_tokens: dict[str, FirstToken] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list] = field(default_factory=dict)
+
+
 class StageCompute(Protocol):
     """A stage's forward in three moves, so the caller can start the sends in between."""
 
@@ -44,13 +56,8 @@ class StageCompute(Protocol):
         """Where sends started inside it run: behind the queued forward."""
         ...
 
-    def finish(self, batch: tuple[ChunkPlan, ...], out: Any) -> tuple[Any, dict[str, FirstToken]]:
-        """Wait for the forward: hidden states for the next stage, or the last stage's first
-        tokens."""
-        ...
-
-    def take_prompt_logprobs(self) -> dict[str, list]:
-        """The last stage's scores of the prompt chunks it just finished (echo with logprobs)."""
+    def finish(self, batch: tuple[ChunkPlan, ...], out: Any) -> StageOutput:
+        """Wait for the forward: what it gives the next stage, or the last stage's answers."""
         ...
 
 
@@ -100,8 +107,7 @@ class PlanExecutor:
             settle_s = 0.0 if plan.batch else SETTLE_S
             self.consensus.submit(plan.tick, plan.rids, settle_s)
 
-        hidden: Any = None
-        first_tokens: dict[str, FirstToken] = {}
+        output = StageOutput()
         start = time.perf_counter()
         if plan.batch:
             out = self._compute.launch(plan.batch, upstream() if upstream is not None else None)
@@ -109,11 +115,11 @@ class PlanExecutor:
                 for rid in finishing:  # the lock per request: a send may wait for a free slot
                     with self._lock:
                         self.requests.send(rid)
-            hidden, first_tokens = self._compute.finish(plan.batch, out)
+            output = self._compute.finish(plan.batch, out)
             if self._is_last:
                 with self._lock:
                     for rid in finishing:
-                        self.requests.send_first_token(rid, first_tokens.get(rid))
+                        self.requests.send_first_token(rid, output.first_tokens.get(rid))
         forward_s = time.perf_counter() - start
         if tick_after_sends:
             assert plan.tick is not None
@@ -130,12 +136,12 @@ class PlanExecutor:
                 last_tick=self.requests.last_tick,
                 num_requests=len(self.requests.senders),
                 pages_in_use=self.requests.pages_in_use,
-                first_tokens=first_tokens if self._is_last else {},
-                prompt_logprobs=self._compute.take_prompt_logprobs() if self._is_last else {},
+                first_tokens=output.first_tokens if self._is_last else {},
+                prompt_logprobs=output.prompt_logprobs if self._is_last else {},
                 forward_seconds=forward_s,
                 consensus_seconds=self.consensus.seconds,
             )
-        return report, hidden
+        return report, output.hidden
 
     def queue_sizes(self) -> dict[str, int]:
         """This rank's bootstrap / waiting / inflight counts now (read when scraped). Not the

@@ -9,6 +9,7 @@ from contextlib import AbstractContextManager
 import torch
 
 from cluster.messages import ChunkPlan
+from cluster.plan_executor import StageOutput
 from engine.attention import SeqChunk, logits_rows
 from engine.grammar import GrammarState
 from engine.runner import StageRunner
@@ -37,7 +38,6 @@ class LayerCompute:
         self.is_last = is_last
         self._model = model
         self._tokenizer: Tokenizer | None = None
-        self._scored: dict[str, list[PromptLogprob]] = {}
 
     def launch(self, batch: tuple[ChunkPlan, ...], upstream: torch.Tensor | None) -> torch.Tensor:
         """Queue the forward. It waits (on the GPU) for the sends queued before it, which may
@@ -52,16 +52,23 @@ class LayerCompute:
         with handing the hidden states on, or with sampling."""
         return behind_current_stream(out.device)
 
-    def finish(
-        self, batch: tuple[ChunkPlan, ...], out: torch.Tensor
-    ) -> tuple[torch.Tensor | None, dict[str, FirstToken]]:
+    def finish(self, batch: tuple[ChunkPlan, ...], out: torch.Tensor) -> StageOutput:
         if not self.is_last:  # on its device: the stage's hidden channel hands it on
-            return out, {}
-        return None, self._first_tokens(batch, out)
+            return StageOutput(hidden=out)
+        scored: dict[str, list[PromptLogprob]] = {}
+        if any(c.prompt_logprobs is not None for c in batch):
+            out = self._score_prompts(batch, out, scored)
+        return StageOutput(first_tokens=self._first_tokens(batch, out), prompt_logprobs=scored)
 
-    def _score_prompts(self, batch: tuple[ChunkPlan, ...], logits: torch.Tensor) -> torch.Tensor:
+    def _score_prompts(
+        self,
+        batch: tuple[ChunkPlan, ...],
+        logits: torch.Tensor,
+        scored: dict[str, list[PromptLogprob]],
+    ) -> torch.Tensor:
         """Scores the prompt tokens of chunks that asked (each row the token after it: the
-        chunk's next one, or the next chunk's first); returns the rows to sample from."""
+        chunk's next one, or the next chunk's first) into `scored`; returns the rows to sample
+        from."""
         rows = logits_rows([_seq_chunk(c) for c in batch])
         sample_rows = []
         for c, span in zip(batch, rows, strict=True):
@@ -70,8 +77,9 @@ class LayerCompute:
             if c.prompt_logprobs is None:
                 continue
             targets = list(c.token_ids[1:]) + ([] if c.finishing else [c.next_token])
-            scored = logits[span.start : span.start + len(targets)]
-            self._scored[c.rid] = prompt_logprobs(scored, targets, c.prompt_logprobs)
+            scored[c.rid] = prompt_logprobs(
+                logits[span.start : span.start + len(targets)], targets, c.prompt_logprobs
+            )
         return logits[sample_rows]
 
     def _grammar(self, params: SamplingParams | None) -> GrammarState | None:
@@ -96,15 +104,9 @@ class LayerCompute:
             raise RuntimeError(f"stage {self.pp_rank - 1} produced no hidden states")
         return upstream
 
-    def take_prompt_logprobs(self) -> dict[str, list[PromptLogprob]]:
-        scored, self._scored = self._scored, {}
-        return scored
-
     def _first_tokens(
         self, batch: tuple[ChunkPlan, ...], logits: torch.Tensor
     ) -> dict[str, FirstToken]:
-        if any(c.prompt_logprobs is not None for c in batch):
-            logits = self._score_prompts(batch, logits)
         finishing = [c for c in batch if c.finishing]
         # One row per choice: a request of n choices samples n first tokens from its row,
         # choice i with its own generator (seed + i).

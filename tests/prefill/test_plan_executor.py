@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from cluster.messages import ChunkPlan, StepPlan
-from cluster.plan_executor import PlanExecutor
+from cluster.plan_executor import PlanExecutor, StageOutput
 from cluster.stage_requests import StageRequests
 from tests.prefill.world import ScriptedSender
 from transport.metadata import FirstToken
@@ -59,12 +59,9 @@ class RecordingCompute:
         assert out == "out"
         yield
 
-    def finish(self, batch: tuple[ChunkPlan, ...], out: object):
+    def finish(self, batch: tuple[ChunkPlan, ...], out: object) -> StageOutput:
         self.events.append("waited for the forward")
-        return "hidden", self.sample(batch)
-
-    def take_prompt_logprobs(self) -> dict[str, list]:
-        return {}
+        return StageOutput("hidden", self.sample(batch))
 
 
 def make_executor(

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from cluster.messages import ChunkPlan, StageReport, StepPlan
-from cluster.plan_executor import PlanExecutor, no_side_stream
+from cluster.plan_executor import PlanExecutor, StageOutput, no_side_stream
 from cluster.stage_requests import StageRequests
 from deployments.prefill_controller import ControllerConfig, Ended, PrefillController
 from transport.metadata import FirstToken
@@ -97,24 +97,21 @@ class ScriptedCompute:
 
     sends_after = staticmethod(no_side_stream)
 
-    def finish(
-        self, batch: tuple[ChunkPlan, ...], out: object
-    ) -> tuple[None, dict[str, FirstToken]]:
+    def finish(self, batch: tuple[ChunkPlan, ...], out: object) -> StageOutput:
         if not self.is_last:
-            return None, {}
-        return None, {
-            c.rid: FirstToken(
-                room=c.room,
-                token_id=len(c.token_ids),
-                logprob=0.0,
-                num_prompt_tokens=c.start + len(c.token_ids),
-            )
-            for c in batch
-            if c.finishing
-        }
-
-    def take_prompt_logprobs(self) -> dict[str, list]:
-        return {}
+            return StageOutput()
+        return StageOutput(
+            first_tokens={
+                c.rid: FirstToken(
+                    room=c.room,
+                    token_id=len(c.token_ids),
+                    logprob=0.0,
+                    num_prompt_tokens=c.start + len(c.token_ids),
+                )
+                for c in batch
+                if c.finishing
+            }
+        )
 
 
 class ThreadAllReduce:
