@@ -86,6 +86,7 @@ from benchmarks.gpu.kv_transfer_setup import (
     case_pages,
     decode_peer,
     gpu_time,
+    launches_in_send,
     poll_until_done,
 )
 from benchmarks.report import write_report
@@ -105,7 +106,7 @@ class Prefill(PrefillSide):
         `spin_s`: keep this thread busy that long right before `send` (as a scheduler loop
         is), instead of coming straight from sleeping on the pipe to the decode process."""
         sender, token = self.prepare(remote, last)
-        busy = sender.mover is not None and sender.mover.name == "cuda_ipc"
+        busy = launches_in_send(sender)
         start = time.perf_counter()
         while time.perf_counter() - start < spin_s:
             pass
@@ -127,7 +128,7 @@ class Prefill(PrefillSide):
         forward.queue(local)
         if send:
             sender.send(local, token)
-            poll_until_done(sender, busy=True)
+            poll_until_done(sender, busy=launches_in_send(sender))
         else:
             end = torch.cuda.Event()
             end.record()
@@ -158,7 +159,7 @@ class Prefill(PrefillSide):
             if sender.poll() is KVPoll.Failed:
                 raise RuntimeError(sender.failure_reason)
         forward_done = time.perf_counter()
-        poll_until_done(sender, busy=True)
+        poll_until_done(sender, busy=launches_in_send(sender))
         success = time.perf_counter()
         after_copy.synchronize()
         self.peer.settle(sender.rid, True)
@@ -211,7 +212,7 @@ class Prefill(PrefillSide):
         if reference is None:
             if token is not None:
                 sender.send_first_token(token)
-            poll_until_done(sender, busy=True)
+            poll_until_done(sender, busy=launches_in_send(sender))
         else:
             while not landed.query():
                 pass

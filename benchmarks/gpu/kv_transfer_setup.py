@@ -43,10 +43,19 @@ def case_pages(tokens: int, run: int | None) -> tuple[list[int], list[int], int]
     return list(range(n)), remote, 2 * SHAPE.num_layers * n * SHAPE.layout().page_nbytes
 
 
-def decode_peer() -> DecodePeer:
-    """The decode side: a spawned process with its cache on GPU 0, like this process's."""
+def decode_peer(gpu: int = 0) -> DecodePeer:
+    """The decode side: a spawned process with its cache on GPU `gpu` (this process sends from
+    GPU 0; another GPU makes the fast path a peer-access copy: multi_gpu_fast_path.py)."""
     torch.cuda.set_device(0)
-    return DecodePeer(SHAPE, device="cuda", timeout_s=120)
+    return DecodePeer(SHAPE, device=f"cuda:{gpu}", timeout_s=120)
+
+
+def launches_in_send(sender: KVSender) -> bool:
+    """The fast path over a page route: `send` launches the copy itself, so polling back to
+    back starves nothing. Without a route (a peer GPU) the copy is launched from the transfer
+    pool, whose thread needs the GIL, as Mooncake's writes do."""
+    mover = sender.mover
+    return mover is not None and getattr(mover, "route", None) is not None
 
 
 def poll_until_done(sender: KVSender, busy: bool, timeout: float = 120.0) -> None:
@@ -164,11 +173,14 @@ class ModelForward(Forward):
 
 
 class OneCopy:
-    """One `copy_` of `nbytes` contiguous bytes between two buffers of its own (the reference)."""
+    """One `copy_` of `nbytes` contiguous bytes between two buffers of its own (the reference).
 
-    def __init__(self, nbytes: int) -> None:
+    `dst_device`: where the destination lives; another GPU than the current one makes it the
+    device-to-device copy between the two (cudaMemcpyPeer-like, on the source's stream)."""
+
+    def __init__(self, nbytes: int, dst_device: torch.device | str | None = None) -> None:
         self.src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_(0, 255)
-        self.dst = torch.empty_like(self.src)
+        self.dst = torch.empty_like(self.src, device=dst_device or self.src.device)
 
     def __call__(self) -> None:
         self.dst.copy_(self.src)

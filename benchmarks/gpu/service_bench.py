@@ -507,36 +507,72 @@ def summarize(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_shape(shape: str, args: argparse.Namespace, port: int) -> dict[str, Any]:
-    from ray import serve
-
+def app_config(model: Path, args: argparse.Namespace, mode: str) -> Any:
+    """The service's config for `mode`. By default every engine process (each prefill stage, the
+    decode replica, the colocated engine) takes `--gpu-frac` of the one GPU; `--stage-gpus`,
+    `--decode-gpus` and the replica counts give them GPUs of their own (multi_gpu_service.py).
+    A colocated replica is a decode replica that also prefills: `--decode-gpus` each."""
     from deployments.app import AppConfig
 
     cuda = args.device == "cuda"
-    model, model_info = make_model(shape, "cuda" if cuda else "cpu")
-    frac = args.gpu_frac if cuda else 0
-    config = AppConfig(
+
+    def gpus(each: float | None) -> float:
+        return (args.gpu_frac if each is None else each) if cuda else 0
+
+    return AppConfig(
         model=str(model),
         served_model_name=MODEL_NAME,
         pp_size=args.pp,
         dtype="auto" if cuda else "float32",
         device="auto" if cuda else "cpu",
-        num_gpus_per_stage=frac,
-        decode_num_gpus=frac,
+        num_gpus_per_stage=gpus(args.stage_gpus),
+        decode_num_gpus=gpus(args.decode_gpus),
+        prefill_replicas=args.prefill_replicas,
+        decode_replicas=args.decode_replicas if mode == "pd" else args.colocated_replicas,
         num_cpus_per_stage=1 if cuda else 0.5,
         decode_num_cpus=1 if cuda else 0.5,
         max_model_len=args.max_model_len,
         prefill_num_pages=args.prefill_pages,
         decode_num_pages=args.decode_pages,
     )
+
+
+def engine_gpus(lines: list[str]) -> list[list[str]]:
+    """The GPU ids Ray gave each engine process that logged `lines` ("actor drives cuda:<i>",
+    cluster/gpu_visibility.py): whether stages and replicas landed on GPUs of their own."""
+    found = []
+    for line in lines:
+        start = line.find("{")
+        with contextlib.suppress(json.JSONDecodeError, ValueError):
+            found.append([str(g) for g in json.loads(line[start:]).get("gpu_ids", [])])
+    return sorted(found)
+
+
+def saturated(before: dict[str, Any] | None, now: dict[str, Any], gain: float) -> bool:
+    """A rate that served errors, or less than `gain` more tokens/s than the rate before it:
+    raising the offered load further measures only the queue."""
+    return now["errors"] > 0 or (before is not None and now["tok_s"] < (1 + gain) * before["tok_s"])
+
+
+def run_shape(shape: str, args: argparse.Namespace, port: int) -> dict[str, Any]:
+    from ray import serve
+
+    cuda = args.device == "cuda"
+    model, model_info = make_model(shape, "cuda" if cuda else "cpu")
     result: dict[str, Any] = {"shape": shape, "model": model_info, "modes": {}}
     prompts = PROMPTS[: args.prompts]
     for mode in ("pd", "colocated"):
         name = f"{shape}-{mode}".replace(".", "_")
+        config = app_config(model, args, mode)
         log(f"{shape}: deploying {mode}")
+        driving = set(log_lines("actor drives cuda:"))
         base, deploy_s = deploy(config, mode, name, port)
         log(f"{shape}: {mode} up in {deploy_s:.1f}s; greedy check")
         m: dict[str, Any] = {"deploy_s": round(deploy_s, 1)}
+        m["engine_gpus"] = engine_gpus(
+            [x for x in log_lines("actor drives cuda:") if x not in driving]
+        )
+        log(f"{shape}: {mode} engine processes on GPUs {m['engine_gpus']}")
         m["greedy"] = asyncio.run(greedy_outputs(base, prompts, args.max_tokens))
         if mode == "pd":
             m["kv_path"] = kv_path()
@@ -547,13 +583,20 @@ def run_shape(shape: str, args: argparse.Namespace, port: int) -> dict[str, Any]
         if args.rates:
             # Warm up at the highest rate: the batch sizes it reaches compile and capture
             # their kernels here, not inside the first measured run.
-            asyncio.run(load(base, max(args.rates), args.warmup, seed=99))
+            warmup_rate = args.warmup_rate or max(args.rates)
+            asyncio.run(load(base, warmup_rate, args.warmup, seed=99))
             m["load"] = {}
+            before = None
             for rate in args.rates:
                 log(f"{shape}: {mode} at {rate} req/s for {args.duration}s")
                 raw = asyncio.run(load(base, rate, args.duration, seed=int(rate * 10)))
                 m["load"][rate] = summarize(raw)
                 log(f"{shape}: {mode} {rate} req/s: {m['load'][rate]}")
+                if args.saturate and saturated(before, m["load"][rate], args.saturation_gain):
+                    m["saturated_at"] = rate
+                    log(f"{shape}: {mode} saturated at {rate} req/s; no higher rate")
+                    break
+                before = m["load"][rate]
         serve.delete(name)
         result["modes"][mode] = m
     pd, co = result["modes"]["pd"]["greedy"], result["modes"]["colocated"]["greedy"]
@@ -571,7 +614,8 @@ def run_shape(shape: str, args: argparse.Namespace, port: int) -> dict[str, Any]
     return result
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The options; multi_gpu_service.py starts from them with other defaults."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -582,18 +626,47 @@ def main() -> None:
     parser.add_argument("--rates", default="1,8", help="req/s, comma-separated; empty: no load")
     parser.add_argument("--duration", type=float, default=15.0)
     parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--warmup-rate", type=float, default=None, help="default: the highest")
+    parser.add_argument(
+        "--saturate",
+        action="store_true",
+        help="per mode, stop raising the rate once one adds less than --saturation-gain "
+        "tokens/s or serves errors",
+    )
+    parser.add_argument("--saturation-gain", type=float, default=0.1)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--pp", type=int, default=2)
-    parser.add_argument("--gpu-frac", type=float, default=0.25)
+    parser.add_argument("--gpu-frac", type=float, default=0.25, help="GPUs per engine process")
+    parser.add_argument("--stage-gpus", type=float, default=None, help="default: --gpu-frac")
+    parser.add_argument(
+        "--decode-gpus", type=float, default=None, help="per decode or colocated replica"
+    )
+    parser.add_argument("--prefill-replicas", type=int, default=1)
+    parser.add_argument("--decode-replicas", type=int, default=1)
+    parser.add_argument("--colocated-replicas", type=int, default=1)
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--prefill-pages", type=int, default=1024)
     parser.add_argument("--decode-pages", type=int, default=2048)
     parser.add_argument("--skip-timeline", action="store_true")
     parser.add_argument("--keep-models", action="store_true")
     parser.add_argument("--name", default="service_gpu")
-    args = parser.parse_args()
+    return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    args = parser.parse_args(argv)
     args.rates = [float(r) for r in args.rates.split(",") if r]
+    return args
+
+
+def main() -> None:
+    run(parse(build_parser()))
+
+
+def run(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> None:
+    """Ray and Serve on this machine (all its GPUs), every shape in turn, then the report
+    (`extra` goes into its JSON)."""
     shapes = [s for s in args.shapes.split(",") if s]
 
     from deployments.serve_cli import set_ray_environment
@@ -631,10 +704,15 @@ def main() -> None:
         with contextlib.suppress(Exception):
             serve.shutdown()
         ray.shutdown()
-    report(results, failures, args)
+    report(results, failures, args, extra)
 
 
-def report(results: list[dict], failures: dict[str, str], args: argparse.Namespace) -> None:
+def report(
+    results: list[dict],
+    failures: dict[str, str],
+    args: argparse.Namespace,
+    extra: dict[str, Any] | None = None,
+) -> None:
     rows = []
     for r in results:
         modes = r["modes"]
@@ -642,7 +720,7 @@ def report(results: list[dict], failures: dict[str, str], args: argparse.Namespa
             co = modes["colocated"].get("load", {}).get(rate)
             for mode in ("pd", "colocated"):
                 s = modes[mode].get("load", {}).get(rate)
-                if not s or not co:
+                if not s:  # a mode that saturated below this rate
                     continue
                 rows.append(
                     {
@@ -661,9 +739,9 @@ def report(results: list[dict], failures: dict[str, str], args: argparse.Namespa
                                 "tok_s",
                             )
                         },
-                        "ttft_p50_x": s["ttft_p50_ms"] / co["ttft_p50_ms"],
-                        "itl_p50_x": s["itl_p50_ms"] / co["itl_p50_ms"],
-                        "tok_s_x": s["tok_s"] / co["tok_s"],
+                        "ttft_p50_x": s["ttft_p50_ms"] / co["ttft_p50_ms"] if co else None,
+                        "itl_p50_x": s["itl_p50_ms"] / co["itl_p50_ms"] if co else None,
+                        "tok_s_x": s["tok_s"] / co["tok_s"] if co else None,
                         "greedy_eq": r["greedy_equal"],
                     }
                 )
@@ -674,6 +752,12 @@ def report(results: list[dict], failures: dict[str, str], args: argparse.Namespa
             f"{len(r['modes']['pd']['greedy'])} prompts x {args.max_tokens} tokens: "
             f"{r['greedy_equal']}; deploy s: pd {r['modes']['pd']['deploy_s']}, "
             f"colocated {r['modes']['colocated']['deploy_s']}"
+        )
+        print(
+            "   engine processes' GPUs (Ray ids): "
+            + "; ".join(f"{m} {r['modes'][m].get('engine_gpus')}" for m in ("pd", "colocated"))
+            + "; saturated at req/s: "
+            + "; ".join(f"{m} {r['modes'][m].get('saturated_at')}" for m in ("pd", "colocated"))
         )
         for mm in r["greedy_mismatches"][:3]:
             print(f"   MISMATCH {json.dumps(mm)[:600]}")
@@ -691,6 +775,7 @@ def report(results: list[dict], failures: dict[str, str], args: argparse.Namespa
     for shape, why in failures.items():
         print(f"== {shape}: FAILED {why[:500]}")
     extra = {
+        **(extra or {}),
         "results": results,
         "failures": failures,
         "args": {k: v for k, v in vars(args).items()},

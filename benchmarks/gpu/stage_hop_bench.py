@@ -45,14 +45,15 @@ def qwen2_1p5b_like() -> Any:
     return REALISTIC_SHAPES["qwen2-1.5b"]
 
 
-def random_stage(config: Any, layers: Any, seed: int) -> Any:
-    """The stage of `layers`, random bf16 weights drawn on the GPU (the same for one seed)."""
+def random_stage(config: Any, layers: Any, seed: int, device: torch.device | str = "cuda") -> Any:
+    """The stage of `layers`, random bf16 weights drawn on `device` (the same for one seed on
+    GPUs of one model: multi_gpu_pp.py draws a stage on each GPU)."""
     from engine.testmodel import random_stage as draw
 
-    return draw(config, layers, device="cuda", dtype=torch.bfloat16, seed=seed).eval()
+    return draw(config, layers, device=device, dtype=torch.bfloat16, seed=seed).eval()
 
 
-def kv_cache(config: Any, layers: Any, max_tokens: int) -> Any:
+def kv_cache(config: Any, layers: Any, max_tokens: int, device: torch.device | str = "cuda") -> Any:
     from engine.kv_cache import KVCacheSpec, PagedKVCache
 
     spec = KVCacheSpec(
@@ -62,14 +63,15 @@ def kv_cache(config: Any, layers: Any, max_tokens: int) -> Any:
         head_dim=config.head_dim,
         dtype=torch.bfloat16,
     )
-    return PagedKVCache(spec, first_layer=layers.start, num_layers=len(layers), device="cuda")
+    return PagedKVCache(spec, first_layer=layers.start, num_layers=len(layers), device=device)
 
 
-def metadata(tokens: int) -> Any:
+def metadata(tokens: int, device: torch.device | str = "cuda") -> Any:
+    """One fresh prompt of `tokens` tokens in one chunk, its pages from 0."""
     from engine.attention import AttentionMetadata, SeqChunk
 
     chunk = SeqChunk(start=0, num_new=tokens, pages=list(range(-(-tokens // PAGE))))
-    return AttentionMetadata.build([chunk], PAGE, torch.device("cuda"))
+    return AttentionMetadata.build([chunk], PAGE, torch.device(device))
 
 
 def _second_stage(conn: Any, max_tokens: int, seed: int) -> None:

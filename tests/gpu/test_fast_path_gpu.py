@@ -47,10 +47,11 @@ TOKEN = FirstToken(room=11, token_id=42, logprob=-0.5, num_prompt_tokens=100)
 
 
 class GpuStage(PrefillStage):
-    """A prefill stage holding every layer on the GPU, sending toward the decode peer."""
+    """A prefill stage holding every layer on the GPU (`device`: "cuda" is GPU 0), sending
+    toward the decode peer."""
 
-    def __init__(self, config: TransportConfig | None = None) -> None:
-        super().__init__(SHAPE, config or TransportConfig(hostname=LOOPBACK), device="cuda")
+    def __init__(self, config: TransportConfig | None = None, device: str = "cuda") -> None:
+        super().__init__(SHAPE, config or TransportConfig(hostname=LOOPBACK), device=device)
         self._n = 0
 
     def toward(self, peer: DecodePeer, remote: list[int], last: bool = True) -> KVSender:

@@ -31,12 +31,13 @@ def _states(n: int, seed: int) -> torch.Tensor:
     return torch.randn(n, HIDDEN, generator=g, device="cuda").to(torch.bfloat16)
 
 
-def _consumer(conn: Any) -> None:
-    """Stage k+1 in its own process: offers its slots, then reads one handoff per message."""
+def _consumer(conn: Any, gpu: int = 0) -> None:
+    """Stage k+1 in its own process on GPU `gpu`: offers its slots, then reads one handoff per
+    message."""
     from cluster.hidden_channel import HiddenInbox
     from transport.cuda_ipc.backend import CudaIpc
 
-    device = torch.device("cuda", 0)
+    device = torch.device("cuda", gpu)
     torch.cuda.set_device(device)
     inbox = HiddenInbox("ipc", device, torch.bfloat16, ROWS, HIDDEN, CudaIpc(), None)
     conn.send(inbox.offer())
@@ -52,47 +53,57 @@ def _consumer(conn: Any) -> None:
     conn.send([(slot, t.view(torch.uint8).cpu().numpy().tobytes()) for slot, t in got])
 
 
-def test_ipc_between_two_processes_is_byte_exact_and_alternates_slots() -> None:
+def exchange_over_ipc(producer: int, consumer: int) -> None:
+    """Every step of `STEPS` from this process on GPU `producer` into a spawned consumer on GPU
+    `consumer` (the same or a peer GPU): byte-exact, in alternating slots, with no host waits."""
     from cluster.hidden_channel import IpcSender, connect_sender
     from transport.cuda_ipc.backend import CudaIpc
 
     ctx = mp.get_context("spawn")
     conn, child_conn = ctx.Pipe()
-    child = ctx.Process(target=_consumer, args=(child_conn,), daemon=True)
+    child = ctx.Process(target=_consumer, args=(child_conn, consumer), daemon=True)
     child.start()
-    try:
-        device = torch.device("cuda", 0)
-        sender = connect_sender(conn.recv(), "ipc", device, CudaIpc(), None)
-        assert isinstance(sender, IpcSender), sender.link.why
-        conn.send(sender.link)
-        sent = []
-        for step, (n, seed) in enumerate(STEPS):
-            if step == 0:  # the first write sits behind GPU work: the consumer must wait for it
-                torch.cuda._sleep(SLEEP_CYCLES)
-            hidden = _states(n, seed)
-            sent.append(hidden.cpu() if step else None)  # (.cpu() would wait for the sleep)
-            conn.send(sender.send(hidden))
-            assert conn.recv() == "done"
-        conn.send(None)
-        assert conn.poll(120), "the consumer never answered"
-        got = conn.recv()
-        sent[0] = _states(*STEPS[0]).cpu()
-        assert [slot for slot, _ in got] == [i % 2 for i in range(len(STEPS))]
-        for step, ((_, raw), want) in enumerate(zip(got, sent, strict=True)):
-            assert raw == want.view(torch.uint8).numpy().tobytes(), step
-        sender.close()
-    finally:
-        child.join(30)
-        if child.is_alive():
-            child.kill()
+    device = torch.device("cuda", producer)
+    with torch.cuda.device(device):  # `_states` draws on the current GPU
+        try:
+            sender = connect_sender(conn.recv(), "ipc", device, CudaIpc(), None)
+            assert isinstance(sender, IpcSender), sender.link.why
+            conn.send(sender.link)
+            sent = []
+            for step, (n, seed) in enumerate(STEPS):
+                if step == 0:  # the first write sits behind GPU work: the consumer must wait for it
+                    torch.cuda._sleep(SLEEP_CYCLES)
+                hidden = _states(n, seed)
+                sent.append(hidden.cpu() if step else None)  # (.cpu() would wait for the sleep)
+                conn.send(sender.send(hidden))
+                assert conn.recv() == "done"
+            conn.send(None)
+            assert conn.poll(120), "the consumer never answered"
+            got = conn.recv()
+            sent[0] = _states(*STEPS[0]).cpu()
+            assert [slot for slot, _ in got] == [i % 2 for i in range(len(STEPS))]
+            for step, ((_, raw), want) in enumerate(zip(got, sent, strict=True)):
+                assert raw == want.view(torch.uint8).numpy().tobytes(), step
+            sender.close()
+        finally:
+            child.join(30)
+            if child.is_alive():
+                child.kill()
+
+
+def test_ipc_between_two_processes_is_byte_exact_and_alternates_slots() -> None:
+    exchange_over_ipc(0, 0)
 
 
 # -- a PP=2 StageGroup on one GPU ------------------------------------------------------------------
 
 
-def _first_tokens(model_dir: Any, hidden_channel: str, prompts: list[list[int]]) -> Any:
-    """Greedy first tokens of `prompts`, one step each, through a fresh PP=2 group on this
-    GPU (requests never admitted: the stages compute and sample but send no KV)."""
+def _first_tokens(
+    model_dir: Any, hidden_channel: str, prompts: list[list[int]], num_gpus: float = 0.5
+) -> Any:
+    """Greedy first tokens of `prompts`, one step each, through a fresh PP=2 group (requests
+    never admitted: the stages compute and sample but send no KV). `num_gpus` per stage: half
+    of this one GPU, or (1) a GPU each on a multi-GPU machine."""
     import asyncio
 
     from cluster.messages import ChunkPlan, StepPlan
@@ -110,7 +121,8 @@ def _first_tokens(model_dir: Any, hidden_channel: str, prompts: list[list[int]])
         StageSpec(engine, r.start, r.end, i, 2, transport=transport, max_batched_tokens=256)
         for i, r in enumerate(layers)
     ]
-    group = StageGroup(specs, Placement("PACK", num_gpus=0.5, num_cpus=0.5), f"hc{hidden_channel}")
+    placement = Placement("PACK", num_gpus=num_gpus, num_cpus=0.5)
+    group = StageGroup(specs, placement, f"hc{hidden_channel}")
 
     async def run() -> Any:
         await group.start()

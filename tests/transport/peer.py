@@ -6,6 +6,8 @@ The tests are the prefill side; the child owns a real `TransferEndpoint`, a real
 cache filled with a known byte pattern, and the `KVReceiver`s, so every transfer crosses a
 process boundary: over Mooncake's tcp transport on loopback, or, with the cache on the GPU
 (`device="cuda"`: tests/gpu, benchmarks/gpu), by the CUDA IPC fast path from a same-node stage.
+`device="cuda:1"` puts a side's cache on GPU 1 (`"cuda"` is GPU 0): the multi-GPU tests and
+benchmarks send from a stage on one GPU into a decode cache on another (peer access).
 """
 
 from __future__ import annotations
@@ -63,19 +65,24 @@ def page_checksums(layers: list[torch.Tensor], pages: list[int]) -> torch.Tensor
     ).cpu()
 
 
+def on_gpu(device: str) -> bool:
+    """`device` names a GPU: `"cuda"` (GPU 0) or `"cuda:<i>"`."""
+    return device.startswith("cuda")
+
+
 def _serve(conn: Any, shape: CacheShape, config_json: str, device: str) -> None:
     from engine.kv_cache import PagedKVCache
     from transport import KVReceiver, TransferEndpoint, TransportConfig
 
-    if device == "cuda":
-        torch.cuda.set_device(0)
+    if on_gpu(device):  # the cache's GPU is the current device (streams, IPC exports)
+        torch.cuda.set_device(torch.device(device).index or 0)
     endpoint = TransferEndpoint(TransportConfig.model_validate_json(config_json))
     cache = PagedKVCache(shape.spec(), first_layer=0, num_layers=shape.num_layers, device=device)
 
     def fill() -> None:
         for layer in cache.layers:
             layer.view(torch.uint8).fill_(FILL)
-        if device == "cuda":
+        if on_gpu(device):
             torch.cuda.synchronize()
 
     fill()
@@ -149,9 +156,7 @@ class DecodePeer:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         if config is None:  # the GPU machines of tests/gpu have no Ray to ask for a node IP
-            config = (
-                TransportConfig(hostname="127.0.0.1") if device == "cuda" else TransportConfig()
-            )
+            config = TransportConfig(hostname="127.0.0.1") if on_gpu(device) else TransportConfig()
         self.process = ctx.Process(
             target=_serve,
             args=(child, self.shape, config.model_dump_json(), device),
@@ -258,8 +263,8 @@ class PrefillStage:
         gen = torch.Generator(device=device).manual_seed(layers.start)
         for layer in self.cache.layers:
             layer.normal_(generator=gen)
-        if device == "cuda":
-            torch.cuda.synchronize()
+        if on_gpu(device):
+            torch.cuda.synchronize(device)
         self.endpoint.register_cache(self.cache)
 
     def sender(self, rid: str, room: int, pp_rank: int = 0, is_last: bool | None = None) -> Any:
