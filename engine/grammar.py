@@ -110,31 +110,27 @@ class GrammarState:
 
 
 def mask_rows(logits: torch.Tensor, rows: list[tuple[int, GrammarState]]) -> None:
-    """Masks rows of `logits` [B, V] in place, row `i` by its grammar state, all at once: the
-    matchers fill one bitmask on llguidance's thread pool (the per-row Python loop cost
-    0.33 ms a row at batch 32), and one masked fill applies it."""
+    """Masks rows of `logits` [B, V] in place, row `i` by its grammar state: the matchers' bitmasks
+    side by side, then one `where` over the batch (a masked fill per row cost four times as
+    much at batch 32). The bitmasks are computed one after the other: llguidance's thread pool
+    (`LLExecutor`) was three times slower than that on a 2-core machine, at about 25 us a row."""
     import numpy as np
     import torch
 
     if not rows:
         return
     vocab = logits.shape[-1]
-    # What llguidance.torch's fill_next_token_bitmask_par does, without importing that module
-    # (it sets up torch.compile on import: seconds, for a kernel not used here).
-    bitmask = np.full((len(rows), -(-vocab // 32)), -1, dtype=np.int32)
-    matchers = [(state._matcher, j) for j, (_, state) in enumerate(rows)]
-    _executor().unsafe_compute_mask_ptr(
-        matchers, bitmask.ctypes.data, bitmask.shape[1] * 4, len(rows)
-    )
+    width = -(-vocab // 32) * 4  # bytes: one bit per token, in int32 words
+    bitmask = np.empty((len(rows), width), dtype=np.uint8)
+    for j, (_, state) in enumerate(rows):
+        bitmask[j] = np.frombuffer(state._matcher.compute_bitmask(), dtype=np.uint8)[:width]
     # Bit b of int32 word w allows token 32 w + b: little-endian bytes, little-endian bits.
-    bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")
-    forbidden = torch.from_numpy(bits[:, :vocab] == 0).to(logits.device)
-    index = torch.tensor([i for i, _ in rows], dtype=torch.long, device=logits.device)
-    logits[index] = logits[index].masked_fill_(forbidden, float("-inf"))
-
-
-@lru_cache(maxsize=1)
-def _executor() -> Any:
-    from llguidance import LLExecutor
-
-    return LLExecutor()
+    bits = np.unpackbits(bitmask, axis=1, count=vocab, bitorder="little")
+    allowed = torch.from_numpy(bits.view(np.bool_)).to(logits.device)
+    forbidden = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+    index = [i for i, _ in rows]
+    if index == list(range(logits.shape[0])):
+        torch.where(allowed, logits, forbidden, out=logits)
+        return
+    picked = torch.tensor(index, dtype=torch.long, device=logits.device)
+    logits[picked] = torch.where(allowed, logits[picked], forbidden)
