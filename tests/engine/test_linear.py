@@ -62,7 +62,9 @@ def test_each_role_keeps_one_copy_of_a_weight_per_path_it_runs(
     # The plain weights are gone but their shapes and dtypes stay; the tied embedding stays.
     assert head.weight.shape == (stage.config.vocab_size, stage.config.hidden_size)
     assert head.weight.dtype == torch.float32 and not stage.embed_tokens.weight.is_meta
-    llm = LLM(EngineConfig(model=str(qwen2_dir), num_pages=8, dtype="float32", role=role))
+    llm = LLM(
+        EngineConfig(model=str(qwen2_dir), num_pages=8, dtype="float32", role=role, device="cpu")
+    )
     assert all(forms(m) == layer_forms for m in linears(llm.runner.stage)[:-1])
 
 
@@ -91,7 +93,7 @@ def test_a_prefill_stage_is_role_prefill(qwen2_dir):
 def test_mkl_keeps_the_plain_weight_only(qwen2_dir):
     plain = linears(load_stage(qwen2_dir, cpu_linear="mkl"))
     assert all(forms(m) == {"plain"} for m in plain)
-    llm = LLM(EngineConfig(model=str(qwen2_dir), num_pages=8, cpu_linear="mkl"))
+    llm = LLM(EngineConfig(model=str(qwen2_dir), num_pages=8, cpu_linear="mkl", device="cpu"))
     assert all(forms(m) == {"plain"} for m in linears(llm.runner.stage))
 
 
@@ -101,7 +103,7 @@ def test_every_role_prefills_and_decodes_alike(qwen2_dir, role):
     of a bf16 model where oneDNN has no bf16 (AVX2) too: the engine runs any step in any role."""
     prompts = [[5, 17, 99, 300], [7, 8, 9]]
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    config = EngineConfig(model=str(qwen2_dir), num_pages=16, dtype="float32")
+    config = EngineConfig(model=str(qwen2_dir), num_pages=16, dtype="float32", device="cpu")
     expect = LLM(config.model_copy(update={"cpu_linear": "mkl"}))
     llm = LLM(config.model_copy(update={"role": role}))
     want = [c.token_ids for c in expect.generate(prompts, params)]
