@@ -211,6 +211,13 @@ class LLM:
         `self.allocator`) become the request's and are freed when it ends.
         """
         seq = self._new_sequence(rid, prompt_token_ids, params, pages)
+        if seq.generator is not None:
+            # The prefill side drew the first token from a generator of the same seed: draw
+            # once here too, so the rest of a seeded request's stream is the one the colocated
+            # engine draws (a draw's use of the generator depends on the vocabulary alone).
+            vocab = self.model_config.vocab_size
+            uniform = torch.ones(vocab, device=seq.generator.device)
+            torch.multinomial(uniform, 1, generator=seq.generator)
         seq.num_computed_tokens = len(prompt_token_ids)
         seq.prompt_logprobs = list(prompt_logprobs or [])  # scored by the prefill side
         seq.index = index

@@ -70,12 +70,19 @@ def test_n_seeded_choices_are_the_same_in_pd_and_colocated(urls: dict[str, str])
     on the prompt's shared pages; colocated runs n sequences in one engine. Each choice
     has its own seed (seed + i) on both, so the choices agree choice by choice; greedy
     choices are all the same text."""
-    answers = {}
+    answers: dict[tuple[str, float], list[str]] = {}
     for mode, url in urls.items():
         client = OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
-        out = client.completions.create(
-            model="pdserve-test", prompt=PROMPTS[0], max_tokens=6, temperature=0, n=3
-        )
-        answers[mode] = [c.text for c in sorted(out.choices, key=lambda c: c.index)]
-    assert answers["pd"] == answers["colocated"]
-    assert len(set(answers["pd"])) == 1
+        for temperature in (0.0, 1.0):
+            out = client.completions.create(
+                model="pdserve-test", prompt=PROMPTS[0], max_tokens=6, n=3,
+                temperature=temperature, seed=7, extra_body={"ignore_eos": True},
+            )  # fmt: skip
+            texts = [c.text for c in sorted(out.choices, key=lambda c: c.index)]
+            answers[mode, temperature] = texts
+    assert answers["pd", 0.0] == answers["colocated", 0.0]
+    assert len(set(answers["pd", 0.0])) == 1
+    # Sampled: the first token on the last prefill stage, the rest on decode, each from the
+    # choice's seed, make the same stream as one engine drawing them all.
+    assert answers["pd", 1.0] == answers["colocated", 1.0]
+    assert len(set(answers["pd", 1.0])) == 3
