@@ -12,7 +12,7 @@ from typing import Any
 
 from cluster.messages import DecodeRequest, TokenChunk
 from deployments.openai_api import chat_logprobs, completion_logprobs, now, usage
-from deployments.tool_stream import ToolCallStream, complete_calls
+from deployments.tool_stream import ToolCallStream
 from deployments.tools import ToolPlan
 from engine.tokenizer import Tokenizer
 
@@ -152,7 +152,7 @@ class Answer:
             if logprobs is not None and p.echo is not None:
                 logprobs = _joined(self._logprobs(*p.echo, 0), logprobs)
             if self.chat:
-                content, calls, finish = self._message(p)
+                content, calls, finish = self._message(c.index, p)
                 message: dict[str, Any] = {"role": "assistant", "content": content}
                 if calls:
                     message["tool_calls"] = calls
@@ -171,12 +171,14 @@ class Answer:
             "usage": self.usage(),
         }
 
-    def _message(self, p: _Progress) -> tuple[str | None, list[dict[str, Any]], str | None]:
+    def _message(
+        self, index: int, p: _Progress
+    ) -> tuple[str | None, list[dict[str, Any]], str | None]:
         """A chat choice's (content, tool calls, finish reason): its text as the model wrote
-        it, unless it holds tool calls."""
+        it, unless it holds tool calls (read as its chunks came, by its `ToolCallStream`)."""
         if self.tools is None:
             return p.text, [], p.finish_reason
-        return complete_calls(self.tools, p.text, p.finish_reason)
+        return self._tool_streams[index].whole()
 
     def _tool_delta(self, index: int, chunk: TokenChunk, offset: int) -> dict[str, Any] | None:
         """A tool-using choice's delta: content until its calls begin, then each call's header

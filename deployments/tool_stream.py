@@ -140,7 +140,12 @@ def _json_string(literal: str) -> str | None:
 @dataclass
 class _SentCall:
     id: str
+    name: str
     arguments: str = ""  # what has been streamed of its arguments
+
+    def as_call(self) -> dict[str, Any]:
+        function = {"name": self.name, "arguments": self.arguments}
+        return {"id": self.id, "type": "function", "function": function}
 
 
 @dataclass
@@ -161,12 +166,9 @@ class ToolCallStream:
         self._region: int | None = None  # where the calls begin in `text`, once known
         self._scanner: CallScanner | None = None
         self._sent: list[_SentCall] = []
+        self._finish_reason: str | None = None  # the model's, once the last piece is in
         if plan.mode != "auto":
             self._start_calls(0)
-
-    @property
-    def made_calls(self) -> bool:
-        return bool(self._sent)
 
     def take(
         self, piece: str, finish_reason: str | None = None
@@ -191,25 +193,39 @@ class ToolCallStream:
             delta.tool_calls = self._call_deltas(final=False)
         return delta
 
-    def _finish(self, finish_reason: str) -> tuple[StreamedDelta, str | None]:
+    def whole(self) -> tuple[str | None, list[dict[str, Any]], str | None]:
+        """The answer once its last piece is in, as a response that is not streamed gives it:
+        (content, calls, finish reason). Free text (`auto`) whose calls do not all hold JSON
+        arguments stays text, as the model wrote it."""
+        calls = [c.as_call() for c in self._sent]
+        malformed = self.plan.mode == "auto" and not all(_is_json(c.arguments) for c in self._sent)
+        if not calls or malformed:
+            return self.text, [], self._finish_reason
+        content = self.text[: self._content_sent].strip() or None
+        return content, calls, self._answer_finish(self._finish_reason)
+
+    def _finish(self, finish_reason: str | None) -> tuple[StreamedDelta, str | None]:
+        self._finish_reason = finish_reason
         delta = StreamedDelta(tool_calls=self._call_deltas(final=True))
         if not self._sent:  # no call after all: everything not yet sent is content
             delta.content = self.text[self._content_sent :]
             self._content_sent = len(self.text)
-            return delta, finish_reason
-        return delta, finish_reason if finish_reason == "length" else "tool_calls"
+        return delta, self._answer_finish(finish_reason)
+
+    def _answer_finish(self, finish_reason: str | None) -> str | None:
+        return "tool_calls" if self._sent and finish_reason != "length" else finish_reason
 
     # -- auto: where do calls begin? -----------------------------------------------------------
 
     def _content_until_calls(self) -> str:
         text = self.text
-        stripped = text.lstrip()
-        opening = len(text) - len(stripped)
-        if stripped.startswith(("{", _PYTHON_TAG)):
-            self._start_calls(opening)
-            return ""
-        if not stripped or (self._content_sent == 0 and _PYTHON_TAG.startswith(stripped)):
-            return ""  # nothing yet, or maybe the Llama tag: wait for more
+        if self._content_sent == 0:  # a Llama call opens the answer, if anywhere
+            stripped = text.lstrip()
+            if stripped.startswith(("{", _PYTHON_TAG)):
+                self._start_calls(len(text) - len(stripped))
+                return ""
+            if _PYTHON_TAG.startswith(stripped):  # nothing yet, or maybe the tag: wait
+                return ""
         tag = text.find(_HERMES_TAG, self._content_sent)
         if tag >= 0:
             self._start_calls(tag)
@@ -238,7 +254,7 @@ class ToolCallStream:
         deltas = []
         for index, (name, arguments, complete) in enumerate(calls):
             if index == len(self._sent):
-                self._sent.append(_SentCall(f"call_{secrets.token_hex(12)}"))
+                self._sent.append(_SentCall(f"call_{secrets.token_hex(12)}", name))
                 function = {"name": name, "arguments": ""}
                 deltas.append(
                     {
@@ -293,31 +309,11 @@ def merged_deltas(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def complete_calls(
     plan: ToolPlan, text: str, finish_reason: str | None
 ) -> tuple[str | None, list[dict[str, Any]], str | None]:
-    """A choice answered whole, not streamed: (content, calls, finish reason), read the way
-    the stream reads them. Free text (`auto`) whose calls do not all hold JSON arguments stays
-    text, as the model wrote it."""
-    whole, finish = ToolCallStream(plan).take(text, finish_reason or "stop")
-    calls = _assembled(whole.tool_calls)
-    if not calls:
-        return text, [], finish_reason
-    if plan.mode == "auto" and not all(_is_json(c["function"]["arguments"]) for c in calls):
-        return text, [], finish_reason
-    return whole.content.strip() or None, calls, finish
-
-
-def _assembled(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Tool-call deltas put together into whole calls, in index order."""
-    calls: dict[int, dict[str, Any]] = {}
-    for d in deltas:
-        call = calls.setdefault(
-            d["index"], {"id": d.get("id"), "type": "function", "function": {"arguments": ""}}
-        )
-        call["id"] = call["id"] or d.get("id")
-        function = d["function"]
-        if "name" in function:
-            call["function"]["name"] = function["name"]
-        call["function"]["arguments"] += function.get("arguments", "")
-    return [calls[i] for i in sorted(calls)]
+    """A whole answer's (content, calls, finish reason), read the way the stream reads it."""
+    stream = ToolCallStream(plan)
+    stream._feed(text)
+    stream._finish(finish_reason)
+    return stream.whole()
 
 
 def _is_json(text: str) -> bool:

@@ -143,7 +143,7 @@ def test_content_streams_at_once_and_only_what_may_open_a_tag_waits() -> None:
     assert stream.take(" there <tool")[0].content == " there "  # "<tool" may open a tag
     assert stream.take("box>")[0].content == "<toolbox>"  # it did not
     delta, finish = stream.take("", "stop")
-    assert delta.content == "" and finish == "stop" and not stream.made_calls
+    assert delta.content == "" and not delta.tool_calls and finish == "stop"
     # An answer that opens like a Llama call but names none comes out as content at its end.
     braces = ToolCallStream(AUTO)
     assert braces.take('{"a": 1')[0].content == ""
