@@ -95,10 +95,6 @@ class GrammarState:
         if self._matcher.is_error():
             raise GrammarError(self._matcher.get_error())
 
-    def mask(self, row: torch.Tensor) -> None:
-        """Sets the logits of tokens the grammar forbids next to -inf, in place."""
-        mask_rows(row[None], [(0, self)])
-
     def advance(self, token: int) -> None:
         """Takes the sampled token (masked sampling only picks allowed ones)."""
         self._matcher.consume_token(token)

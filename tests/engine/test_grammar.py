@@ -62,9 +62,9 @@ def test_choice_and_regex(llm) -> None:
 
 def test_the_mask_leaves_only_allowed_tokens(llm) -> None:
     state = GrammarState(llm.tokenizer, llm.model_config.vocab_size, compile_grammar("regex", "x"))
-    row = torch.zeros(llm.model_config.vocab_size)
-    state.mask(row)
-    allowed = torch.isfinite(row).nonzero().flatten().tolist()
+    row = torch.zeros(1, llm.model_config.vocab_size)
+    mask_rows(row, [(0, state)])
+    allowed = torch.isfinite(row[0]).nonzero().flatten().tolist()
     assert allowed and all(llm.tokenizer.token_text(t) == "x" for t in allowed)
 
 
