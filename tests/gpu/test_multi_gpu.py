@@ -44,6 +44,7 @@ from tests.gpu.test_fast_path_gpu import (  # noqa: E402
     assert_arrived,
 )
 from tests.gpu.test_hidden_channel_gpu import _first_tokens, exchange_over_ipc  # noqa: E402
+from tests.gpu.test_service_gpu import assert_same_greedy_answers, pd_and_colocated  # noqa: E402
 from tests.transport.peer import DecodePeer, PrefillStage, page_checksums  # noqa: E402
 from tests.transport.test_transfer import assert_pages_arrived, transfer, wait_done  # noqa: E402
 from transport import KVPoll, KVSender, TransportConfig  # noqa: E402
@@ -220,62 +221,23 @@ def test_pp2_stage_group_with_a_stage_per_gpu_samples_the_same_first_tokens_over
 def service(llama_dir) -> Iterator[dict[str, object]]:
     """PD (2 stages + decode) and colocated side by side, each engine process on a GPU of its
     own (4 GPUs); what the engine processes logged about their GPUs, once all are up."""
-    pytest.importorskip("ray.serve", reason="needs Ray Serve (carried wheels on a GPU machine)")
-    import ray
-    from ray import serve
-
     from benchmarks.gpu.multi_gpu import multicast_off
-    from benchmarks.gpu.service_bench import MODEL_NAME, engine_gpus, free_port, log_lines
-    from deployments.app import AppConfig, build_service
-    from deployments.serve_cli import set_ray_environment
+    from benchmarks.gpu.service_bench import engine_gpus, log_lines
 
     multicast_off()
-    set_ray_environment("disabled")
-    ray.init(address="local", num_gpus=4, num_cpus=8, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = AppConfig(
-        model=str(llama_dir),
-        served_model_name=MODEL_NAME,
-        pp_size=2,
-        num_gpus_per_stage=1,
-        decode_num_gpus=1,
-        num_cpus_per_stage=0.5,
-        decode_num_cpus=0.5,
-        prefill_num_pages=256,
-        decode_num_pages=512,
-    )
-    names = {mode: f"multi-{mode}" for mode in ("pd", "colocated")}
-    try:
-        for mode, name in names.items():
-            serve.run(build_service(config, mode), name=name, route_prefix=f"/{name}")
-        yield {
-            **{mode: f"http://127.0.0.1:{port}/{name}" for mode, name in names.items()},
-            "engine_gpus": engine_gpus(log_lines("actor drives cuda:")),
-        }
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with pd_and_colocated(llama_dir, 4, 1, "multi") as urls:
+        yield {**urls, "engine_gpus": engine_gpus(log_lines("actor drives cuda:"))}
 
 
 @_needs(4)
 def test_pd_with_stages_and_decode_on_their_own_gpus_answers_colocated_greedy_tokens(
     service,
 ) -> None:
-    from benchmarks.gpu.service_bench import greedy_outputs
-
     driven = service["engine_gpus"]
     assert isinstance(driven, list)
     assert sorted(ids[0] for ids in driven) == ["0", "1", "2", "3"], driven
-    pd = asyncio.run(greedy_outputs(service["pd"], SERVICE_PROMPTS, SERVICE_MAX_TOKENS))
-    colocated = asyncio.run(
-        greedy_outputs(service["colocated"], SERVICE_PROMPTS, SERVICE_MAX_TOKENS)
-    )
-    for a, b in zip(pd, colocated, strict=True):
-        assert a["tokens"] == b["tokens"] == SERVICE_MAX_TOKENS, (a, b)
-        assert a["text"], a
-        assert a["text"] == b["text"], (a, b)
-        assert a["streamed_text"] == a["text"] and b["streamed_text"] == b["text"], (a, b)
+    urls = {mode: str(service[mode]) for mode in ("pd", "colocated")}
+    assert_same_greedy_answers(urls, SERVICE_PROMPTS, SERVICE_MAX_TOKENS)
 
 
 @_needs(4)
